@@ -50,18 +50,24 @@ class MarketData:
             raise DataError(f"market {self.name!r} has no interactions")
         for attr in ("items", "timestamps"):
             if len(getattr(self, attr)) != n:
-                raise DataError(f"market {self.name!r}: {attr} has {len(getattr(self, attr))} rows, users has {n}")
+                raise DataError(
+                    f"market {self.name!r}: {attr} has {len(getattr(self, attr))} rows, users has {n}"
+                )
         if self.ratings is not None and len(self.ratings) != n:
             raise DataError(f"market {self.name!r}: ratings length differs from users")
         self.users = np.asarray(self.users, dtype=np.int64)
         self.items = np.asarray(self.items, dtype=np.int64)
         self.timestamps = np.asarray(self.timestamps, dtype=np.int64)
+        if self.ratings is not None:
+            self.ratings = np.asarray(self.ratings, dtype=np.float32)
         if self.users.min() < 0 or self.users.max() >= len(self.user_ids):
             raise DataError(f"market {self.name!r}: user index outside [0, {len(self.user_ids)})")
         if self.items.min() < 0 or self.items.max() >= len(self.item_ids):
             raise DataError(f"market {self.name!r}: item index outside [0, {len(self.item_ids)})")
         if self.item_text is not None and len(self.item_text) != len(self.item_ids):
-            raise DataError(f"market {self.name!r}: item_text has {len(self.item_text)} entries for {len(self.item_ids)} items")
+            raise DataError(
+                f"market {self.name!r}: item_text has {len(self.item_text)} entries for {len(self.item_ids)} items"
+            )
         for attr, n_rows in (("user_features", self.num_users), ("item_features", self.num_items)):
             frame = getattr(self, attr)
             if frame is not None and len(frame) != n_rows:

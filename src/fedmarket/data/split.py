@@ -118,7 +118,12 @@ class MarketSplit:
 
 
 def _sample_candidates(
-    users: np.ndarray, all_seen: SeenItems, num_items: int, num_negatives: int, rng: np.random.Generator, market: str
+    users: np.ndarray,
+    all_seen: SeenItems,
+    num_items: int,
+    num_negatives: int,
+    rng: np.random.Generator,
+    market: str,
 ) -> np.ndarray:
     """Uniform sampling without replacement from each user's unseen items: the ``num_negatives`` smallest of
     random keys, with seen items' keys set to +inf. Chunked so memory stays bounded."""
@@ -146,6 +151,10 @@ def leave_one_out(
     market: MarketData, num_candidates: int = 99, split_seed: int = 2026, min_user_interactions: int = 3
 ) -> MarketSplit:
     """Split ``market`` per user by time and draw the seeded candidate lists."""
+    if min_user_interactions < 2:
+        # a user needs a validation and a test row; with fewer, the index arithmetic below would borrow a
+        # row of the neighbouring user
+        raise ValueError(f"min_user_interactions must be at least 2, got {min_user_interactions}")
     n = market.num_interactions
     # stable sort by (user, timestamp): ties keep file order
     order = np.lexsort((np.arange(n), market.timestamps, market.users))
@@ -166,9 +175,13 @@ def leave_one_out(
     del users_sorted
 
     all_seen = SeenItems.build(market.users, market.items, market.num_users, market.num_items)
-    train_seen = SeenItems.build(market.users[train_index], market.items[train_index], market.num_users, market.num_items)
+    train_seen = SeenItems.build(
+        market.users[train_index], market.items[train_index], market.num_users, market.num_items
+    )
     hist_idx = np.concatenate([train_index, valid_rows])
-    history_seen = SeenItems.build(market.users[hist_idx], market.items[hist_idx], market.num_users, market.num_items)
+    history_seen = SeenItems.build(
+        market.users[hist_idx], market.items[hist_idx], market.num_users, market.num_items
+    )
 
     rng = np.random.default_rng(market_seed(split_seed, market.name, 99))
     eval_sets = {}

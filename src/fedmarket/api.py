@@ -1,0 +1,214 @@
+"""The Python API that the CLI is a thin layer over.
+
+    from fedmarket.api import run_experiment
+    from fedmarket.config import load_config
+    run_dir = run_experiment(load_config("configs/xmrec_fedavg.yaml"))
+
+A run folder ``runs/<name>-<timestamp>/`` holds the resolved ``config.yaml``, ``metrics.json``,
+``rounds.csv`` (validation metrics per round per market), ``uploads.csv`` (what left each market each
+round), one checkpoint per seed under ``checkpoints/``, per-seed results under ``seeds/``, ``report.md``
+and PNG plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from fedmarket.config import ExperimentConfig, config_from_dict
+from fedmarket.data import load_dataset
+from fedmarket.data.market import MarketData
+from fedmarket.data.split import MarketSplit, leave_one_out
+from fedmarket.errors import FedmarketError
+from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
+from fedmarket.federation.runtime import Simulator, SimulationResult
+from fedmarket.methods import get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    markets: dict[str, MarketData]
+    splits: dict[str, MarketSplit]
+
+
+_PREPARED: dict[str, PreparedData] = {}
+
+
+def prepare_data(cfg: ExperimentConfig) -> PreparedData:
+    """Load and split the configured markets (memoised per process: a comparison of many methods on the
+    same data loads and splits it once)."""
+    d = cfg.dataset
+    key = json.dumps(
+        [d.name, d.markets, d.data_dir, d.options, cfg.eval.candidates, cfg.eval.split_seed], sort_keys=True, default=str
+    )
+    if key not in _PREPARED:
+        markets = load_dataset(d.name, data_dir=d.data_dir, markets=d.markets, use_cache=d.use_cache, **d.options)
+        splits = {n: leave_one_out(m, cfg.eval.candidates, cfg.eval.split_seed) for n, m in markets.items()}
+        _PREPARED[key] = PreparedData(markets, splits)
+    return _PREPARED[key]
+
+
+def new_run_dir(cfg: ExperimentConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
+    run_dir, i = base, 1
+    while run_dir.exists():
+        run_dir = base.with_name(f"{base.name}-{i}")
+        i += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def run_seed(cfg: ExperimentConfig, seed: int, data: PreparedData, checkpoint: Path | None, resume: bool) -> SimulationResult:
+    method = get_method(cfg.method.name)
+    opts = method.parse_options(cfg.method.options)
+    torch.set_num_threads(cfg.train.threads)
+    trainers, strategy = method.build(cfg, opts, data.splits, seed)
+    rounds = cfg.train.rounds
+    sim = Simulator(
+        trainers,
+        strategy,
+        method.declaration,
+        rounds=rounds,
+        local_epochs=cfg.train.local_epochs,
+        seed=seed,
+        client_fraction=cfg.train.client_fraction,
+        min_markets=cfg.train.min_markets,
+        eval_every=cfg.eval.every,
+        select=cfg.eval.select,
+        select_metric=cfg.eval.select_metric,
+        full_ranking=cfg.eval.full_ranking,
+        checkpoint_path=checkpoint,
+        progress=cfg.progress,
+    )
+    return sim.run(resume=resume)
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, resume: bool = False) -> Path:
+    """Run every seed of ``cfg`` and write the run folder. With ``resume=True`` and an existing
+    ``run_dir``, finished seeds are kept and an interrupted seed continues from its last round checkpoint."""
+    method = get_method(cfg.method.name)
+    method.parse_options(cfg.method.options)  # fail on bad options before loading data
+    data = prepare_data(cfg)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "seeds").mkdir(exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    started = time.perf_counter()
+    per_seed: list[dict[str, Any]] = []
+    for seed in cfg.seeds:
+        seed_file = run_dir / "seeds" / f"seed{seed}.json"
+        if resume and seed_file.exists():
+            per_seed.append(json.loads(seed_file.read_text()))
+            continue
+        log.info("%s: seed %d", cfg.name, seed)
+        t0 = time.perf_counter()
+        result = run_seed(cfg, seed, data, run_dir / "checkpoints" / f"seed{seed}.pt", resume)
+        record = {
+            "seed": seed,
+            "test": result.test,
+            "history": result.history,
+            "communication": result.communication,
+            "failures": result.failures,
+            "selected_round": result.selected_round,
+            "uploads": result.uploads,
+            "seconds": time.perf_counter() - t0,
+        }
+        _write_json(seed_file, record)
+        per_seed.append(record)
+    metrics = summarize(cfg, per_seed, data, time.perf_counter() - started)
+    _write_json(run_dir / "metrics.json", metrics)
+    rows = [row for rec in per_seed for row in rec["history"]]
+    pd.DataFrame(rows).to_csv(run_dir / "rounds.csv", index=False)
+    uploads = [
+        {**{k: v for k, v in u.items() if k != "keys"}, "keys": json.dumps(u["keys"])} for rec in per_seed for u in rec["uploads"]
+    ]
+    pd.DataFrame(uploads, columns=["seed", "round", "market", "bytes", "keys"]).to_csv(run_dir / "uploads.csv", index=False)
+    try:
+        from fedmarket.report import write_run_report
+
+        write_run_report(run_dir)
+    except Exception as exc:  # a plotting problem must not lose the metrics
+        log.warning("could not write the run report for %s: %s", run_dir, exc)
+    return run_dir
+
+
+def summarize(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], data: PreparedData, seconds: float) -> dict[str, Any]:
+    method = get_method(cfg.method.name)
+    markets = list(data.splits)
+    per_market_mean, per_market_std = {}, {}
+    for m in markets:
+        mean, std = mean_std_over_seeds([rec["test"].get(m, {}) for rec in per_seed])
+        per_market_mean[m], per_market_std[m] = mean, std
+    average_mean, average_std = mean_std_over_seeds([average_over_markets(rec["test"]) for rec in per_seed])
+    first = per_seed[0]
+    notes = [method.summary] if method.summary else []
+    if method.private:
+        communication = {m: dict(first["communication"].get(m, {"up_bytes": 0, "down_bytes": 0, "rounds": 0})) for m in markets}
+    else:
+        # pooling ships each market's raw train interactions once (user, item, timestamp as int64)
+        communication = {
+            m: {"up_bytes": int(len(s.train_index) * 3 * 8), "down_bytes": 0, "rounds": 1} for m, s in data.splits.items()
+        }
+        notes.append("not private: pools raw data; up_bytes = raw train interactions (3 int64 per row)")
+    failures = [f for rec in per_seed for f in rec["failures"]]
+    label = cfg.method.name if not cfg.model.name else f"{cfg.method.name}-{cfg.model.name}"
+    return {
+        "name": cfg.name,
+        "label": label,
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "private": method.private,
+        "seeds": [rec["seed"] for rec in per_seed],
+        "markets": markets,
+        "per_market": per_market_mean,
+        "per_market_std": per_market_std,
+        "average": average_mean,
+        "average_std": average_std,
+        "communication": communication,
+        "upload_declaration": {"patterns": list(method.declaration.patterns), "reason": method.declaration.reason},
+        "selected_round": {str(rec["seed"]): rec["selected_round"] for rec in per_seed},
+        "failures": [{k: v for k, v in f.items() if k != "traceback"} for f in failures],
+        "notes": notes,
+        "seconds": seconds,
+        "config": cfg.to_dict(),
+    }
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FedmarketError(f"{run_dir} is not a run folder: {path} is missing")
+    return config_from_dict(yaml.safe_load(path.read_text()))

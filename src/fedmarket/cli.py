@@ -1,0 +1,213 @@
+"""``fedmarket`` command line: a thin layer over `fedmarket.api`.
+
+    fedmarket run CONFIG.yaml [--seeds N] [--rounds R] [--resume RUN_DIR]
+    fedmarket compare CONFIG.yaml... [--out DIR] [--seeds N]
+    fedmarket data info DATASET [--data-dir DIR]
+    fedmarket report RUN_DIR... [--out DIR]
+    fedmarket methods
+    fedmarket demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fedmarket.errors import FedmarketError
+
+for _key, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+DEMO_CONFIGS = [
+    "xmrec_local.yaml",
+    "xmrec_fedavg.yaml",
+    "xmrec_fedprox.yaml",
+    "xmrec_fedper.yaml",
+    "xmrec_centralized.yaml",
+]
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = {}
+    if getattr(args, "seeds", None):
+        out["seeds"] = list(range(args.seeds))
+    if getattr(args, "rounds", None):
+        out["train.rounds"] = args.rounds
+    if getattr(args, "output_dir", None):
+        out["output_dir"] = args.output_dir
+    if getattr(args, "data_dir", None):
+        out["dataset.data_dir"] = args.data_dir
+    if getattr(args, "no_progress", False):
+        out["progress"] = False
+    for item in getattr(args, "set", None) or []:
+        if "=" not in item:
+            raise FedmarketError(f"--set expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        import yaml
+
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedmarket.api import load_run_config, run_experiment
+    from fedmarket.config import load_config
+
+    if args.resume:
+        cfg = load_run_config(args.resume)
+        print(f"resuming {args.resume} (its saved config.yaml is used)")
+        run_dir = run_experiment(cfg, run_dir=args.resume, resume=True)
+    else:
+        cfg = load_config(args.config, _overrides(args))
+        run_dir = run_experiment(cfg)
+    _print_run(run_dir)
+    return 0
+
+
+def _print_run(run_dir: Path) -> None:
+    from fedmarket.report import comparison_table
+
+    print(f"\nrun folder: {run_dir}")
+    print(comparison_table([run_dir], metric="auc", formatted=True).to_string())
+
+
+def run_comparison(config_paths: list[str], out: str | None, overrides: dict) -> Path:
+    from fedmarket.api import run_experiment
+    from fedmarket.config import load_config
+    from fedmarket.report import communication_table, comparison_table, write_report
+
+    configs = [load_config(p, overrides) for p in config_paths]  # validate all before running any
+    run_dirs = []
+    for path, cfg in zip(config_paths, configs, strict=True):
+        print(f"== {path}: {cfg.method.name} on {cfg.dataset.name}, {len(cfg.seeds)} seed(s)", flush=True)
+        run_dirs.append(run_experiment(cfg))
+    out_dir = Path(out) if out else Path(configs[0].output_dir) / f"comparison-{run_dirs[-1].name.split('-', 1)[-1]}"
+    report = write_report(run_dirs, out_dir)
+    for metric in ("auc", "logloss"):
+        print(f"\n{metric} (test, 1+99 candidates; mean ± std over seeds)")
+        print(comparison_table(run_dirs, metric=metric, formatted=True).to_string())
+    comm = communication_table(run_dirs)
+    print("\nbytes communicated per market (whole run)")
+    print(comm.to_string(index=False))
+    print(f"\nreport: {report}")
+    return report
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    run_comparison(args.configs, args.out, _overrides(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    config_dir = Path(args.config_dir)
+    paths = [str(config_dir / name) for name in DEMO_CONFIGS]
+    missing = [p for p in paths if not Path(p).exists()]
+    if missing:
+        raise FedmarketError(f"demo configs not found: {missing} (run from the project root or pass --config-dir)")
+    run_comparison(paths, args.out, _overrides(args))
+    return 0
+
+
+def cmd_data_info(args: argparse.Namespace) -> int:
+    from fedmarket.data import dataset_info
+
+    options = {}
+    for item in args.option or []:
+        key, _, value = item.partition("=")
+        options[key] = value
+    frame = dataset_info(args.dataset, data_dir=args.data_dir, **options)
+    print(frame.to_string(index=False))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fedmarket.report import write_report
+
+    out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "comparison"
+    print(write_report([Path(p) for p in args.run_dirs], out))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from fedmarket.methods import METHODS, get_method
+
+    get_method("local")
+    for name, m in sorted(METHODS.items()):
+        shared = ", ".join(m.declaration.patterns) or "nothing"
+        print(f"{name:22s} {'private' if m.private else 'NOT PRIVATE':12s} uploads: {shared:40s} {m.summary}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedmarket", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--seeds", type=int, help="run seeds 0..N-1 (overrides the config)")
+        sp.add_argument("--rounds", type=int, help="override train.rounds")
+        sp.add_argument("--output-dir", help="override output_dir")
+        sp.add_argument("--data-dir", help="override dataset.data_dir (else $FEDMARKET_DATA or ../shared/data)")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.001")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("run", help="run one experiment config")
+    r.add_argument("config", nargs="?")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run folder")
+    common(r)
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="run several configs and write one combined report")
+    c.add_argument("configs", nargs="+")
+    c.add_argument("--out", help="folder of the combined report")
+    common(c)
+    c.set_defaults(func=cmd_compare)
+
+    d = sub.add_parser("demo", help="Local, FedAvg, FedProx, FedPer and Centralized DeepFM on the 8 XMarket markets")
+    d.add_argument("--config-dir", default="configs")
+    d.add_argument("--out")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="dataset commands")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    info = data_sub.add_parser("info", help="markets, users, items, interactions")
+    info.add_argument("dataset")
+    info.add_argument("--data-dir")
+    info.add_argument("--option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. path=my_markets/")
+    info.set_defaults(func=cmd_data_info)
+
+    rep = sub.add_parser("report", help="combine run folders into one comparison report")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out")
+    rep.set_defaults(func=cmd_report)
+
+    m = sub.add_parser("methods", help="list methods and what each lets leave a market")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "run" and not args.config and not args.resume:
+        parser.error("run needs CONFIG or --resume RUN_DIR")
+    try:
+        return args.func(args)
+    except FedmarketError as exc:
+        print(f"fedmarket: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Experiment configuration: YAML → validated dataclasses.
+
+Unknown keys and bad values are `ConfigError`s that name the key (e.g. ``train.lr``), so a typo never
+silently falls back to a default. Method-specific options live under ``method.options`` and are checked by
+the method itself (`fedmarket.methods`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedmarket.errors import ConfigError
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "xmrec"
+    markets: list[str] | None = None
+    data_dir: str | None = None
+    use_cache: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    name: str = "fedavg"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "deepfm"
+    embed_dim: int = 16
+    hidden: list[int] = field(default_factory=lambda: [64, 32])
+    dropout: float = 0.1
+    num_cross_layers: int = 2
+    use_side_features: bool = True
+
+    def validate(self, prefix: str) -> None:
+        if self.name not in ("deepfm", "dcnv2"):
+            raise ConfigError(f"{prefix}.name must be one of ['dcnv2', 'deepfm'], got {self.name!r}")
+        _positive(self.embed_dim, f"{prefix}.embed_dim")
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ConfigError(f"{prefix}.hidden must be a non-empty list of positive sizes, got {self.hidden}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{prefix}.dropout must be in [0, 1), got {self.dropout}")
+        if self.num_cross_layers < 0:
+            raise ConfigError(f"{prefix}.num_cross_layers must be >= 0, got {self.num_cross_layers}")
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 1024
+    lr: float = 0.002
+    weight_decay: float = 0.0
+    negatives: int = 4
+    client_fraction: float = 1.0
+    min_markets: int = 1
+    threads: int = 2
+
+    def validate(self, prefix: str) -> None:
+        for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
+            _positive(getattr(self, key), f"{prefix}.{key}")
+        _positive(self.lr, f"{prefix}.lr")
+        if self.weight_decay < 0:
+            raise ConfigError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 < self.client_fraction <= 1:
+            raise ConfigError(f"{prefix}.client_fraction must be in (0, 1], got {self.client_fraction}")
+
+
+@dataclass
+class EvalConfig:
+    candidates: int = 99
+    split_seed: int = 2026
+    ks: list[int] = field(default_factory=lambda: [5, 10, 20])
+    full_ranking: bool = True
+    every: int = 1
+    select: str = "best_valid"
+    select_metric: str = "auc"
+
+    def validate(self, prefix: str) -> None:
+        _positive(self.candidates, f"{prefix}.candidates")
+        _positive(self.every, f"{prefix}.every")
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ConfigError(f"{prefix}.ks must be a non-empty list of positive integers, got {self.ks}")
+        if self.select not in ("best_valid", "last"):
+            raise ConfigError(f"{prefix}.select must be 'best_valid' or 'last', got {self.select!r}")
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment. ``seeds`` lists the training seeds; data splits depend only on eval.split_seed."""
+
+    name: str = "experiment"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    output_dir: str = "runs"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\ "):
+            raise ConfigError(f"name must be a non-empty string without slashes or spaces, got {self.name!r}")
+        self.model.validate("model")
+        self.train.validate("train")
+        self.eval.validate("eval")
+        if not self.seeds:
+            raise ConfigError("seeds must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be distinct, got {self.seeds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {type(value).__name__}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if annotation is Any:
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; allowed keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _check_type(value, hint, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read and validate a YAML config; ``overrides`` maps dotted keys to values (``{"train.rounds": 2}``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        apply_override(data, dotted, value)
+    try:
+        return config_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot override {dotted!r}: {part!r} is not a mapping")
+    node[parts[-1]] = value

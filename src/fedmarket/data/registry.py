@@ -1,0 +1,145 @@
+"""One entry point for every dataset: ``load_dataset(name, ...)`` → ``{market name: MarketData}``.
+
+Each dataset declares its options with their defaults here, so a misspelt option in a config is an error
+that names it instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from fedmarket.data import generic, movielens, synthetic, xmarket
+from fedmarket.data._tables import select_markets
+from fedmarket.data.market import MarketData
+from fedmarket.errors import DataError
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to load one dataset.
+
+    ``load(data_dir, markets, use_cache, **options)`` returns the markets; ``options`` maps each accepted
+    option to its default (``REQUIRED`` when it has none).
+    """
+
+    description: str
+    load: Callable[..., dict[str, MarketData]]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+REQUIRED = object()
+
+
+def _load_xmrec(data_dir, markets, use_cache, metadata):
+    return xmarket.load_xmrec(data_dir, markets, use_cache, metadata=metadata)
+
+
+def _movielens(split: str) -> Callable[..., dict[str, MarketData]]:
+    def load(data_dir, markets, use_cache, include_ml100k=False):
+        return movielens.load_movielens(split, data_dir, markets, use_cache, include_ml100k=include_ml100k)
+
+    return load
+
+
+def _load_generic(data_dir, markets, use_cache, path):
+    del data_dir  # the user's own files are named by `path`, not looked up in the shared data folder
+    return generic.load_generic(path, markets, use_cache)
+
+
+def _load_synthetic(data_dir, markets, use_cache, **options):
+    del data_dir, use_cache  # generated in well under a second; nothing to cache
+    generated = synthetic.make_synthetic_markets(**options)
+    names = select_markets(markets, list(generated), "synthetic")
+    return {name: generated[name] for name in names}
+
+
+_SYNTHETIC_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(synthetic.make_synthetic_markets).parameters.items()
+}
+
+DATASETS: dict[str, DatasetSpec] = {
+    "xmrec": DatasetSpec(
+        "XMarket Electronics: FOREC ca, de, fr, in, jp, mx, uk + CAT-SR es (8 markets, ASIN items)",
+        _load_xmrec,
+        {"metadata": None},
+    ),
+    "movielens-zip": DatasetSpec(
+        "ML-1M by first zip digit, zip0..zip9 (homogeneous control); include_ml100k adds ml100k",
+        _movielens("zip"),
+        {"include_ml100k": False},
+    ),
+    "movielens-age": DatasetSpec(
+        "ML-1M by age group, age1..age56 (heterogeneous), plus ml100k unless include_ml100k=False",
+        _movielens("age"),
+        {"include_ml100k": True},
+    ),
+    "ml100k": DatasetSpec("MovieLens-100K as one market", _movielens("ml100k")),
+    "ml1m": DatasetSpec("MovieLens-1M as one market", _movielens("ml1m")),
+    "generic": DatasetSpec(
+        "your own files: path = one CSV/Parquet per market or a folder of them (user, item[, rating, timestamp, text])",
+        _load_generic,
+        {"path": REQUIRED},
+    ),
+    "synthetic": DatasetSpec(
+        "generated markets with shared latent concepts and market drift (tests and illustrations only)",
+        _load_synthetic,
+        _SYNTHETIC_DEFAULTS,
+    ),
+}
+
+
+def _spec(name: str) -> DatasetSpec:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _check_options(name: str, spec: DatasetSpec, options: Mapping[str, Any]) -> dict[str, Any]:
+    for option in options:
+        if option not in spec.options:
+            valid = ", ".join(spec.options) or "none"
+            raise DataError(f"dataset {name!r} has no option {option!r}; valid options: {valid}")
+    merged = {**spec.options, **options}
+    for option, value in merged.items():
+        if value is REQUIRED:
+            raise DataError(f"dataset {name!r} needs option {option!r}")
+    return merged
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    markets: Sequence[str] | None = None,
+    use_cache: bool = True,
+    **options: Any,
+) -> dict[str, MarketData]:
+    """The markets of dataset ``name`` (see :data:`DATASETS`), all or the ``markets`` asked for, in that order.
+
+    ``data_dir`` defaults as in :func:`fedmarket.data.paths.resolve_data_dir`; real-data loaders keep a
+    Parquet cache (:mod:`fedmarket.data.cache`) unless ``use_cache=False``. ``options`` are the dataset's own
+    (e.g. ``include_ml100k`` for MovieLens, ``path`` for ``generic``, generator arguments for ``synthetic``).
+    """
+    spec = _spec(name)
+    merged = _check_options(name, spec, options)
+    if name == "generic":
+        merged["path"] = Path(merged["path"]).expanduser().absolute()  # relative to the working directory
+    return spec.load(data_dir, markets, use_cache, **merged)
+
+
+def dataset_info(
+    name: str,
+    data_dir: str | Path | None = None,
+    markets: Sequence[str] | None = None,
+    use_cache: bool = True,
+    **options: Any,
+) -> pd.DataFrame:
+    """One row per market: market, users, items, interactions, density (for ``fedmarket data info``)."""
+    loaded = load_dataset(name, data_dir, markets, use_cache, **options)
+    return pd.DataFrame([market.summary() for market in loaded.values()])

@@ -1,0 +1,102 @@
+"""The framework-free federation contract (DESIGN.md, "federation/").
+
+- A `ClientTrainer` lives inside one market. It turns (server payload, round config) into an `Update`
+  (payload, example count, metrics) and evaluates its current model on its own validation/test data.
+- A `Strategy` lives on the server. It decides what each market downloads in a round
+  (``configure_train``; a personalised strategy may send each market something different) and turns a
+  round's updates into its next state (``aggregate_train``).
+
+Both are plain objects with ``state_dict`` / ``load_state_dict`` so the runtime can checkpoint a round and
+resume it, and so the same objects run unchanged in-process or inside Flower apps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedmarket.federation.payload import Payload
+
+# market -> metric -> value. A trainer usually reports its own market only; a pooled (centralised)
+# trainer reports every market it holds.
+MarketMetrics = dict[str, dict[str, float]]
+
+
+@dataclass
+class RoundConfig:
+    """What the server tells a market about this round."""
+
+    round: int  # 1-based
+    local_epochs: int
+    seed: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Update:
+    """A market's answer to one training round."""
+
+    payload: Payload
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class ClientTrainer(ABC):
+    """One market's trainer. Its data and every parameter not in an upload stay inside it."""
+
+    market: str
+
+    @property
+    def markets(self) -> list[str]:
+        """Markets whose metrics `evaluate` reports (a pooled trainer holds several)."""
+        return [self.market]
+
+    @abstractmethod
+    def initial_payload(self) -> Payload:
+        """The shared parameters as initialised locally (the server may start from one market's)."""
+
+    @abstractmethod
+    def fit(self, payload: Payload, config: RoundConfig) -> Update:
+        """Load ``payload``, train locally, return the upload."""
+
+    @abstractmethod
+    def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
+        """Load ``payload`` (if any) and evaluate on ``split`` ("valid" or "test")."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume this market's training exactly (model, optimiser...)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class Strategy(ABC):
+    """Server side of a method."""
+
+    @abstractmethod
+    def initialize(self, initial: Payload) -> None:
+        """Set the starting global state from an initial payload."""
+
+    @abstractmethod
+    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        """What each selected market downloads before training this round."""
+
+    @abstractmethod
+    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        """Fold the round's successful updates into the server state."""
+
+    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        """What each market loads before evaluating after this round (default: next round's download)."""
+        return self.configure_train(server_round + 1, markets)
+
+    def round_options(self, server_round: int) -> dict[str, Any]:
+        """Extra per-round options sent with `RoundConfig` (e.g. FedProx's μ)."""
+        return {}
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...

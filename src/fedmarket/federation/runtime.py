@@ -1,0 +1,247 @@
+"""The in-process runtime: deterministic given a seed, no extra processes.
+
+Each round: select markets (``client_fraction``), send each its download, let it train, check every
+upload against the method's `UploadDeclaration` (and for NaN/Inf and shape changes), aggregate the
+accepted updates, then evaluate every market on validation. Bytes are counted per market per round in
+both directions. A market that raises (or uploads something invalid) is recorded and left out of that
+round; the others go on. After each round the whole state is checkpointed, so ``run(resume=True)``
+continues a killed run to the same final numbers: all randomness inside a round is derived from
+(seed, market, round), never from a global generator that a restart would reset.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fedmarket.data.split import market_seed
+from fedmarket.errors import FedmarketError
+from fedmarket.federation.core import ClientTrainer, RoundConfig, Strategy, Update
+from fedmarket.federation.payload import UploadDeclaration, payload_bytes, validate_update
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SimulationResult:
+    test: dict[str, dict[str, float]]  # market -> metric -> value (selected model)
+    history: list[dict[str, Any]]  # one row per (round, market): valid metrics and bytes
+    communication: dict[str, dict[str, int]]  # market -> up_bytes, down_bytes, rounds
+    failures: list[dict[str, Any]]
+    selected_round: dict[str, int]
+    uploads: list[dict[str, Any]] = field(default_factory=list)  # audit: keys, shapes, bytes per upload
+
+
+class Simulator:
+    def __init__(
+        self,
+        trainers: dict[str, ClientTrainer],
+        strategy: Strategy,
+        declaration: UploadDeclaration,
+        *,
+        rounds: int,
+        local_epochs: int = 1,
+        seed: int = 0,
+        client_fraction: float = 1.0,
+        min_markets: int = 1,
+        eval_every: int = 1,
+        select: str = "best_valid",
+        select_metric: str = "auc",
+        full_ranking: bool = True,
+        checkpoint_path: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not trainers:
+            raise FedmarketError("no markets to train")
+        self.trainers = trainers
+        self.strategy = strategy
+        self.declaration = declaration
+        self.rounds = rounds
+        self.local_epochs = local_epochs
+        self.seed = seed
+        self.client_fraction = client_fraction
+        self.min_markets = min(min_markets, len(trainers))
+        self.eval_every = eval_every
+        self.select = select
+        self.select_metric = select_metric
+        self.full_ranking = full_ranking
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.progress = progress
+        # mutable run state (checkpointed)
+        self.round = 0
+        self.history: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self.uploads: list[dict[str, Any]] = []
+        self.communication = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in trainers}
+        self.best: dict[str, dict[str, Any]] = {}
+
+    # ----------------------------------------------------------------- state
+    def _state(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "strategy": self.strategy.state_dict(),
+            "trainers": {m: t.state_dict() for m, t in self.trainers.items()},
+            "history": self.history,
+            "failures": self.failures,
+            "uploads": self.uploads,
+            "communication": self.communication,
+            "best": self.best,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.checkpoint_path is None:
+            return
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save(self._state(), tmp)
+        os.replace(tmp, self.checkpoint_path)  # atomic: a kill never leaves a torn checkpoint
+
+    def load_checkpoint(self) -> bool:
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, weights_only=False)
+        if set(state["trainers"]) != set(self.trainers):
+            raise FedmarketError(
+                f"checkpoint {self.checkpoint_path} holds markets {sorted(state['trainers'])}, "
+                f"this run has {sorted(self.trainers)}"
+            )
+        self.round = state["round"]
+        self.strategy.load_state_dict(state["strategy"])
+        for m, t in self.trainers.items():
+            t.load_state_dict(state["trainers"][m])
+        self.history = state["history"]
+        self.failures = state["failures"]
+        self.uploads = state.get("uploads", [])
+        self.communication = state["communication"]
+        self.best = state["best"]
+        return True
+
+    # ----------------------------------------------------------------- rounds
+    def _select_markets(self, server_round: int) -> list[str]:
+        names = list(self.trainers)
+        k = max(self.min_markets, math.ceil(self.client_fraction * len(names)))
+        if k >= len(names):
+            return names
+        rng = np.random.default_rng(market_seed(self.seed, "__server__", server_round))
+        chosen = set(rng.choice(len(names), size=k, replace=False).tolist())
+        return [n for i, n in enumerate(names) if i in chosen]
+
+    def _fail(self, server_round: int, market: str, stage: str, exc: BaseException) -> None:
+        msg = f"{type(exc).__name__}: {exc}"
+        log.warning("round %d: market %s failed in %s: %s", server_round, market, stage, msg)
+        self.failures.append(
+            {"seed": self.seed, "round": server_round, "market": market, "stage": stage, "error": msg,
+             "traceback": traceback.format_exc(limit=5)}
+        )
+
+    def run_round(self, server_round: int) -> None:
+        selected = self._select_markets(server_round)
+        downloads = self.strategy.configure_train(server_round, selected)
+        options = self.strategy.round_options(server_round)
+        updates: dict[str, Update] = {}
+        for market in selected:
+            down = downloads.get(market, {})
+            self.communication[market]["down_bytes"] += payload_bytes(down)
+            cfg = RoundConfig(server_round, self.local_epochs, self.seed, options)
+            try:
+                update = self.trainers[market].fit(down, cfg)
+                self.declaration.check(update.payload, market)
+                validate_update(update.payload, down if down else None, market)
+            except Exception as exc:  # a failing market must not stop the others
+                self._fail(server_round, market, "fit", exc)
+                continue
+            up = payload_bytes(update.payload)
+            self.communication[market]["up_bytes"] += up
+            self.communication[market]["rounds"] += 1
+            self.uploads.append(
+                {"seed": self.seed, "round": server_round, "market": market, "bytes": up,
+                 "keys": {k: list(np.shape(v)) for k, v in update.payload.items()}}
+            )
+            updates[market] = update
+        if len(updates) < self.min_markets:
+            raise FedmarketError(
+                f"round {server_round}: only {len(updates)} market(s) succeeded, fewer than train.min_markets="
+                f"{self.min_markets}; failures: {[f['market'] for f in self.failures if f['round'] == server_round]}"
+            )
+        self.strategy.aggregate_train(server_round, updates)
+        if server_round % self.eval_every == 0 or server_round == self.rounds:
+            self._evaluate_round(server_round, updates)
+
+    def _evaluate_round(self, server_round: int, updates: dict[str, Update]) -> None:
+        eval_payloads = self.strategy.configure_evaluate(server_round, list(self.trainers))
+        for name, trainer in self.trainers.items():
+            try:
+                metrics = trainer.evaluate(eval_payloads.get(name), "valid")
+            except Exception as exc:
+                self._fail(server_round, name, "evaluate", exc)
+                continue
+            for market, values in metrics.items():
+                row = {"seed": self.seed, "round": server_round, "market": market, "split": "valid", **values}
+                if name in updates:
+                    row.update({f"train_{k}": v for k, v in updates[name].metrics.items()})
+                self.history.append(row)
+            score = float(np.nanmean([v.get(self.select_metric, np.nan) for v in metrics.values()]))
+            higher_better = self.select_metric not in ("logloss", "loss")
+            prev = self.best.get(name)
+            improved = prev is None or (
+                not np.isnan(score) and (score > prev["score"] if higher_better else score < prev["score"])
+            )
+            if self.select == "last" or improved:
+                self.best[name] = {"score": score, "round": server_round, "state": copy.deepcopy(trainer.state_dict())}
+
+    def run(self, resume: bool = False) -> SimulationResult:
+        if resume and self.load_checkpoint():
+            log.info("resumed from %s at round %d", self.checkpoint_path, self.round)
+        else:
+            initial = next(iter(self.trainers.values())).initial_payload()
+            self.strategy.initialize(initial)
+        bar = tqdm(
+            range(self.round + 1, self.rounds + 1),
+            desc="rounds",
+            initial=self.round,
+            total=self.rounds,
+            disable=not self.progress,
+            leave=False,
+        )
+        for server_round in bar:
+            t0 = time.perf_counter()
+            self.run_round(server_round)
+            self.round = server_round
+            self.save_checkpoint()
+            recent = [h.get(self.select_metric) for h in self.history if h["round"] == server_round]
+            if recent:
+                bar.set_postfix({f"valid_{self.select_metric}": f"{np.nanmean(recent):.4f}", "s": f"{time.perf_counter() - t0:.1f}"})
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> SimulationResult:
+        test: dict[str, dict[str, float]] = {}
+        selected: dict[str, int] = {}
+        for name, trainer in self.trainers.items():
+            best = self.best.get(name)
+            if best is not None:
+                trainer.load_state_dict(copy.deepcopy(best["state"]))
+                selected[name] = best["round"]
+            try:
+                test.update(trainer.evaluate(None, "test", full_ranking=self.full_ranking))
+            except Exception as exc:
+                self._fail(self.round, name, "test", exc)
+        return SimulationResult(
+            test=test,
+            history=self.history,
+            communication=self.communication,
+            failures=self.failures,
+            selected_round=selected,
+            uploads=self.uploads,
+        )

@@ -1,0 +1,72 @@
+"""Server strategies of the FedAvg family."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fedmarket.federation.aggregators import coordinate_median, trimmed_mean, weighted_mean
+from fedmarket.federation.core import Strategy, Update
+from fedmarket.federation.payload import Payload
+
+
+class NoFederation(Strategy):
+    """Local training: the server sends nothing and receives nothing."""
+
+    def initialize(self, initial: Payload) -> None:
+        pass
+
+    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        return {m: {} for m in markets}
+
+    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class FedAvg(Strategy):
+    """FedAvg (McMahan et al., AISTATS 2017): every market downloads the global shared parameters and the
+    server replaces them with the example-weighted mean of the uploads, θ ← Σ_k (n_k/n) θ_k.
+
+    ``aggregation`` = "mean" (default), "median" or "trimmed_mean" (robust options).
+    """
+
+    def __init__(self, aggregation: str = "mean", trim_ratio: float = 0.1, options: dict[str, Any] | None = None):
+        if aggregation not in ("mean", "median", "trimmed_mean"):
+            raise ValueError(f"aggregation must be 'mean', 'median' or 'trimmed_mean', got {aggregation!r}")
+        self.aggregation = aggregation
+        self.trim_ratio = trim_ratio
+        self.options = dict(options or {})
+        self.global_payload: Payload = {}
+
+    def initialize(self, initial: Payload) -> None:
+        self.global_payload = {k: np.array(v, copy=True) for k, v in initial.items()}
+
+    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        return {m: self.global_payload for m in markets}
+
+    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        if not updates:
+            return
+        payloads = [u.payload for u in updates.values()]
+        if self.aggregation == "median":
+            self.global_payload = coordinate_median(payloads)
+        elif self.aggregation == "trimmed_mean":
+            self.global_payload = trimmed_mean(payloads, self.trim_ratio)
+        else:
+            self.global_payload = weighted_mean(payloads, [u.num_examples for u in updates.values()])
+
+    def round_options(self, server_round: int) -> dict[str, Any]:
+        return dict(self.options)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_payload": self.global_payload}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_payload = dict(state["global_payload"])

@@ -1,0 +1,62 @@
+"""The method registry. A method = client trainers + a server strategy + the declaration of what leaves a
+market. Each method module registers itself with `register` and states its `UploadDeclaration` once, at
+the top of the module, so a reader (and `tests/test_payload_declarations.py`) finds it in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fedmarket.config import ExperimentConfig, _build
+from fedmarket.data.split import MarketSplit
+from fedmarket.errors import ConfigError
+from fedmarket.federation.core import ClientTrainer, Strategy
+from fedmarket.federation.payload import UploadDeclaration
+
+BuildFn = Callable[[ExperimentConfig, Any, dict[str, MarketSplit], int], tuple[dict[str, ClientTrainer], Strategy]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    declaration: UploadDeclaration
+    build: BuildFn
+    options: type  # dataclass of method.options, validated on load
+    private: bool = True
+    task: str = "ctr"
+    summary: str = ""
+
+    def parse_options(self, raw: dict[str, Any]) -> Any:
+        opts = _build(self.options, raw, "method.options")
+        validate = getattr(opts, "validate", None)
+        if validate is not None:
+            validate("method.options")
+        return opts
+
+    def option_dict(self, raw: dict[str, Any]) -> dict[str, Any]:
+        return dataclasses.asdict(self.parse_options(raw))
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    import fedmarket.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+@dataclass
+class NoOptions:
+    pass

@@ -1,0 +1,586 @@
+"""Turn run folders into a readable comparison: Markdown tables and PNG plots.
+
+A run folder, as written by the runtime, holds ``metrics.json`` (mean and std over seeds per market and
+averaged over markets, bytes sent each way, failures, notes) and ``rounds.csv`` (validation metrics per
+seed, round and market). This module only reads those files, so a report can be rebuilt at any time from
+finished runs, on a machine without the data.
+
+Conventions in every report: values are mean ± std over seeds (as stored by the runtime); ``average`` is
+the unweighted mean over markets; MB = 10^6 bytes; runs with ``private: false`` are marked with † because
+they pool raw data across markets and are a reference for how much cross-market signal exists, not a
+federated method to compare on equal terms.
+
+Plots are drawn on ``matplotlib.figure.Figure`` with the Agg canvas directly, never through ``pyplot``,
+so no global backend is switched and nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+from fedmarket.errors import FedmarketError
+
+__all__ = [
+    "NOT_PRIVATE_NOTE",
+    "communication_table",
+    "comparison_table",
+    "load_rounds",
+    "load_run",
+    "write_report",
+    "write_run_report",
+]
+
+NOT_PRIVATE_NOTE = "not private: pools raw data"
+NOT_PRIVATE_MARK = "†"
+AVERAGE = "average"
+MB = 1e6
+ROUNDS_ID_COLUMNS = ("seed", "round", "market", "split", "up_bytes", "down_bytes")
+# Metrics plotted per round by default when a run reports them (all 18 ranking metrics would bury the
+# ones people read); if a run has none of these, all of its metric columns are plotted.
+DEFAULT_ROUND_PLOT_METRICS = ("auc", "logloss", "gauc", "ndcg@10", "hr@10", "full_ndcg@10", "full_hr@10")
+
+RunLike = Mapping[str, Any] | str | Path
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def _float(value: Any) -> float:
+    """JSON has no NaN in its standard: the runtime may write null for a metric it could not compute."""
+    if value is None:
+        return float("nan")
+    return float(value)
+
+
+def _metric_dict(value: Any, where: str, path: Path) -> dict[str, float]:
+    if not isinstance(value, Mapping):
+        raise FedmarketError(f"{path}: {where!r} must be an object of metric -> number")
+    try:
+        return {str(k): _float(v) for k, v in value.items()}
+    except (TypeError, ValueError) as err:
+        raise FedmarketError(f"{path}: {where!r} holds a value that is not a number ({err})") from err
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """Read ``run_dir/metrics.json`` and normalise it.
+
+    Missing optional keys get empty defaults (``per_market_std``, ``average_std``, ``communication``,
+    ``failures``, ``notes``); ``label`` falls back to ``name``; ``average`` is recomputed as the macro mean
+    over markets if absent; ``private`` defaults to True (only runs that declare pooling are marked).
+    The returned dict also holds ``run_dir`` (a Path).
+
+    Raises:
+        FedmarketError: the folder or ``metrics.json`` is missing, not JSON, or lacks ``per_market`` or
+            both ``label`` and ``name``. The message names the path.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise FedmarketError(f"run folder {run_dir} has no metrics.json (is it a finished fedmarket run?)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise FedmarketError(f"{path}: cannot read it as JSON ({err})") from err
+    if not isinstance(raw, dict):
+        raise FedmarketError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if "per_market" not in raw:
+        raise FedmarketError(f"{path}: missing key 'per_market'")
+    label = raw.get("label") or raw.get("name")
+    if not label:
+        raise FedmarketError(f"{path}: needs a 'label' or a 'name'")
+
+    run: dict[str, Any] = dict(raw)
+    run["run_dir"] = run_dir
+    run["label"] = str(label)
+    run["name"] = str(raw.get("name") or label)
+    run["private"] = bool(raw.get("private", True))
+    run["seeds"] = list(raw.get("seeds") or [])
+    per_market = raw["per_market"]
+    if not isinstance(per_market, Mapping):
+        raise FedmarketError(f"{path}: 'per_market' must be an object of market -> metrics")
+    run["per_market"] = {str(m): _metric_dict(v, f"per_market.{m}", path) for m, v in per_market.items()}
+    run["per_market_std"] = {
+        str(m): _metric_dict(v, f"per_market_std.{m}", path)
+        for m, v in (raw.get("per_market_std") or {}).items()
+    }
+    if raw.get("average") is None:
+        from fedmarket.eval.metrics import average_over_markets
+
+        run["average"] = average_over_markets(run["per_market"])
+    else:
+        run["average"] = _metric_dict(raw["average"], "average", path)
+    run["average_std"] = _metric_dict(raw.get("average_std") or {}, "average_std", path)
+    run["communication"] = dict(raw.get("communication") or {})
+    run["failures"] = list(raw.get("failures") or [])
+    run["notes"] = [str(n) for n in raw.get("notes") or []]
+    return run
+
+
+def load_rounds(run_dir: str | Path) -> pd.DataFrame | None:
+    """``run_dir/rounds.csv`` as a DataFrame, or None when the run did not write one."""
+    path = Path(run_dir) / "rounds.csv"
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path)
+    except (OSError, ValueError) as err:
+        raise FedmarketError(f"{path}: cannot read it as CSV ({err})") from err
+
+
+def _as_runs(runs: Iterable[RunLike]) -> list[dict[str, Any]]:
+    return [dict(r) if isinstance(r, Mapping) else load_run(r) for r in runs]
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def _row_labels(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Run labels, made unique (two runs of one method differ by name) and marked when not private."""
+    original = [str(r["label"]) for r in runs]
+    labels = [
+        f"{label} ({run.get('name', i)})" if original.count(label) > 1 else label
+        for i, (label, run) in enumerate(zip(original, runs, strict=True))
+    ]
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} #{seen[label]}"
+    return [
+        f"{label} {NOT_PRIVATE_MARK}" if not run.get("private", True) else label
+        for label, run in zip(labels, runs, strict=True)
+    ]
+
+
+def _markets(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Union of markets over runs, in first-seen order (the runtime's order is meaningful, e.g. by size)."""
+    return list(dict.fromkeys(m for r in runs for m in r["per_market"]))
+
+
+def _mean_std_frames(runs: Sequence[Mapping[str, Any]], metric: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    labels = _row_labels(runs)
+    columns = [*_markets(runs), AVERAGE]
+    mean = pd.DataFrame(np.nan, index=pd.Index(labels, name="run"), columns=columns, dtype=float)
+    std = mean.copy()
+    for label, run in zip(labels, runs, strict=True):
+        for market, values in run["per_market"].items():
+            mean.loc[label, market] = values.get(metric, np.nan)
+            std.loc[label, market] = run["per_market_std"].get(market, {}).get(metric, np.nan)
+        mean.loc[label, AVERAGE] = run["average"].get(metric, np.nan)
+        std.loc[label, AVERAGE] = run["average_std"].get(metric, np.nan)
+    return mean, std
+
+
+def _format_mean_std(mean: float, std: float, digits: int) -> str:
+    if mean is None or math.isnan(mean):
+        return "–"
+    if std is None or math.isnan(std):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def comparison_table(
+    runs: Iterable[RunLike], metric: str = "auc", formatted: bool = False, digits: int = 4
+) -> pd.DataFrame:
+    """One row per run (its label), one column per market plus ``average``.
+
+    Args:
+        runs: dicts from :func:`load_run`, or run folders.
+        formatted: False gives float means (NaN where a run lacks the market or metric), for analysis;
+            True gives strings ``"0.7612 ± 0.0031"`` (``"–"`` when missing), for Markdown.
+    """
+    runs = _as_runs(runs)
+    mean, std = _mean_std_frames(runs, metric)
+    if not formatted:
+        return mean
+    cells = [
+        [_format_mean_std(mean.iat[i, j], std.iat[i, j], digits) for j in range(mean.shape[1])]
+        for i in range(mean.shape[0])
+    ]
+    return pd.DataFrame(cells, index=mean.index, columns=mean.columns)
+
+
+def communication_table(runs: Iterable[RunLike]) -> pd.DataFrame:
+    """Bytes each market sent and received, as totals (MB) and per round (MB/round), one row per
+    (run, market). Runs whose ``metrics.json`` has no communication section contribute no rows."""
+    runs = _as_runs(runs)
+    rows = []
+    for label, run in zip(_row_labels(runs), runs, strict=True):
+        for market, comm in run["communication"].items():
+            up, down = _float(comm.get("up_bytes", 0)), _float(comm.get("down_bytes", 0))
+            rounds = int(comm.get("rounds", 0) or 0)
+            rows.append(
+                {
+                    "run": label,
+                    "market": market,
+                    "rounds": rounds,
+                    "up MB": up / MB,
+                    "down MB": down / MB,
+                    "up MB/round": up / MB / rounds if rounds else 0.0,
+                    "down MB/round": down / MB / rounds if rounds else 0.0,
+                }
+            )
+    return pd.DataFrame(
+        rows, columns=["run", "market", "rounds", "up MB", "down MB", "up MB/round", "down MB/round"]
+    )
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.4g}"
+    return re.sub(r"\s+", " ", str(value)).replace("|", "\\|")
+
+
+def _markdown(df: pd.DataFrame, index: bool = True) -> str:
+    """A plain GitHub-flavoured Markdown table (pandas' to_markdown needs the optional tabulate)."""
+    header = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for key, row in df.iterrows():
+        cells = ([_cell(key)] if index else []) + [_cell(v) for v in row.tolist()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------------- plots
+
+
+def _file_stem(metric: str) -> str:
+    return re.sub(r"[^A-Za-z0-9@._-]+", "_", metric)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _value_limits(low: np.ndarray, high: np.ndarray) -> tuple[float, float] | None:
+    """A y range around the data: metric differences between methods are often in the third decimal,
+    invisible on an axis starting at 0."""
+    finite_low, finite_high = low[np.isfinite(low)], high[np.isfinite(high)]
+    if len(finite_low) == 0 or len(finite_high) == 0:
+        return None
+    lo, hi = float(finite_low.min()), float(finite_high.max())
+    span = hi - lo if hi > lo else max(abs(hi), 1.0) * 0.05
+    bottom = lo - 0.15 * span
+    if lo >= 0 > bottom:
+        bottom = 0.0
+    return bottom, hi + 0.15 * span
+
+
+def _plot_per_market(mean: pd.DataFrame, std: pd.DataFrame, metric: str, path: Path) -> Path:
+    groups = list(mean.columns)
+    n_runs = len(mean.index)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) * max(1, n_runs) * 0.45 + 2), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, n_runs)
+    for i, label in enumerate(mean.index):
+        err = np.nan_to_num(std.loc[label].to_numpy(dtype=float), nan=0.0)
+        ax.bar(
+            x - 0.4 + width * (i + 0.5),
+            mean.loc[label].to_numpy(dtype=float),
+            width,
+            yerr=err,
+            capsize=2,
+            label=label,
+        )
+    ax.set_xticks(x, groups, rotation=30 if len(groups) > 6 else 0)
+    values, errors = mean.to_numpy(dtype=float), np.nan_to_num(std.to_numpy(dtype=float), nan=0.0)
+    limits = _value_limits(values - errors, values + errors)
+    if limits:
+        ax.set_ylim(*limits)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} per market (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+def _upload_per_market_round(run: Mapping[str, Any]) -> float | None:
+    """Mean over markets of bytes uploaded per round; None when the run recorded no communication."""
+    comm = run["communication"]
+    if not comm:
+        return None
+    per_market = []
+    for values in comm.values():
+        rounds = int(values.get("rounds", 0) or 0)
+        up = _float(values.get("up_bytes", 0))
+        per_market.append(up / rounds if rounds else 0.0)
+    return float(np.mean(per_market))
+
+
+def _human_bytes(value: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:g} {unit}"
+    return f"{value:g} B"
+
+
+def _plot_vs_bytes(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str, path: Path) -> Path:
+    """Average metric against upload cost. A log axis cannot show 0 (Local sends nothing), so zero-byte
+    runs sit on a dotted line at a tenth of the smallest non-zero upload, labelled "0 bytes"."""
+    points = []
+    for label, run in zip(labels, runs, strict=True):
+        up = _upload_per_market_round(run)
+        value = run["average"].get(metric, np.nan)
+        if up is None or math.isnan(value):
+            continue
+        points.append((label, up, value, run["average_std"].get(metric, np.nan)))
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    positive = [p[1] for p in points if p[1] > 0]
+    zero_at = min(positive) / 10.0 if positive else 1.0
+    for label, up, value, std in points:
+        x = up if up > 0 else zero_at
+        ax.errorbar([x], [value], yerr=[0.0 if math.isnan(std) else std], fmt="o", capsize=3, label=label)
+        ax.annotate(label, (x, value), textcoords="offset points", xytext=(5, 5), fontsize="small")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: _human_bytes(value)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    if points:
+        xs = [p[1] if p[1] > 0 else zero_at for p in points]
+        ax.set_xlim(min(xs) / 3.0, max(xs) * 3.0)
+    if any(p[1] == 0 for p in points):
+        ax.axvline(zero_at, color="grey", linestyle=":", linewidth=1)
+        ax.text(zero_at, 0.02, " 0 bytes", transform=ax.get_xaxis_transform(), color="grey", fontsize="small")
+    if not points:
+        ax.text(0.5, 0.5, f"no run reports {metric} with communication", ha="center", transform=ax.transAxes)
+    ax.set_xlabel("bytes uploaded per market per round (mean over markets, log scale)")
+    ax.set_ylabel(f"average {metric}")
+    ax.set_title(f"average {metric} vs upload cost")
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def _rounds_metric_columns(rounds: pd.DataFrame) -> list[str]:
+    return [
+        c for c in rounds.columns if c not in ROUNDS_ID_COLUMNS and pd.api.types.is_numeric_dtype(rounds[c])
+    ]
+
+
+def _plot_per_round(rounds: pd.DataFrame, metric: str, path: Path) -> Path:
+    """Validation metric per round, one line per market (mean over seeds, band = ± std over seeds),
+    and the macro average over markets as a dashed black line."""
+    fig = Figure(figsize=(7.0, 4.5))
+    ax = fig.add_subplot()
+    several_seeds = "seed" in rounds and rounds["seed"].nunique() > 1
+    by = rounds.groupby(["market", "round"], sort=True)[metric]
+    stats = by.mean().to_frame("mean").join(by.std(ddof=1).fillna(0.0).to_frame("std")).reset_index()
+    for market in rounds["market"].unique():  # the runtime's market order, not alphabetical
+        part = stats[stats["market"] == market]
+        (line,) = ax.plot(part["round"], part["mean"], marker=".", label=str(market))
+        if several_seeds:
+            low, high = part["mean"] - part["std"], part["mean"] + part["std"]
+            ax.fill_between(part["round"], low, high, color=line.get_color(), alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    average = stats.groupby("round")["mean"].mean()
+    ax.plot(average.index, average.to_numpy(), color="black", linestyle="--", linewidth=2, label=AVERAGE)
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"valid {metric}")
+    ax.set_title(f"valid {metric} per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def _runs_overview(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], base: Path) -> pd.DataFrame:
+    rows = []
+    for label, run in zip(labels, runs, strict=True):
+        # relative to the report, so the table stays valid when results are moved together
+        folder = (
+            os.path.relpath(Path(run["run_dir"]).resolve(), base.resolve()) if run.get("run_dir") else "–"
+        )
+        rows.append(
+            {
+                "run": label,
+                "method": run.get("method") or "–",
+                "dataset": run.get("dataset") or "–",
+                "model": run.get("model") or "–",
+                "seeds": ", ".join(str(s) for s in run.get("seeds", [])) or "–",
+                "private": "yes" if run.get("private", True) else "no",
+                "folder": folder,
+            }
+        )
+    return pd.DataFrame(rows).set_index("run")
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    """One line, at most ``limit`` characters: a traceback belongs in the run's log, not in a table."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _failures_section(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
+    rows = [
+        {
+            "run": label,
+            "seed": f.get("seed", "–"),
+            "round": f.get("round", "–"),
+            "market": f.get("market", "–"),
+            "error": _shorten(str(f.get("error", ""))),
+        }
+        for label, run in zip(labels, runs, strict=True)
+        for f in run["failures"]
+    ]
+    if not rows:
+        return []
+    return ["## Failures", "", _markdown(pd.DataFrame(rows), index=False), ""]
+
+
+def _notes_section(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
+    notes = [
+        f"- **{label}**: {note}" for label, run in zip(labels, runs, strict=True) for note in run["notes"]
+    ]
+    return ["## Notes", "", *notes, ""] if notes else []
+
+
+def _communication_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    table = communication_table(runs)
+    if table.empty:
+        return []
+    return [
+        "## Communication",
+        "",
+        "Bytes each market uploaded to and downloaded from the server, as recorded by the runtime; "
+        "MB = 10^6 bytes.",
+        "",
+        _markdown(table, index=False),
+        "",
+    ]
+
+
+def _private_note(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    if all(r.get("private", True) for r in runs):
+        return []
+    return [
+        f"{NOT_PRIVATE_MARK} {NOT_PRIVATE_NOTE} (a reference for how much cross-market signal the data "
+        "holds, not a federated method compared on equal terms).",
+        "",
+    ]
+
+
+def write_report(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    metrics: Sequence[str] = ("auc", "logloss", "gauc", "ndcg@10"),
+    title: str = "fedmarket comparison",
+) -> Path:
+    """Compare several runs in ``out_dir/report.md`` plus ``<metric>_per_market.png`` (bars per market
+    and run, std error bars) and ``<metric>_vs_bytes.png`` (average metric vs upload per market per
+    round) for every metric at least one run reports. Returns the path of ``report.md``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise FedmarketError("write_report needs at least one run folder")
+    labels = _row_labels(runs)
+
+    lines = [f"# {title}", ""]
+    lines += [
+        f"{len(runs)} runs. Values are mean ± std over seeds; `{AVERAGE}` is the unweighted mean over "
+        "markets; – means the run has no value there.",
+        "",
+    ]
+    datasets = sorted({str(r.get("dataset")) for r in runs if r.get("dataset")})
+    if len(datasets) > 1:
+        lines += [f"Note: these runs come from different datasets ({', '.join(datasets)}).", ""]
+    lines += ["## Runs", "", _markdown(_runs_overview(runs, labels, out_dir)), ""]
+    lines += _private_note(runs)
+
+    missing = []
+    for metric in metrics:
+        mean, std = _mean_std_frames(runs, metric)
+        if mean.isna().all().all():
+            missing.append(metric)
+            continue
+        stem = _file_stem(metric)
+        _plot_per_market(mean, std, metric, out_dir / f"{stem}_per_market.png")
+        _plot_vs_bytes(runs, labels, metric, out_dir / f"{stem}_vs_bytes.png")
+        lines += [f"## {metric}", "", _markdown(comparison_table(runs, metric, formatted=True)), ""]
+        lines += [f"![{metric} per market]({stem}_per_market.png)", ""]
+        lines += [f"![{metric} vs bytes uploaded]({stem}_vs_bytes.png)", ""]
+    if missing:
+        lines += [f"No run reports: {', '.join(missing)}.", ""]
+
+    lines += _communication_section(runs)
+    lines += _failures_section(runs, labels)
+    lines += _notes_section(runs, labels)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
+
+
+def write_run_report(
+    run_dir: str | Path, out_dir: str | Path | None = None, metrics: Sequence[str] | None = None
+) -> Path:
+    """Report of one run: ``report.md`` (markets × metrics table, communication, failures, notes) and a
+    ``<metric>_per_round.png`` validation curve per metric from ``rounds.csv``. Written into ``run_dir``
+    unless ``out_dir`` is given; returns the path of ``report.md``.
+
+    Args:
+        metrics: metrics to tabulate and plot; default every metric in the run's ``average`` for the
+            table, and for the curves those of ``DEFAULT_ROUND_PLOT_METRICS`` present in ``rounds.csv``
+            (all metric columns if none is).
+    """
+    run = load_run(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else Path(run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    label = _row_labels([run])[0]
+    table_metrics = list(metrics) if metrics is not None else list(run["average"])
+
+    rows = {}
+    for market in [*run["per_market"], AVERAGE]:
+        mean = run["average"] if market == AVERAGE else run["per_market"][market]
+        std = run["average_std"] if market == AVERAGE else run["per_market_std"].get(market, {})
+        rows[market] = [_format_mean_std(mean.get(m, np.nan), std.get(m, np.nan), 4) for m in table_metrics]
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=table_metrics)
+    table.index.name = "market"
+
+    lines = [f"# {label}", ""]
+    info = [f"{k}: {run.get(k)}" for k in ("method", "dataset", "model") if run.get(k)]
+    info.append("seeds: " + (", ".join(str(s) for s in run["seeds"]) or "–"))
+    lines += [" · ".join(info), ""]
+    lines += _private_note([run])
+    lines += [
+        f"Test metrics, mean ± std over seeds; `{AVERAGE}` is the unweighted mean over markets.",
+        "",
+        _markdown(table),
+        "",
+    ]
+
+    rounds = load_rounds(run_dir)
+    if rounds is not None and not rounds.empty:
+        if "split" in rounds:
+            rounds = rounds[rounds["split"] == "valid"]
+        available = _rounds_metric_columns(rounds)
+        if metrics is not None:
+            plot_metrics = [m for m in metrics if m in available]
+        else:
+            plot_metrics = [m for m in DEFAULT_ROUND_PLOT_METRICS if m in available] or available
+        for metric in plot_metrics:
+            stem = _file_stem(metric)
+            _plot_per_round(rounds, metric, out_dir / f"{stem}_per_round.png")
+            lines += [f"![valid {metric} per round]({stem}_per_round.png)", ""]
+
+    lines += _communication_section([run])
+    lines += _failures_section([run], [label])
+    lines += _notes_section([run], [label])
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return path
