@@ -5,10 +5,11 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from fedmarket.data import load_dataset
+from fedmarket.data import load_dataset, registry
 from fedmarket.data.movielens import load_movielens
 from fedmarket.data.paths import resolve_data_dir
 from fedmarket.data.xmarket import load_xmarket_metadata, load_xmrec
@@ -287,6 +288,18 @@ def test_registry_unknown_dataset_option_and_market() -> None:
         load_dataset("synthetic", markets=["m9"], num_markets=2)
     with pytest.raises(DataError, match=r"repeats a name"):
         load_dataset("synthetic", markets=["m0", "m0"])
+
+
+def test_option_text_from_the_command_line_is_typed() -> None:
+    assert len(load_dataset("synthetic", num_markets="2", users_per_market="30", similarity="0.5")) == 2
+    markets = load_dataset("synthetic", num_markets="1", users_per_market="5", interactions_per_user="3,4")
+    assert set(np.bincount(markets["m0"].users).tolist()) <= {3, 4}
+    assert registry._coerce("movielens-zip", "include_ml100k", "false", False) is False
+    assert registry._coerce("movielens-age", "include_ml100k", "Yes", True) is True
+    with pytest.raises(DataError, match=r"option 'num_markets' = 'two' is not a valid int"):
+        load_dataset("synthetic", num_markets="two")
+    with pytest.raises(DataError, match=r"option 'with_text' = 'maybe' is not a valid bool"):
+        load_dataset("synthetic", with_text="maybe")
 
 
 def test_synthetic_bad_arguments() -> None:

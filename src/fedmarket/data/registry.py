@@ -101,12 +101,42 @@ def _spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _coerce(dataset: str, option: str, value: Any, default: Any) -> Any:
+    """Text from the command line (``--option include_ml100k=false``) → the type of the option's default, so
+    that ``"false"`` does not count as true. Values that are not strings are used as given."""
+    if not isinstance(value, str) or default is None or default is REQUIRED or isinstance(default, str):
+        return value
+    text = value.strip()
+    try:
+        if isinstance(default, bool):
+            if text.lower() in _TRUE | _FALSE:
+                return text.lower() in _TRUE
+            raise ValueError(text)
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple | list):
+            return tuple(int(part) for part in text.replace("(", "").replace(")", "").split(","))
+    except ValueError:
+        raise DataError(
+            f"dataset {dataset!r}: option {option!r} = {value!r} is not a valid {type(default).__name__}"
+        ) from None
+    return value
+
+
 def _check_options(name: str, spec: DatasetSpec, options: Mapping[str, Any]) -> dict[str, Any]:
     for option in options:
         if option not in spec.options:
             valid = ", ".join(spec.options) or "none"
             raise DataError(f"dataset {name!r} has no option {option!r}; valid options: {valid}")
-    merged = {**spec.options, **options}
+    merged = {
+        **spec.options,
+        **{key: _coerce(name, key, value, spec.options[key]) for key, value in options.items()},
+    }
     for option, value in merged.items():
         if value is REQUIRED:
             raise DataError(f"dataset {name!r} needs option {option!r}")

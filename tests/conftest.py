@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_dir() -> Path | None:
+    for candidate in (os.environ.get("FEDMARKET_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate, "xmrec-forec").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = _data_dir()
+    if path is None:
+        pytest.skip("real data directory not found (set FEDMARKET_DATA)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # one cache per test session, never the user's ~/.cache
+    monkeypatch.setenv("FEDMARKET_CACHE", str(tmp_path_factory.getbasetemp() / "fedmarket-cache"))

@@ -1,0 +1,146 @@
+"""Federation core: aggregators, upload checks, the runtime's failure handling and resume."""
+
+import numpy as np
+import pytest
+
+from fedmarket.errors import PayloadError
+from fedmarket.federation.aggregators import coordinate_median, trimmed_mean, weighted_mean
+from fedmarket.federation.core import ClientTrainer, RoundConfig, Update
+from fedmarket.federation.payload import UploadDeclaration, payload_bytes, validate_update
+from fedmarket.federation.runtime import Simulator
+from fedmarket.federation.strategies import FedAvg
+
+
+def test_weighted_mean_matches_hand_computation():
+    a = {"w": np.array([1.0, 2.0], dtype=np.float32)}
+    b = {"w": np.array([3.0, 6.0], dtype=np.float32)}
+    out = weighted_mean([a, b], [1, 3])
+    np.testing.assert_allclose(out["w"], [2.5, 5.0])
+    assert out["w"].dtype == np.float32
+
+
+def test_weighted_mean_rejects_bad_weights():
+    with pytest.raises(ValueError):
+        weighted_mean([{"w": np.zeros(1)}], [0])
+
+
+def test_robust_aggregators_ignore_one_outlier():
+    honest = [{"w": np.array([1.0, 1.0])} for _ in range(4)]
+    poisoned = honest + [{"w": np.array([1e6, -1e6])}]
+    np.testing.assert_allclose(coordinate_median(poisoned)["w"], [1.0, 1.0])
+    np.testing.assert_allclose(trimmed_mean(poisoned, 0.2)["w"], [1.0, 1.0])
+    assert abs(weighted_mean(poisoned, [1] * 5)["w"][0]) > 1e5
+
+
+def test_declaration_rejects_undeclared_keys():
+    decl = UploadDeclaration(("dnn.*", "head.*"))
+    decl.check({"dnn.0.weight": np.zeros(2)}, "de")
+    with pytest.raises(PayloadError, match="features.embedding.item.weight"):
+        decl.check({"dnn.0.weight": np.zeros(2), "features.embedding.item.weight": np.zeros(2)}, "de")
+
+
+def test_validate_update_rejects_nan_and_shapes():
+    ref = {"w": np.zeros(3)}
+    with pytest.raises(PayloadError, match="NaN"):
+        validate_update({"w": np.array([0.0, np.nan, 0.0])}, ref, "jp")
+    with pytest.raises(PayloadError, match="shape"):
+        validate_update({"w": np.zeros(4)}, ref, "jp")
+    with pytest.raises(PayloadError, match="unexpected"):
+        validate_update({"w": np.zeros(3), "x": np.zeros(1)}, ref, "jp")
+
+
+class ToyTrainer(ClientTrainer):
+    """Moves its weight toward a market-specific target; the metric is minus the distance."""
+
+    def __init__(self, market, target, fail_round=None, nan_round=None):
+        self.market = market
+        self.target = np.asarray(target, dtype=np.float64)
+        self.w = np.zeros_like(self.target)
+        self.fail_round = fail_round
+        self.nan_round = nan_round
+
+    def initial_payload(self):
+        return {"w": self.w.copy()}
+
+    def fit(self, payload, config: RoundConfig):
+        if config.round == self.fail_round:
+            raise RuntimeError("disk full")
+        if payload:
+            self.w = payload["w"].copy()
+        rng = np.random.default_rng([config.seed, config.round, hash(self.market) % 1000])
+        self.w = self.w + 0.5 * (self.target - self.w) + rng.normal(0, 0.01, self.w.shape)
+        out = {"w": self.w.copy()}
+        if config.round == self.nan_round:
+            out["w"][0] = np.nan
+        return Update(out, num_examples=10)
+
+    def evaluate(self, payload, split, full_ranking=False):
+        if payload:
+            self.w = payload["w"].copy()
+        return {self.market: {"auc": float(-np.abs(self.w - self.target).sum())}}
+
+    def state_dict(self):
+        return {"w": self.w.copy()}
+
+    def load_state_dict(self, state):
+        self.w = state["w"].copy()
+
+
+def make_sim(tmp_path=None, fail_round=None, nan_round=None, rounds=4):
+    trainers = {
+        "a": ToyTrainer("a", [1.0, 0.0]),
+        "b": ToyTrainer("b", [0.0, 1.0], fail_round=fail_round, nan_round=nan_round),
+        "c": ToyTrainer("c", [1.0, 1.0]),
+    }
+    return Simulator(
+        trainers,
+        FedAvg(),
+        UploadDeclaration(("w",)),
+        rounds=rounds,
+        seed=3,
+        checkpoint_path=None if tmp_path is None else tmp_path / "ckpt.pt",
+        progress=False,
+    )
+
+
+def test_failing_market_does_not_stop_the_run():
+    result = make_sim(fail_round=2).run()
+    assert [(f["round"], f["market"]) for f in result.failures] == [(2, "b")]
+    assert "disk full" in result.failures[0]["error"]
+    assert result.communication["b"]["rounds"] == 3
+    assert result.communication["a"]["rounds"] == 4
+    assert set(result.test) == {"a", "b", "c"}
+
+
+def test_nan_upload_is_rejected_and_the_round_goes_on():
+    result = make_sim(nan_round=3).run()
+    assert [(f["round"], f["market"]) for f in result.failures] == [(3, "b")]
+    assert "NaN" in result.failures[0]["error"]
+
+
+def test_byte_accounting():
+    result = make_sim().run()
+    per_round = payload_bytes({"w": np.zeros(2)})
+    assert result.communication["a"] == {"up_bytes": 4 * per_round, "down_bytes": 4 * per_round, "rounds": 4}
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = make_sim(tmp_path / "full").run()
+
+    class Killed(Exception):
+        pass
+
+    sim = make_sim(tmp_path / "killed")
+    original = sim.run_round
+
+    def dying(server_round):
+        if server_round == 3:
+            raise Killed
+        original(server_round)
+
+    sim.run_round = dying
+    with pytest.raises(Killed):
+        sim.run()
+    resumed = make_sim(tmp_path / "killed").run(resume=True)
+    assert resumed.test == full.test
+    assert resumed.communication == full.communication
