@@ -194,8 +194,10 @@ class Simulator:
             score = float(np.nanmean([v.get(self.select_metric, np.nan) for v in metrics.values()]))
             higher_better = self.select_metric not in ("logloss", "loss")
             prev = self.best.get(name)
+            # a round without the metric (e.g. a pre-training phase) never beats a round with it
             improved = prev is None or (
-                not np.isnan(score) and (score > prev["score"] if higher_better else score < prev["score"])
+                not np.isnan(score)
+                and (np.isnan(prev["score"]) or (score > prev["score"] if higher_better else score < prev["score"]))
             )
             if self.select == "last" or improved:
                 self.best[name] = {"score": score, "round": server_round, "state": copy.deepcopy(trainer.state_dict())}
@@ -219,7 +221,7 @@ class Simulator:
             self.run_round(server_round)
             self.round = server_round
             self.save_checkpoint()
-            recent = [h.get(self.select_metric) for h in self.history if h["round"] == server_round]
+            recent = [h[self.select_metric] for h in self.history if h["round"] == server_round and self.select_metric in h]
             if recent:
                 bar.set_postfix({f"valid_{self.select_metric}": f"{np.nanmean(recent):.4f}", "s": f"{time.perf_counter() - t0:.1f}"})
         bar.close()

@@ -51,7 +51,7 @@ class LightGCN(nn.Module):
         values = inv_sqrt[rows] * inv_sqrt[cols]
         self.register_buffer(
             "adjacency",
-            torch.sparse_coo_tensor(np.stack([rows, cols]), values, (n, n)).coalesce(),
+            torch.sparse_coo_tensor(np.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce(),
             persistent=False,
         )
 
@@ -113,4 +113,4 @@ def train_collaborative_embeddings(
             optimizer.step()
     with torch.no_grad():
         user_emb, item_emb = model.embeddings()
-    return user_emb.numpy().copy(), item_emb.numpy().copy()
+    return user_emb.detach().numpy().copy(), item_emb.detach().numpy().copy()

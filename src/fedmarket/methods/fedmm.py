@@ -1,0 +1,644 @@
+"""FedMM: federated collaborative signal quantization for multi-market CTR prediction
+("FedMM: Federated Collaborative Signal Quantization for Multi-Market CTR Prediction", arXiv 2605.11433,
+SIGIR 2026; only the abstract is public, this is the reconstruction of ../shared/METHODS.md, "FedMM").
+
+The algorithm, in the order this module implements it. The server round number picks the phase:
+
+    rounds 1..R_e              EMBED  per market, collaborative item embeddings x_i (MF-BPR or LightGCN,
+                                      trained locally in one round; or route "fedctr": the item-ID
+                                      embeddings of a CTR model whose dense layers are FedAvg'd for R_e rounds)
+    rounds R_e+1..R_e+R_q      RQVAE  per market, a dual-codebook RQ-VAE quantizes x_i (optionally with
+                                      market-comparable item statistics beside it) into (c1, c2); the
+                                      level-1 codebook G is federated: upload (G_m, n_m), the server merges
+                                      code by code, G_k ← Σ_m n_mk G_mk / Σ_m n_mk
+    rounds R_e+R_q+1..R        CTR    DeepFM / DCNv2 with (c1, c2) as extra item fields; the c1 embedding
+                                      table and the dense layers are FedAvg'd (option), IDs and c2 stay local
+
+What may leave a market is declared once, in `FEDMM_UPLOAD` below; `upload_declaration(options)` narrows
+it to what a given configuration actually sends, and the trainer builds its uploads from that.
+Everything ID-indexed (user/item embeddings, ID tables of the CTR model, item statistics, codes) stays.
+
+Ablations (options): ``codebook="local"`` (no codebook federation), ``codebook="global_only"`` (both levels
+federated); alignment routes: ``embedding="fedctr"``, ``item_stats="concat"|"only"``,
+``federate_autoencoder=true``. `code_alignment` is the analysis-only diagnostic (it reads raw item keys,
+which no federated step ever does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fedmarket.data.split import MarketSplit, market_seed
+from fedmarket.errors import ConfigError, PayloadError
+from fedmarket.federation.aggregators import weighted_mean
+from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Strategy, Update
+from fedmarket.federation.payload import Payload, UploadDeclaration
+from fedmarket.methods.base import Method, register
+from fedmarket.methods.ctr_baselines import ctr_client_kwargs
+from fedmarket.methods.ctr_trainer import CTRClient, CTRData
+from fedmarket.models.collab import train_collaborative_embeddings
+from fedmarket.models.rqvae import DualCodebookRQVAE, code_statistics, code_usage, kmeans
+
+log = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- what leaves a market
+GLOBAL_CODEBOOK = "rqvae.global_codebook"  # [K1, d] level-1 codebook G (step 3)
+GLOBAL_USAGE = "rqvae.global_usage"  # [K1] items per level-1 code: the merge weights
+LOCAL_CODEBOOK = "rqvae.local_codebook"  # only codebook="global_only" (ablation)
+LOCAL_USAGE = "rqvae.local_usage"
+FEDMM_UPLOAD = UploadDeclaration(
+    (
+        GLOBAL_CODEBOOK,
+        GLOBAL_USAGE,
+        LOCAL_CODEBOOK,  # ablation global_only
+        LOCAL_USAGE,  # ablation global_only
+        "rqvae.encoder.*",  # route federate_autoencoder
+        "rqvae.decoder.*",  # route federate_autoencoder
+        "embed.dnn.*",  # route embedding=fedctr: dense layers of the embedding CTR model
+        "embed.cross.*",
+        "embed.head.*",
+        "embed.bias",
+        "ctr.features.embedding.c1.weight",  # the c1 code table: c1 means the same in every market
+        "ctr.features.linear.c1.weight",
+        "ctr.features.embedding.c2.weight",  # only ctr_federation=codes_dense (with global_only)
+        "ctr.features.linear.c2.weight",
+        "ctr.dnn.*",
+        "ctr.cross.*",
+        "ctr.head.*",
+        "ctr.bias",
+    ),
+    "level-1 codebook + per-code usage counts; optionally the code tables and dense layers of the CTR "
+    "model; user/item IDs, their embeddings, item statistics and codes stay local",
+)
+CTR_DENSE = ("dnn.*", "cross.*", "head.*", "bias")
+CODE_TABLES = {
+    "c1": ("features.embedding.c1.weight", "features.linear.c1.weight"),
+    "c2": ("features.embedding.c2.weight", "features.linear.c2.weight"),
+}
+
+
+@dataclass
+class FedMMOptions:
+    """``method.options`` of FedMM (defaults = the FedMM row of the comparison)."""
+
+    embedding: str = "mf"  # mf | lightgcn | fedctr   (step 1)
+    embedding_dim: int = 32  # mf / lightgcn
+    embedding_epochs: int = 30
+    embedding_rounds: int = 3  # fedctr only: FedAvg rounds of the embedding CTR model
+    item_stats: str = "none"  # none | concat | only: market-comparable item statistics (alignment route)
+    stats_weight: float = 1.0
+    rqvae_rounds: int = 5  # R_q
+    rqvae_epochs: int = 10  # local epochs per RQ-VAE round
+    rqvae_lr: float = 0.001
+    rqvae_batch_size: int = 256
+    latent_dim: int = 32
+    rqvae_hidden: list[int] = dataclasses.field(default_factory=lambda: [64])
+    global_codes: int = 256  # |G|
+    local_codes: int = 256  # |L_m|
+    beta: float = 0.25
+    codebook: str = "federated"  # federated (G shared, L local) | local | global_only
+    server_init: str = "kmeans"  # kmeans: merge local k-means centroids by weighted k-means | first
+    federate_autoencoder: bool = False  # alignment route
+    ctr_federation: str = "c1_dense"  # none | dense | c1_dense | codes_dense
+
+    def validate(self, prefix: str) -> None:
+        choices = {
+            "embedding": ("mf", "lightgcn", "fedctr"),
+            "item_stats": ("none", "concat", "only"),
+            "codebook": ("federated", "local", "global_only"),
+            "server_init": ("kmeans", "first"),
+            "ctr_federation": ("none", "dense", "c1_dense", "codes_dense"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{prefix}.{key} must be one of {list(allowed)}, got {getattr(self, key)!r}")
+        for key in ("embedding_dim", "embedding_epochs", "embedding_rounds", "rqvae_rounds", "rqvae_epochs",
+                    "rqvae_batch_size", "latent_dim", "global_codes", "local_codes"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{prefix}.{key} must be > 0, got {getattr(self, key)}")
+        if self.rqvae_lr <= 0 or self.beta < 0 or self.stats_weight < 0:
+            raise ConfigError(f"{prefix}: rqvae_lr must be > 0, beta and stats_weight >= 0")
+        if self.ctr_federation == "codes_dense" and self.codebook != "global_only":
+            raise ConfigError(f"{prefix}.ctr_federation=codes_dense needs codebook=global_only (c2 is local otherwise)")
+
+
+def upload_declaration(opts: FedMMOptions) -> UploadDeclaration:
+    """The subset of `FEDMM_UPLOAD` that this configuration sends (the runtime checks against the full one)."""
+    keys: list[str] = []
+    if opts.codebook in ("federated", "global_only"):
+        keys += [GLOBAL_CODEBOOK, GLOBAL_USAGE]
+    if opts.codebook == "global_only":
+        keys += [LOCAL_CODEBOOK, LOCAL_USAGE]
+    if opts.federate_autoencoder:
+        keys += ["rqvae.encoder.*", "rqvae.decoder.*"]
+    if opts.embedding == "fedctr":
+        keys += [f"embed.{p}" for p in CTR_DENSE]
+    if opts.ctr_federation != "none":
+        keys += [f"ctr.{p}" for p in CTR_DENSE]
+    if opts.ctr_federation in ("c1_dense", "codes_dense"):
+        keys += [f"ctr.{k}" for k in CODE_TABLES["c1"]]
+    if opts.ctr_federation == "codes_dense":
+        keys += [f"ctr.{k}" for k in CODE_TABLES["c2"]]
+    assert all(FEDMM_UPLOAD.allows(k.replace("*", "x")) for k in keys), keys
+    return UploadDeclaration(tuple(keys), FEDMM_UPLOAD.reason)
+
+
+# ----------------------------------------------------------------------------- the round schedule
+@dataclass(frozen=True)
+class Schedule:
+    embed_rounds: int
+    rqvae_rounds: int
+    total_rounds: int
+
+    @classmethod
+    def from_options(cls, opts: FedMMOptions, total_rounds: int) -> Schedule:
+        embed = opts.embedding_rounds if opts.embedding == "fedctr" else 1
+        if total_rounds <= embed + opts.rqvae_rounds:
+            raise ConfigError(
+                f"train.rounds={total_rounds} leaves no CTR round after {embed} embedding round(s) and "
+                f"method.options.rqvae_rounds={opts.rqvae_rounds}; set train.rounds > {embed + opts.rqvae_rounds}"
+            )
+        return cls(embed, opts.rqvae_rounds, total_rounds)
+
+    def phase(self, server_round: int) -> tuple[str, int]:
+        """(phase, 0-based round inside the phase) of a 1-based server round."""
+        if server_round <= self.embed_rounds:
+            return "embed", server_round - 1
+        if server_round <= self.embed_rounds + self.rqvae_rounds:
+            return "rqvae", server_round - self.embed_rounds - 1
+        return "ctr", server_round - self.embed_rounds - self.rqvae_rounds - 1
+
+
+def _with_prefix(payload: Payload, prefix: str) -> Payload:
+    return {f"{prefix}{k}": v for k, v in payload.items()}
+
+
+def _strip_prefix(payload: Payload | None, prefix: str) -> Payload:
+    return {k[len(prefix) :]: v for k, v in (payload or {}).items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- step 1: item inputs
+ITEM_STAT_NAMES = ("popularity", "rating_mean", "rating_std", "last_seen", "first_seen", "audience_activity")
+
+
+def item_statistics(split: MarketSplit) -> np.ndarray:
+    """Market-comparable item statistics from train interactions only, ``[num_items, 6]``, each column
+    standardised within the market: percentile of log popularity, rating mean and spread, the time of the
+    item's last and first interaction as a fraction of the market's time range, and the mean activity
+    percentile of the item's audience. They mean the same in every market (no raw key is involved)."""
+    m = split.market
+    items, users, times = split.train_items, split.train_users, split.train_timestamps
+    num_items = m.num_items
+    counts = np.bincount(items, minlength=num_items).astype(np.float64)
+    frame = pd.DataFrame({"item": items, "user": users, "t": times.astype(np.float64)})
+    if split.train_ratings is not None:
+        frame["r"] = split.train_ratings
+    cols = [pd.Series(np.log1p(counts)).rank(pct=True).to_numpy()]
+    if "r" in frame:
+        grouped = frame.groupby("item")["r"]
+        mean = grouped.mean().reindex(range(num_items)).fillna(frame["r"].mean()).to_numpy()
+        std = grouped.std().reindex(range(num_items)).fillna(0.0).to_numpy()
+        cols += [(mean - 3.0) / 2.0, std / 2.0]
+    else:  # no ratings in this market (e.g. es): neutral constants
+        cols += [np.zeros(num_items), np.zeros(num_items)]
+    t0, t1 = frame["t"].min(), frame["t"].max()
+    span = max(t1 - t0, 1.0)
+    by_item_t = frame.groupby("item")["t"]
+    cols.append(((by_item_t.max().reindex(range(num_items)).fillna(t0) - t0) / span).to_numpy())
+    cols.append(((by_item_t.min().reindex(range(num_items)).fillna(t0) - t0) / span).to_numpy())
+    user_pct = pd.Series(np.bincount(users, minlength=m.num_users)).rank(pct=True).to_numpy()
+    frame["activity"] = user_pct[users]
+    cols.append(frame.groupby("item")["activity"].mean().reindex(range(num_items)).fillna(0.0).to_numpy())
+    stats = np.stack(cols, axis=1)
+    return ((stats - stats.mean(0)) / np.maximum(stats.std(0), 1e-6)).astype(np.float32)
+
+
+def rqvae_input(embeddings: np.ndarray | None, stats: np.ndarray | None, stats_weight: float) -> np.ndarray:
+    """What the RQ-VAE quantizes: standardised embeddings, statistics beside them (scaled), or either alone."""
+    parts = []
+    if embeddings is not None:
+        parts.append((embeddings - embeddings.mean(0)) / np.maximum(embeddings.std(0), 1e-6))
+    if stats is not None:
+        parts.append(stats_weight * stats)
+    return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- the client
+class FedMMClient(ClientTrainer):
+    """One market's FedMM trainer: collaborative embeddings → dual-codebook RQ-VAE → CTR with codes."""
+
+    def __init__(self, split: MarketSplit, opts: FedMMOptions, schedule: Schedule, ctr_kwargs: dict, use_side: bool):
+        self.market = split.name
+        self.split = split
+        self.opts = opts
+        self.schedule = schedule
+        self.seed = int(ctr_kwargs.get("seed", 0))
+        self.upload_keys = upload_declaration(opts)
+        num_items = split.market.num_items
+        zeros = np.zeros(num_items, dtype=np.int64)
+        codes = {"c1": (zeros, opts.global_codes), "c2": (zeros, opts.local_codes)}
+        ctr_declaration = UploadDeclaration(tuple(_strip_prefix({k: 0 for k in self.upload_keys.patterns}, "ctr.")))
+        self.ctr = CTRClient(self.market, CTRData.from_split(split, use_side, codes), ctr_declaration, **ctr_kwargs)
+        self.code_columns = (self.ctr.data.item_x.shape[1] - 2, self.ctr.data.item_x.shape[1] - 1)
+        self.embed_ctr: CTRClient | None = None
+        if opts.embedding == "fedctr":
+            embed_declaration = UploadDeclaration(CTR_DENSE)
+            self.embed_ctr = CTRClient(self.market, CTRData.from_split(split, use_side), embed_declaration, **ctr_kwargs)
+        emb_dim = 0 if opts.item_stats == "only" else (
+            self.embed_ctr.model.embed_dim if self.embed_ctr is not None else opts.embedding_dim
+        )
+        input_dim = emb_dim + (len(ITEM_STAT_NAMES) if opts.item_stats != "none" else 0)
+        # same seed in every market: a federated encoder/decoder starts identical everywhere
+        torch.manual_seed(int(market_seed(self.seed, "__rqvae__").generate_state(1)[0]))
+        self.rqvae = DualCodebookRQVAE(
+            input_dim, opts.latent_dim, tuple(opts.rqvae_hidden), opts.global_codes, opts.local_codes, opts.beta
+        )
+        self.item_embeddings: np.ndarray | None = None
+        self.item_input: torch.Tensor | None = None
+        self.codes: tuple[np.ndarray, np.ndarray] | None = None
+        self.phase = "embed"
+        self.recon = float("nan")
+
+    # ---------------------------------------------------------------- federation plumbing
+    def initial_payload(self) -> Payload:
+        payload: Payload = _with_prefix(self.ctr.initial_payload(), "ctr.")
+        if self.embed_ctr is not None:
+            payload.update(_with_prefix(self.embed_ctr.initial_payload(), "embed."))
+        payload.update(self._rqvae_upload(np.zeros(self.opts.global_codes), np.zeros(self.opts.local_codes)))
+        # a codebook with zero usage means "not initialised yet": each market starts from local k-means
+        return {k: v for k, v in payload.items() if self.upload_keys.allows(k)}
+
+    def _rqvae_upload(self, usage_g: np.ndarray, usage_l: np.ndarray) -> Payload:
+        state = {f"rqvae.{k}": v.detach().cpu().numpy().copy() for k, v in self.rqvae.state_dict().items()}
+        state[GLOBAL_USAGE] = usage_g.astype(np.float32)
+        state[LOCAL_USAGE] = usage_l.astype(np.float32)
+        return {k: v for k, v in state.items() if self.upload_keys.allows(k)}
+
+    def _load_rqvae(self, payload: Payload) -> tuple[bool, bool]:
+        """Load a downloaded codebook / autoencoder. Returns whether G and L came initialised."""
+        with torch.no_grad():
+            for key, value in payload.items():
+                if key.startswith(("rqvae.encoder.", "rqvae.decoder.")):
+                    self.rqvae.state_dict()[key[len("rqvae.") :]].copy_(torch.as_tensor(value))
+            got = []
+            for book_key, usage_key, param in (
+                (GLOBAL_CODEBOOK, GLOBAL_USAGE, self.rqvae.global_codebook),
+                (LOCAL_CODEBOOK, LOCAL_USAGE, self.rqvae.local_codebook),
+            ):
+                ok = book_key in payload and float(np.asarray(payload.get(usage_key, 0)).sum()) > 0
+                if ok:
+                    book = torch.as_tensor(np.asarray(payload[book_key]), dtype=param.dtype)
+                    if book.shape != param.shape:
+                        raise PayloadError(
+                            f"market {self.market!r}: downloaded {book_key} has shape {tuple(book.shape)}, "
+                            f"this market's codebook is {tuple(param.shape)}"
+                        )
+                    param.copy_(book)
+                got.append(ok)
+        return got[0], got[1]
+
+    # ---------------------------------------------------------------- one round
+    def fit(self, payload: Payload, config: RoundConfig) -> Update:
+        phase, step = self.schedule.phase(config.round)
+        self.phase = phase
+        if phase == "embed":
+            return self.fit_embeddings(payload, config)
+        if phase == "rqvae":
+            return self.fit_rqvae(payload, config, step)
+        return self.fit_ctr(payload, config)
+
+    def fit_embeddings(self, payload: Payload, config: RoundConfig) -> Update:
+        """Step 1: collaborative item embeddings, trained on this market's train interactions only."""
+        split = self.split
+        if self.embed_ctr is None:
+            _, self.item_embeddings = train_collaborative_embeddings(
+                self.opts.embedding,
+                split.train_users,
+                split.train_items,
+                split.market.num_users,
+                split.market.num_items,
+                dim=self.opts.embedding_dim,
+                epochs=self.opts.embedding_epochs,
+                seed=int(market_seed(config.seed, self.market, 7).generate_state(1)[0]),
+            )
+            return Update({}, len(split.train_users), {})
+        update = self.embed_ctr.fit(_strip_prefix(payload, "embed."), config)
+        self.item_embeddings = self.embed_ctr.model.features.embedding["item"].weight.detach().numpy().copy()
+        return Update(_with_prefix(update.payload, "embed."), update.num_examples, update.metrics)
+
+    def _build_item_input(self) -> torch.Tensor:
+        stats = item_statistics(self.split) if self.opts.item_stats != "none" else None
+        emb = None if self.opts.item_stats == "only" else self.item_embeddings
+        if emb is None and stats is None:
+            raise RuntimeError("FedMM: the RQ-VAE phase started before the embedding phase")
+        return torch.from_numpy(rqvae_input(emb, stats, self.opts.stats_weight))
+
+    def fit_rqvae(self, payload: Payload, config: RoundConfig, step: int) -> Update:
+        """Steps 2-3: train the RQ-VAE locally on the downloaded G; upload (G, usage) (eq. in the docstring)."""
+        seed = int(market_seed(config.seed, self.market, config.round).generate_state(1)[0])
+        have_global, have_local = self._load_rqvae(payload)
+        if self.item_input is None:
+            self.item_input = self._build_item_input()
+            self.rqvae.init_codebooks(self.item_input, seed, init_global=not have_global)
+        x = self.item_input
+        gen = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.Adam(self.rqvae.parameters(), lr=self.opts.rqvae_lr)
+        self.rqvae.train()
+        recon = []
+        for _ in range(self.opts.rqvae_epochs * config.local_epochs):
+            perm = torch.randperm(len(x), generator=gen)
+            for s in range(0, len(x), self.opts.rqvae_batch_size):
+                out = self.rqvae(x[perm[s : s + self.opts.rqvae_batch_size]])
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                optimizer.step()
+                recon.append(float(out["recon"]))
+        _, c1, c2 = self.rqvae.encode(x)
+        usage_g = code_usage(c1.numpy(), self.opts.global_codes)
+        usage_l = code_usage(c2.numpy(), self.opts.local_codes)
+        # dead-code re-seeding: levels this market owns alone; dead *global* codes are re-seeded by the server
+        if self.opts.codebook != "global_only":
+            self.rqvae.reseed_dead_codes(x, seed, "local")
+        if self.opts.codebook == "local":
+            self.rqvae.reseed_dead_codes(x, seed + 1, "global")
+        self.recon = float(np.mean(recon)) if recon else float("nan")
+        metrics = {"recon": self.recon, **code_statistics(c1.numpy(), c2.numpy(), self.opts.global_codes, self.opts.local_codes)}
+        return Update(self._rqvae_upload(usage_g, usage_l), len(x), metrics)
+
+    def assign_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Step 4: (c1, c2) for every item of the market, written into the CTR model's item fields."""
+        _, c1, c2 = self.rqvae.encode(self.item_input)
+        self.codes = (c1.numpy().astype(np.int64), c2.numpy().astype(np.int64))
+        self._write_codes()
+        return self.codes
+
+    def _write_codes(self) -> None:
+        assert self.codes is not None
+        self.ctr.data.item_x[:, self.code_columns[0]] = torch.from_numpy(self.codes[0])
+        self.ctr.data.item_x[:, self.code_columns[1]] = torch.from_numpy(self.codes[1])
+
+    def fit_ctr(self, payload: Payload, config: RoundConfig) -> Update:
+        """Step 4: CTR with the codes as categorical fields; upload the declared CTR parameters (FedAvg)."""
+        if self.codes is None:
+            if self.item_input is None:
+                raise RuntimeError("FedMM: the CTR phase started before the RQ-VAE phase")
+            self._load_rqvae(payload)  # the first CTR round brings the final merged G
+            self.assign_codes()
+        update = self.ctr.fit(_strip_prefix(payload, "ctr."), config)
+        return Update(_with_prefix(update.payload, "ctr."), update.num_examples, update.metrics)
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
+        """CTR phase: AUC, LogLoss, gAUC, ranking metrics. Earlier phases: code diagnostics only (no ``auc``
+        key, so the runtime never selects a pre-CTR round as the best one)."""
+        if self.phase == "ctr" and self.codes is not None:
+            return self.ctr.evaluate(_strip_prefix(payload, "ctr."), split, full_ranking)
+        if self.phase == "rqvae" and self.item_input is not None:
+            self._load_rqvae(payload or {})
+            _, c1, c2 = self.rqvae.encode(self.item_input)
+            stats = code_statistics(c1.numpy(), c2.numpy(), self.opts.global_codes, self.opts.local_codes)
+            return {self.market: {"recon": self.recon, **stats}}
+        return {self.market: {}}
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "phase": self.phase,
+            "ctr": self.ctr.state_dict(),
+            "embed_ctr": self.embed_ctr.state_dict() if self.embed_ctr is not None else None,
+            "rqvae": self.rqvae.state_dict(),
+            "item_embeddings": self.item_embeddings,
+            "item_input": self.item_input,
+            "codes": self.codes,
+            "recon": self.recon,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.phase = state["phase"]
+        self.ctr.load_state_dict(state["ctr"])
+        if self.embed_ctr is not None and state["embed_ctr"] is not None:
+            self.embed_ctr.load_state_dict(state["embed_ctr"])
+        self.rqvae.load_state_dict(state["rqvae"])
+        self.item_embeddings = state["item_embeddings"]
+        self.item_input = state["item_input"]
+        self.codes = state["codes"]
+        self.recon = state["recon"]
+        if self.codes is not None:
+            self._write_codes()
+
+
+# ----------------------------------------------------------------------------- the server
+def merge_codebooks(
+    uploads: dict[str, tuple[np.ndarray, np.ndarray]],
+    previous: np.ndarray | None,
+    *,
+    init: str = "kmeans",
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3, server side. ``uploads``: market → (codebook ``[K, d]``, usage ``[K]``).
+
+    - If no market's codebook has been merged yet (``previous`` is None), codes of different markets do not
+      correspond: with ``init="kmeans"`` the server clusters all uploaded codes into K global codes by
+      usage-weighted k-means (merging local k-means centroids weighted by counts); with ``"first"`` it takes
+      the largest market's codebook.
+    - Otherwise code by code, weighted by usage: G_k = Σ_m n_mk G_mk / Σ_m n_mk; a code no market used keeps
+      its previous value.
+    - Codes dead everywhere are re-seeded by splitting the most used codes (a small perturbation of them).
+
+    Raises `PayloadError` on mismatched shapes or non-finite values, naming the market.
+    """
+    if not uploads:
+        raise PayloadError("no codebook uploads to merge")
+    first_market = next(iter(uploads))
+    shape = np.shape(uploads[first_market][0])
+    for market, (book, usage) in uploads.items():
+        book, usage = np.asarray(book), np.asarray(usage)
+        if book.ndim != 2 or book.shape != shape:
+            raise PayloadError(
+                f"market {market!r} uploaded a codebook of shape {book.shape}, market {first_market!r} {shape}: "
+                "every market must use the same global_codes and latent_dim"
+            )
+        if usage.shape != (shape[0],):
+            raise PayloadError(f"market {market!r}: usage has shape {usage.shape}, expected ({shape[0]},)")
+        if not (np.isfinite(book).all() and np.isfinite(usage).all()) or (usage < 0).any():
+            raise PayloadError(f"market {market!r}: codebook or usage holds NaN/Inf or negative counts")
+    books = np.stack([np.asarray(b, dtype=np.float64) for b, _ in uploads.values()])  # [M, K, d]
+    usages = np.stack([np.asarray(u, dtype=np.float64) for _, u in uploads.values()])  # [M, K]
+    k = shape[0]
+    if previous is None:
+        if init == "first":
+            merged = books[int(np.argmax(usages.sum(1)))].copy()
+        else:
+            points = torch.from_numpy(books.reshape(-1, shape[1])).float()
+            weights = torch.from_numpy(usages.reshape(-1)).float()
+            merged = kmeans(points, k, weights=weights, seed=seed)[0].double().numpy()
+        # usage of the merged codes: each uploaded code's count goes to its nearest merged code
+        nearest = torch.cdist(torch.from_numpy(books.reshape(-1, shape[1])), torch.from_numpy(merged)).argmin(1)
+        total = np.bincount(nearest.numpy(), weights=usages.reshape(-1), minlength=k)
+    else:
+        total = usages.sum(0)
+        merged = np.asarray(previous, dtype=np.float64).copy()
+        used = total > 0
+        merged[used] = (usages[:, used, None] * books[:, used]).sum(0) / total[used, None]
+    dead = np.flatnonzero(total <= 0)
+    if len(dead) and (total > 0).any():
+        rng = np.random.default_rng(seed)
+        donors = np.argsort(-total)[: len(dead)]
+        donors = np.resize(donors, len(dead))
+        scale = 0.01 * merged.std()
+        merged[dead] = merged[donors] + scale * rng.standard_normal((len(dead), shape[1]))
+    return merged.astype(np.float32), total.astype(np.float32)
+
+
+class FedMMStrategy(Strategy):
+    """Phase-switching server: FedAvg for the embedding CTR model, usage-weighted codebook merging during
+    the RQ-VAE rounds, FedAvg for the declared CTR parameters."""
+
+    def __init__(self, opts: FedMMOptions, schedule: Schedule, seed: int = 0) -> None:
+        self.opts = opts
+        self.schedule = schedule
+        self.seed = seed
+        self.state: dict[str, Payload] = {"embed": {}, "rqvae": {}, "ctr": {}}
+        self.merged_once = {"global": False, "local": False}
+
+    def initialize(self, initial: Payload) -> None:
+        for phase in self.state:
+            self.state[phase] = {k: np.array(v, copy=True) for k, v in initial.items() if k.startswith(f"{phase}.")}
+
+    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        phase, step = self.schedule.phase(server_round)
+        payload = self.state[phase]
+        if phase == "ctr" and step == 0:
+            # the first CTR round also brings the final merged codebook, so codes use the global G
+            payload = {**self.state["rqvae"], **payload}
+        return {m: payload for m in markets}
+
+    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        phase, _ = self.schedule.phase(server_round)
+        return {m: self.state[phase] for m in markets}
+
+    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        phase, _ = self.schedule.phase(server_round)
+        updates = {m: u for m, u in updates.items() if u.payload}
+        if not updates:
+            return
+        payloads = [u.payload for u in updates.values()]
+        weights = [u.num_examples for u in updates.values()]
+        if phase != "rqvae":
+            self.state[phase] = weighted_mean(payloads, weights)
+            return
+        merged: Payload = {}
+        autoencoder = [{k: v for k, v in p.items() if k.startswith(("rqvae.encoder.", "rqvae.decoder."))} for p in payloads]
+        if autoencoder[0]:
+            merged.update(weighted_mean(autoencoder, weights))
+        for level, book_key, usage_key in (("global", GLOBAL_CODEBOOK, GLOBAL_USAGE), ("local", LOCAL_CODEBOOK, LOCAL_USAGE)):
+            if book_key not in payloads[0]:
+                continue
+            missing = [m for m, u in updates.items() if book_key not in u.payload]
+            if missing:
+                raise PayloadError(f"markets {missing} did not upload {book_key}")
+            previous = self.state["rqvae"].get(book_key) if self.merged_once[level] else None
+            merged[book_key], merged[usage_key] = merge_codebooks(
+                {m: (u.payload[book_key], u.payload[usage_key]) for m, u in updates.items()},
+                previous,
+                init=self.opts.server_init,
+                seed=int(market_seed(self.seed, "__server__", server_round).generate_state(1)[0]),
+            )
+            self.merged_once[level] = True
+        self.state["rqvae"] = merged
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "merged_once": dict(self.merged_once)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = {k: dict(v) for k, v in state["state"].items()}
+        self.merged_once = dict(state["merged_once"])
+
+
+# ----------------------------------------------------------------------------- build + register
+def build_fedmm(cfg, opts: FedMMOptions, splits: dict[str, MarketSplit], seed: int):
+    schedule = Schedule.from_options(opts, cfg.train.rounds)
+    kwargs = ctr_client_kwargs(cfg, seed)
+    trainers = {
+        name: FedMMClient(split, opts, schedule, kwargs, cfg.model.use_side_features) for name, split in splits.items()
+    }
+    return trainers, FedMMStrategy(opts, schedule, seed)
+
+
+register(
+    Method(
+        "fedmm",
+        FEDMM_UPLOAD,
+        build_fedmm,
+        FedMMOptions,
+        summary="FedMM: federated level-1 RQ-VAE codebook, codes into the CTR model",
+    )
+)
+
+
+# ----------------------------------------------------------------------------- analysis only
+def code_alignment(codes: dict[str, np.ndarray], raw_keys: dict[str, np.ndarray]) -> dict[str, Any]:
+    """ANALYSIS ONLY (METHODS.md step 6; reads raw item keys, so no federated step may call it).
+
+    For every pair of markets, over the items sharing a raw key (ASIN): the share that received the same
+    level-1 code, against the share expected by chance if codes were independent, Σ_k p_a(k) p_b(k), with
+    p_a, p_b the code-usage distributions of the shared items on each side. Pooled over pairs by counts."""
+    pairs: dict[str, dict[str, float]] = {}
+    same_total = chance_total = n_total = 0.0
+    names = list(codes)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            common, ia, ib = np.intersect1d(raw_keys[a].astype(str), raw_keys[b].astype(str), return_indices=True)
+            if len(common) == 0:
+                continue
+            ca, cb = codes[a][ia], codes[b][ib]
+            k = int(max(ca.max(), cb.max())) + 1
+            pa, pb = np.bincount(ca, minlength=k) / len(ca), np.bincount(cb, minlength=k) / len(cb)
+            same, chance = float((ca == cb).mean()), float((pa * pb).sum())
+            pairs[f"{a}-{b}"] = {"shared_items": len(common), "same_code": same, "chance": chance}
+            same_total += same * len(common)
+            chance_total += chance * len(common)
+            n_total += len(common)
+    same = same_total / max(n_total, 1)
+    chance = chance_total / max(n_total, 1)
+    return {
+        "same_code": same,
+        "chance": chance,
+        "lift": same / chance if chance > 0 else float("nan"),
+        "shared_pairs": int(n_total),
+        "pairs": pairs,
+    }
+
+
+def alignment_from_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
+    """ANALYSIS ONLY: level-1 code alignment of every seed of a FedMM run folder, from the codes stored in
+    its round checkpoints, written to ``alignment.json`` in the run folder."""
+    from fedmarket.api import load_run_config, prepare_data
+
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    data = prepare_data(cfg)
+    raw = {n: s.market.item_ids for n, s in data.splits.items()}
+    out: dict[str, Any] = {"note": "analysis only: uses raw item keys (ASIN), never part of training", "seeds": {}}
+    for ckpt in sorted((run_dir / "checkpoints").glob("seed*.pt")):
+        state = torch.load(ckpt, weights_only=False)
+        codes = {m: s["codes"][0] for m, s in state["trainers"].items() if s.get("codes") is not None}
+        if codes:
+            out["seeds"][ckpt.stem] = code_alignment(codes, {m: raw[m] for m in codes})
+    seeds = list(out["seeds"].values())
+    if seeds:
+        out["same_code"] = float(np.mean([s["same_code"] for s in seeds]))
+        out["chance"] = float(np.mean([s["chance"] for s in seeds]))
+        out["lift"] = out["same_code"] / out["chance"] if out["chance"] > 0 else float("nan")
+    if write:
+        (run_dir / "alignment.json").write_text(json.dumps(out, indent=2))
+    return out

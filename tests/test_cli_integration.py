@@ -1,0 +1,106 @@
+"""End to end through the CLI on real XMarket slices (2 markets, 2 rounds)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmarket.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(tmp_path: Path, data_dir: Path, method: str, **extra) -> Path:
+    cfg = {
+        "name": f"it_{method}",
+        "dataset": {"name": "xmrec", "markets": ["in", "jp"], "data_dir": str(data_dir)},
+        "method": {"name": method},
+        "train": {"rounds": 2, "batch_size": 512},
+        "output_dir": str(tmp_path / "runs"),
+        "progress": False,
+        **extra,
+    }
+    path = tmp_path / f"{method}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def only_run(tmp_path: Path, name: str) -> Path:
+    (run,) = [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(name)]
+    return run
+
+
+def test_run_writes_the_documented_run_folder(tmp_path, data_dir, capsys):
+    assert main(["run", str(write_config(tmp_path, data_dir, "fedavg"))]) == 0
+    run = only_run(tmp_path, "it_fedavg")
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("method", "dataset", "per_market", "average", "communication", "seeds"):
+        assert key in metrics
+    assert set(metrics["per_market"]) == {"in", "jp"}
+    for m in ("auc", "logloss", "gauc", "hr@10", "ndcg@10", "mrr@10", "full_ndcg@10"):
+        assert m in metrics["per_market"]["in"]
+    assert 0.5 < metrics["average"]["auc"] < 1
+    assert metrics["communication"]["in"]["up_bytes"] > 0
+    for name in ("config.yaml", "rounds.csv", "uploads.csv", "report.md", "checkpoints/seed0.pt"):
+        assert (run / name).exists(), name
+    assert list(run.glob("*.png"))
+    assert "run folder" in capsys.readouterr().out
+
+
+def test_resume_of_a_killed_run_gives_the_uninterrupted_numbers(tmp_path, data_dir, monkeypatch):
+    from fedmarket.federation.runtime import Simulator
+
+    config = write_config(tmp_path, data_dir, "fedprox", seeds=[0])
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["rounds"] = 3
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(config)]) == 0
+    full = json.loads((only_run(tmp_path, "it_fedprox") / "metrics.json").read_text())
+
+    cfg["name"] = "it_killed"
+    config.write_text(yaml.safe_dump(cfg))
+    original = Simulator.run_round
+
+    def dying(self, server_round):
+        if server_round == 3:
+            raise KeyboardInterrupt
+        original(self, server_round)
+
+    monkeypatch.setattr(Simulator, "run_round", dying)
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", str(config)])
+    killed = only_run(tmp_path, "it_killed")
+    assert not (killed / "metrics.json").exists()
+    monkeypatch.setattr(Simulator, "run_round", original)
+    assert main(["run", "--resume", str(killed)]) == 0
+    resumed = json.loads((killed / "metrics.json").read_text())
+    assert resumed["per_market"] == full["per_market"]
+    assert resumed["communication"] == full["communication"]
+
+
+def test_report_combines_runs(tmp_path, data_dir):
+    for method in ("local", "fedper"):
+        assert main(["run", str(write_config(tmp_path, data_dir, method)), "--set", "eval.full_ranking=false"]) == 0
+    runs = [str(only_run(tmp_path, "it_local")), str(only_run(tmp_path, "it_fedper"))]
+    assert main(["report", *runs, "--out", str(tmp_path / "cmp")]) == 0
+    text = (tmp_path / "cmp" / "report.md").read_text()
+    assert "local-deepfm" in text and "fedper-deepfm" in text
+    assert (tmp_path / "cmp" / "auc_per_market.png").exists()
+
+
+def test_data_info(capsys, data_dir):
+    assert main(["data", "info", "xmrec", "--data-dir", str(data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ca" in out and "4668" in out and "44779" in out
+
+
+def test_errors_are_reported_not_raised(tmp_path, data_dir, capsys):
+    bad = write_config(tmp_path, data_dir, "fedavg")
+    bad.write_text(bad.read_text().replace("rounds: 2", "rounds: -2"))
+    assert main(["run", str(bad)]) == 2
+    assert "train.rounds" in capsys.readouterr().err
+    unknown = write_config(tmp_path, data_dir, "fedavg")
+    unknown.write_text(unknown.read_text().replace("- in", "- xx"))
+    assert main(["run", str(unknown)]) == 2
+    assert "xx" in capsys.readouterr().err

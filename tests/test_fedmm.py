@@ -1,0 +1,205 @@
+"""FedMM: what leaves a market, the phase schedule, codebook merging, bad input, alignment diagnostic."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedmarket.api import prepare_data, run_seed
+from fedmarket.config import config_from_dict
+from fedmarket.errors import ConfigError, PayloadError
+from fedmarket.federation.core import RoundConfig, Update
+from fedmarket.federation.runtime import Simulator
+from fedmarket.methods import get_method
+from fedmarket.methods.fedmm import (
+    FEDMM_UPLOAD,
+    GLOBAL_CODEBOOK,
+    GLOBAL_USAGE,
+    code_alignment,
+    item_statistics,
+    merge_codebooks,
+    upload_declaration,
+)
+
+FAST = {"embedding_epochs": 2, "rqvae_rounds": 2, "rqvae_epochs": 2, "global_codes": 16, "local_codes": 8}
+
+
+def fedmm_cfg(dataset: dict, options: dict | None = None, rounds: int = 4, **extra):
+    return config_from_dict(
+        {
+            "name": "t_fedmm",
+            "dataset": dataset,
+            "method": {"name": "fedmm", "options": {**FAST, **(options or {})}},
+            "train": {"rounds": rounds, "batch_size": 512, "threads": 1},
+            "eval": {"full_ranking": False},
+            "progress": False,
+            **extra,
+        }
+    )
+
+
+def synthetic(**options):
+    base = {"num_markets": 2, "users_per_market": 60, "items_per_market": 40, "interactions_per_user": [5, 8]}
+    return {"name": "synthetic", "options": {**base, **options}}
+
+
+def build(cfg):
+    method = get_method("fedmm")
+    opts = method.parse_options(cfg.method.options)
+    data = prepare_data(cfg)
+    trainers, strategy = method.build(cfg, opts, data.splits, 0)
+    strategy.initialize(next(iter(trainers.values())).initial_payload())
+    return method, opts, data, trainers, strategy
+
+
+VARIANTS = [
+    {},
+    {"embedding": "fedctr", "embedding_rounds": 1, "item_stats": "concat", "federate_autoencoder": True},
+    {"codebook": "global_only", "ctr_federation": "codes_dense"},
+    {"codebook": "local", "ctr_federation": "none"},
+]
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_uploads_hold_only_declared_keys_and_nothing_id_indexed(options, data_dir):
+    cfg = fedmm_cfg({"name": "xmrec", "markets": ["in", "jp"], "data_dir": str(data_dir)}, options, rounds=4)
+    method, opts, data, trainers, strategy = build(cfg)
+    narrow = upload_declaration(opts)
+    rounds = trainers["in"].schedule.embed_rounds + opts.rqvae_rounds + 1
+    for server_round in range(1, rounds + 1):
+        downloads = strategy.configure_train(server_round, list(trainers))
+        updates = {}
+        for name, trainer in trainers.items():
+            update = trainer.fit(downloads[name], RoundConfig(server_round, 1, 0))
+            method.declaration.check(update.payload, name)  # the method's one declaration
+            narrow.check(update.payload, name)  # and only what this configuration sends
+            ids = {data.markets[name].num_users, data.markets[name].num_items}
+            for key, value in update.payload.items():
+                assert "embedding.item" not in key and "embedding.user" not in key, key
+                assert not (set(np.shape(value)) & ids), f"{key} {np.shape(value)} has an ID-sized dimension"
+            updates[name] = update
+        strategy.aggregate_train(server_round, updates)
+    phase_keys = {k for u in updates.values() for k in u.payload}
+    if opts.codebook == "local":
+        assert not any(k.startswith("rqvae.") for k in narrow.patterns)
+    else:
+        assert GLOBAL_CODEBOOK in narrow.patterns and GLOBAL_USAGE in narrow.patterns
+    if opts.ctr_federation == "c1_dense":
+        assert "ctr.features.embedding.c1.weight" in phase_keys
+        assert "ctr.features.embedding.c2.weight" not in phase_keys
+
+
+def test_every_declared_pattern_is_in_the_method_declaration():
+    for options in VARIANTS:
+        opts = get_method("fedmm").parse_options({**FAST, **options})
+        for pattern in upload_declaration(opts).patterns:
+            assert pattern in FEDMM_UPLOAD.patterns
+
+
+def test_end_to_end_selects_a_ctr_round_and_stores_codes(tmp_path):
+    cfg = fedmm_cfg(synthetic(), rounds=5)
+    data = prepare_data(cfg)
+    result = run_seed(cfg, 0, data, tmp_path / "ckpt.pt", resume=False)
+    first_ctr = 1 + FAST["rqvae_rounds"] + 1
+    pre = [h for h in result.history if h["round"] < first_ctr]
+    assert pre and all("auc" not in h for h in pre)
+    assert any("perplexity_g" in h and "collision_rate" in h for h in pre)
+    assert all(r >= first_ctr for r in result.selected_round.values())
+    assert all(0 <= m["auc"] <= 1 for m in result.test.values())
+    assert not result.failures
+    # upload per market per RQ-VAE round is the codebook + usage, a few KB
+    rq = [u for u in result.uploads if 1 < u["round"] < first_ctr]
+    assert rq and all(set(u["keys"]) == {GLOBAL_CODEBOOK, GLOBAL_USAGE} for u in rq)
+    assert all(u["bytes"] == 16 * 32 * 4 + 16 * 4 for u in rq)
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    for trainer_state in state["trainers"].values():
+        c1, c2 = trainer_state["codes"]
+        assert c1.max() < 16 and c2.max() < 8
+
+
+def test_market_smaller_than_codebook_falls_back_to_unused_codes():
+    cfg = fedmm_cfg(synthetic(items_per_market=30), {"global_codes": 64, "local_codes": 64}, rounds=4)
+    data = prepare_data(cfg)
+    result = run_seed(cfg, 0, data, None, resume=False)
+    assert not result.failures
+    assert all(np.isfinite(m["auc"]) for m in result.test.values())
+
+
+def test_merge_codebooks_code_by_code_weighted_by_usage():
+    prev = np.zeros((3, 2), dtype=np.float32)
+    a = (np.array([[1, 1], [2, 2], [9, 9]], dtype=np.float32), np.array([1, 3, 0], dtype=np.float32))
+    b = (np.array([[3, 3], [4, 4], [7, 7]], dtype=np.float32), np.array([1, 1, 0], dtype=np.float32))
+    merged, usage = merge_codebooks({"a": a, "b": b}, prev)
+    np.testing.assert_allclose(merged[0], [2, 2])
+    np.testing.assert_allclose(merged[1], [2.5, 2.5])
+    np.testing.assert_allclose(usage, [2, 4, 0])
+    # code 2 is dead everywhere: re-seeded near a used code, not left at the unused uploads
+    assert np.abs(merged[2] - merged[1]).max() < 0.5
+
+
+def test_first_merge_clusters_uncorresponding_codes():
+    a = (np.array([[0, 0], [10, 10]], dtype=np.float32), np.array([5, 5], dtype=np.float32))
+    b = (np.array([[10.2, 10], [0.2, 0]], dtype=np.float32), np.array([5, 5], dtype=np.float32))  # order swapped
+    merged, usage = merge_codebooks({"a": a, "b": b}, None)
+    assert sorted(np.round(merged[:, 0]).tolist()) == [0.0, 10.0]
+    np.testing.assert_allclose(usage, [10, 10])
+
+
+def test_merge_rejects_mismatched_shapes_and_nan():
+    good = (np.zeros((4, 2), np.float32), np.ones(4, np.float32))
+    with pytest.raises(PayloadError, match="'b'.*shape"):
+        merge_codebooks({"a": good, "b": (np.zeros((5, 2), np.float32), np.ones(5, np.float32))}, None)
+    bad = np.zeros((4, 2), np.float32)
+    bad[1, 0] = np.nan
+    with pytest.raises(PayloadError, match="'b'.*NaN"):
+        merge_codebooks({"a": good, "b": (bad, np.ones(4, np.float32))}, None)
+
+
+def test_runtime_drops_a_market_uploading_a_wrong_codebook():
+    cfg = fedmm_cfg(synthetic(num_markets=3), rounds=4)
+    method, opts, data, trainers, strategy = build(cfg)
+    broken = trainers["m1"] if "m1" in trainers else list(trainers.values())[1]
+    original = broken.fit_rqvae
+
+    def wrong_shape(payload, config, step):
+        update = original(payload, config, step)
+        update.payload[GLOBAL_CODEBOOK] = np.zeros((17, 32), np.float32)
+        return Update(update.payload, update.num_examples, update.metrics)
+
+    broken.fit_rqvae = wrong_shape
+    sim = Simulator(trainers, strategy, method.declaration, rounds=4, seed=0, full_ranking=False, progress=False)
+    result = sim.run()
+    failed = {(f["market"], f["round"]) for f in result.failures}
+    assert (broken.market, 2) in failed and (broken.market, 3) in failed
+    assert all("shape" in f["error"] for f in result.failures)
+    assert len(result.test) == 3  # the others went on; the broken market still evaluates its own model
+
+
+def test_bad_options_and_schedule_are_config_errors():
+    with pytest.raises(ConfigError, match="codebook"):
+        get_method("fedmm").parse_options({"codebook": "shared"})
+    with pytest.raises(ConfigError, match="codes_dense needs codebook=global_only"):
+        get_method("fedmm").parse_options({"ctr_federation": "codes_dense"})
+    cfg = fedmm_cfg(synthetic(), rounds=3)  # 1 embed + 2 RQ-VAE leaves no CTR round
+    with pytest.raises(ConfigError, match="train.rounds"):
+        build(cfg)
+
+
+def test_item_statistics_are_standardised_and_finite():
+    cfg = fedmm_cfg(synthetic())
+    split = next(iter(prepare_data(cfg).splits.values()))
+    stats = item_statistics(split)
+    assert stats.shape == (split.market.num_items, 6)
+    assert np.isfinite(stats).all()
+
+
+def test_code_alignment_against_chance():
+    rng = np.random.default_rng(0)
+    keys = np.array([f"asin{i}" for i in range(400)], dtype=object)
+    codes = rng.integers(0, 8, 400)
+    aligned = code_alignment({"a": codes, "b": codes.copy()}, {"a": keys, "b": keys})
+    assert aligned["same_code"] == 1.0 and aligned["chance"] < 0.2
+    shuffled = code_alignment({"a": codes, "b": rng.permutation(codes)}, {"a": keys, "b": keys})
+    assert abs(shuffled["same_code"] - shuffled["chance"]) < 0.05
+    # only shared keys count
+    other = np.array([f"x{i}" for i in range(400)], dtype=object)
+    assert code_alignment({"a": codes, "b": codes}, {"a": keys, "b": other})["shared_pairs"] == 0
