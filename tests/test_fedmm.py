@@ -30,7 +30,7 @@ def fedmm_cfg(dataset: dict, options: dict | None = None, rounds: int = 4, **ext
             "dataset": dataset,
             "method": {"name": "fedmm", "options": {**FAST, **(options or {})}},
             "train": {"rounds": rounds, "batch_size": 512, "threads": 1},
-            "eval": {"full_ranking": False},
+            "eval": {"full_ranking": False, "candidates": 20},
             "progress": False,
             **extra,
         }
@@ -38,7 +38,7 @@ def fedmm_cfg(dataset: dict, options: dict | None = None, rounds: int = 4, **ext
 
 
 def synthetic(**options):
-    base = {"num_markets": 2, "users_per_market": 60, "items_per_market": 40, "interactions_per_user": [5, 8]}
+    base = {"num_markets": 2, "users_per_market": 60, "items_per_market": 60, "interactions_per_user": [5, 8]}
     return {"name": "synthetic", "options": {**base, **options}}
 
 
@@ -59,12 +59,10 @@ VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("options", VARIANTS)
-def test_uploads_hold_only_declared_keys_and_nothing_id_indexed(options, data_dir):
-    cfg = fedmm_cfg({"name": "xmrec", "markets": ["in", "jp"], "data_dir": str(data_dir)}, options, rounds=4)
+def check_uploads(cfg):
     method, opts, data, trainers, strategy = build(cfg)
     narrow = upload_declaration(opts)
-    rounds = trainers["in"].schedule.embed_rounds + opts.rqvae_rounds + 1
+    rounds = next(iter(trainers.values())).schedule.embed_rounds + opts.rqvae_rounds + 1
     for server_round in range(1, rounds + 1):
         downloads = strategy.configure_train(server_round, list(trainers))
         updates = {}
@@ -86,6 +84,16 @@ def test_uploads_hold_only_declared_keys_and_nothing_id_indexed(options, data_di
     if opts.ctr_federation == "c1_dense":
         assert "ctr.features.embedding.c1.weight" in phase_keys
         assert "ctr.features.embedding.c2.weight" not in phase_keys
+
+
+def test_real_uploads_hold_only_declared_keys_and_nothing_id_indexed(data_dir):
+    check_uploads(fedmm_cfg({"name": "xmrec", "markets": ["in", "jp"], "data_dir": str(data_dir)}, rounds=4))
+
+
+@pytest.mark.parametrize("options", VARIANTS)
+def test_uploads_of_each_variant_hold_only_declared_keys(options):
+    # synthetic items_per_market=60 / users 60: no tensor may have a dimension of 60
+    check_uploads(fedmm_cfg(synthetic(), {**options, "global_codes": 16}, rounds=4))
 
 
 def test_every_declared_pattern_is_in_the_method_declaration():

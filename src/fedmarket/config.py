@@ -65,7 +65,7 @@ class TrainConfig:
     negatives: int = 4
     client_fraction: float = 1.0
     min_markets: int = 1
-    threads: int = 2
+    threads: int = 1  # small models and batches: a second intra-op thread costs more than it gives here
 
     def validate(self, prefix: str) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
