@@ -29,7 +29,9 @@ from fedmarket.methods.ctr_trainer import CTRClient, CTRData
 def hand_written_epoch(model, opt, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
     model.train()
     for s in range(0, len(x), batch_size):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[s : s + batch_size]), y[s : s + batch_size])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            model(x[s : s + batch_size]), y[s : s + batch_size]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,13 +79,19 @@ def main() -> None:
     # full-catalog ranking of every test user
     for name, mk in markets.items():
         sp = split if name == args.market else leave_one_out(mk)
-        c = client if name == args.market else CTRClient(name, CTRData.from_split(sp), DENSE_UPLOAD, **ctr_client_kwargs(cfg, 0))
+        c = (
+            client
+            if name == args.market
+            else CTRClient(name, CTRData.from_split(sp), DENSE_UPLOAD, **ctr_client_kwargs(cfg, 0))
+        )
         c.model.eval()
         times = []
         for _ in range(args.repeats):
             t = time.perf_counter()
             full_ranking_metrics(
-                lambda chunk, c=c: c.model.score_matrix(c.data.user_x[torch.from_numpy(chunk)], c.data.item_x),
+                lambda chunk, c=c: c.model.score_matrix(
+                    c.data.user_x[torch.from_numpy(chunk)], c.data.item_x
+                ),
                 sp.test.users,
                 sp.test.positives,
                 sp.seen_for("test"),
@@ -98,7 +106,10 @@ def main() -> None:
         for _ in range(args.repeats):
             t = time.perf_counter()
             full_ranking_metrics(
-                lambda chunk: u_vec[torch.from_numpy(chunk)] @ i_vec.T, sp.test.users, sp.test.positives, sp.seen_for("test")
+                lambda chunk, u_vec=u_vec, i_vec=i_vec: u_vec[torch.from_numpy(chunk)] @ i_vec.T,
+                sp.test.users,
+                sp.test.positives,
+                sp.seen_for("test"),
             )
             times.append(time.perf_counter() - t)
         result[f"full_ranking_seconds_dot_scorer_{name}"] = float(np.median(times))

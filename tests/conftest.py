@@ -11,7 +11,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_dir() -> Path | None:
-    for candidate in (os.environ.get("FEDMARKET_DATA"), REPO.parent / "shared" / "data"):
+    for candidate in (
+        os.environ.get("FEDMARKET_DATA"),
+        REPO.parent / "shared" / "data",
+        Path("/work/shared/data"),
+    ):
         if candidate and Path(candidate, "xmrec-forec").is_dir():
             return Path(candidate)
     return None

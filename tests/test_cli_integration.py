@@ -81,7 +81,10 @@ def test_resume_of_a_killed_run_gives_the_uninterrupted_numbers(tmp_path, data_d
 
 def test_report_combines_runs(tmp_path, data_dir):
     for method in ("local", "fedper"):
-        assert main(["run", str(write_config(tmp_path, data_dir, method)), "--set", "eval.full_ranking=false"]) == 0
+        assert (
+            main(["run", str(write_config(tmp_path, data_dir, method)), "--set", "eval.full_ranking=false"])
+            == 0
+        )
     runs = [str(only_run(tmp_path, "it_local")), str(only_run(tmp_path, "it_fedper"))]
     assert main(["report", *runs, "--out", str(tmp_path / "cmp")]) == 0
     text = (tmp_path / "cmp" / "report.md").read_text()

@@ -51,7 +51,9 @@ def test_fedavg_markets_share_dense_layers_after_a_round(data_dir):
     m = get_method("fedavg")
     trainers, strategy = m.build(cfg, m.parse_options({}), data.splits, 0)
     strategy.initialize(trainers["in"].initial_payload())
-    updates = {n: t.fit(strategy.configure_train(1, [n])[n], RoundConfig(1, 1, 0)) for n, t in trainers.items()}
+    updates = {
+        n: t.fit(strategy.configure_train(1, [n])[n], RoundConfig(1, 1, 0)) for n, t in trainers.items()
+    }
     assert not np.allclose(updates["in"].payload["head.weight"], updates["jp"].payload["head.weight"])
     strategy.aggregate_train(1, updates)
     for name, trainer in trainers.items():

@@ -32,7 +32,7 @@ from fedmarket.data.market import MarketData
 from fedmarket.data.split import MarketSplit, leave_one_out
 from fedmarket.errors import FedmarketError
 from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
-from fedmarket.federation.runtime import Simulator, SimulationResult
+from fedmarket.federation.runtime import SimulationResult, Simulator
 from fedmarket.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -52,10 +52,14 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     same data loads and splits it once)."""
     d = cfg.dataset
     key = json.dumps(
-        [d.name, d.markets, d.data_dir, d.options, cfg.eval.candidates, cfg.eval.split_seed], sort_keys=True, default=str
+        [d.name, d.markets, d.data_dir, d.options, cfg.eval.candidates, cfg.eval.split_seed],
+        sort_keys=True,
+        default=str,
     )
     if key not in _PREPARED:
-        markets = load_dataset(d.name, data_dir=d.data_dir, markets=d.markets, use_cache=d.use_cache, **d.options)
+        markets = load_dataset(
+            d.name, data_dir=d.data_dir, markets=d.markets, use_cache=d.use_cache, **d.options
+        )
         splits = {n: leave_one_out(m, cfg.eval.candidates, cfg.eval.split_seed) for n, m in markets.items()}
         _PREPARED[key] = PreparedData(markets, splits)
     return _PREPARED[key]
@@ -88,7 +92,9 @@ def _json_default(o: Any) -> Any:
     raise TypeError(type(o))
 
 
-def run_seed(cfg: ExperimentConfig, seed: int, data: PreparedData, checkpoint: Path | None, resume: bool) -> SimulationResult:
+def run_seed(
+    cfg: ExperimentConfig, seed: int, data: PreparedData, checkpoint: Path | None, resume: bool
+) -> SimulationResult:
     method = get_method(cfg.method.name)
     opts = method.parse_options(cfg.method.options)
     torch.set_num_threads(cfg.train.threads)
@@ -152,9 +158,13 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
     rows = [row for rec in per_seed for row in rec["history"]]
     pd.DataFrame(rows).to_csv(run_dir / "rounds.csv", index=False)
     uploads = [
-        {**{k: v for k, v in u.items() if k != "keys"}, "keys": json.dumps(u["keys"])} for rec in per_seed for u in rec["uploads"]
+        {**{k: v for k, v in u.items() if k != "keys"}, "keys": json.dumps(u["keys"])}
+        for rec in per_seed
+        for u in rec["uploads"]
     ]
-    pd.DataFrame(uploads, columns=["seed", "round", "market", "bytes", "keys"]).to_csv(run_dir / "uploads.csv", index=False)
+    pd.DataFrame(uploads, columns=["seed", "round", "market", "bytes", "keys"]).to_csv(
+        run_dir / "uploads.csv", index=False
+    )
     try:
         from fedmarket.report import write_run_report
 
@@ -164,7 +174,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
     return run_dir
 
 
-def summarize(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], data: PreparedData, seconds: float) -> dict[str, Any]:
+def summarize(
+    cfg: ExperimentConfig, per_seed: list[dict[str, Any]], data: PreparedData, seconds: float
+) -> dict[str, Any]:
     method = get_method(cfg.method.name)
     markets = list(data.splits)
     per_market_mean, per_market_std = {}, {}
@@ -175,11 +187,15 @@ def summarize(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], data: Prepa
     first = per_seed[0]
     notes = [method.summary] if method.summary else []
     if method.private:
-        communication = {m: dict(first["communication"].get(m, {"up_bytes": 0, "down_bytes": 0, "rounds": 0})) for m in markets}
+        communication = {
+            m: dict(first["communication"].get(m, {"up_bytes": 0, "down_bytes": 0, "rounds": 0}))
+            for m in markets
+        }
     else:
         # pooling ships each market's raw train interactions once (user, item, timestamp as int64)
         communication = {
-            m: {"up_bytes": int(len(s.train_index) * 3 * 8), "down_bytes": 0, "rounds": 1} for m, s in data.splits.items()
+            m: {"up_bytes": int(len(s.train_index) * 3 * 8), "down_bytes": 0, "rounds": 1}
+            for m, s in data.splits.items()
         }
         notes.append("not private: pools raw data; up_bytes = raw train interactions (3 int64 per row)")
     failures = [f for rec in per_seed for f in rec["failures"]]
@@ -198,7 +214,10 @@ def summarize(cfg: ExperimentConfig, per_seed: list[dict[str, Any]], data: Prepa
         "average": average_mean,
         "average_std": average_std,
         "communication": communication,
-        "upload_declaration": {"patterns": list(method.declaration.patterns), "reason": method.declaration.reason},
+        "upload_declaration": {
+            "patterns": list(method.declaration.patterns),
+            "reason": method.declaration.reason,
+        },
         "selected_round": {str(rec["seed"]): rec["selected_round"] for rec in per_seed},
         "failures": [{k: v for k, v in f.items() if k != "traceback"} for f in failures],
         "notes": notes,

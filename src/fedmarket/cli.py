@@ -1,11 +1,11 @@
 """``fedmarket`` command line: a thin layer over `fedmarket.api`.
 
-    fedmarket run CONFIG.yaml [--seeds N] [--rounds R] [--resume RUN_DIR]
-    fedmarket compare CONFIG.yaml... [--out DIR] [--seeds N]
-    fedmarket data info DATASET [--data-dir DIR]
-    fedmarket report RUN_DIR... [--out DIR]
-    fedmarket methods
-    fedmarket demo
+fedmarket run CONFIG.yaml [--seeds N] [--rounds R] [--resume RUN_DIR]
+fedmarket compare CONFIG.yaml... [--out DIR] [--seeds N]
+fedmarket data info DATASET [--data-dir DIR]
+fedmarket report RUN_DIR... [--out DIR]
+fedmarket methods
+fedmarket demo
 """
 
 from __future__ import annotations
@@ -90,14 +90,24 @@ def run_comparison(config_paths: list[str], out: str | None, overrides: dict) ->
     for path, cfg in zip(config_paths, configs, strict=True):
         print(f"== {path}: {cfg.method.name} on {cfg.dataset.name}, {len(cfg.seeds)} seed(s)", flush=True)
         run_dirs.append(run_experiment(cfg))
-    out_dir = Path(out) if out else Path(configs[0].output_dir) / f"comparison-{run_dirs[-1].name.split('-', 1)[-1]}"
+    out_dir = (
+        Path(out)
+        if out
+        else Path(configs[0].output_dir) / f"comparison-{run_dirs[-1].name.split('-', 1)[-1]}"
+    )
     report = write_report(run_dirs, out_dir)
     for metric in ("auc", "logloss"):
         print(f"\n{metric} (test, 1+99 candidates; mean ± std over seeds)")
         print(comparison_table(run_dirs, metric=metric, formatted=True).to_string())
     comm = communication_table(run_dirs)
-    print("\nbytes communicated per market (whole run)")
-    print(comm.to_string(index=False))
+    print("\nKB uploaded per market per round (download is the same size for the FedAvg family;")
+    print("a not-private pooled run ships its raw train interactions once)")
+    print(
+        comm.pivot_table(index="run", columns="market", values="up MB/round", sort=False)
+        .mul(1000)
+        .round(1)
+        .to_string()
+    )
     print(f"\nreport: {report}")
     return report
 
@@ -112,7 +122,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     paths = [str(config_dir / name) for name in DEMO_CONFIGS]
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        raise FedmarketError(f"demo configs not found: {missing} (run from the project root or pass --config-dir)")
+        raise FedmarketError(
+            f"demo configs not found: {missing} (run from the project root or pass --config-dir)"
+        )
     run_comparison(paths, args.out, _overrides(args))
     return 0
 
@@ -148,7 +160,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedmarket", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="fedmarket", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -156,8 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seeds", type=int, help="run seeds 0..N-1 (overrides the config)")
         sp.add_argument("--rounds", type=int, help="override train.rounds")
         sp.add_argument("--output-dir", help="override output_dir")
-        sp.add_argument("--data-dir", help="override dataset.data_dir (else $FEDMARKET_DATA or ../shared/data)")
-        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.001")
+        sp.add_argument(
+            "--data-dir", help="override dataset.data_dir (else $FEDMARKET_DATA or ../shared/data)"
+        )
+        sp.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override any config key, e.g. train.lr=0.001"
+        )
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     r = sub.add_parser("run", help="run one experiment config")
@@ -172,7 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.set_defaults(func=cmd_compare)
 
-    d = sub.add_parser("demo", help="Local, FedAvg, FedProx, FedPer and Centralized DeepFM on the 8 XMarket markets")
+    d = sub.add_parser(
+        "demo", help="Local, FedAvg, FedProx, FedPer and Centralized DeepFM on the 8 XMarket markets"
+    )
     d.add_argument("--config-dir", default="configs")
     d.add_argument("--out")
     common(d)
@@ -183,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_sub.add_parser("info", help="markets, users, items, interactions")
     info.add_argument("dataset")
     info.add_argument("--data-dir")
-    info.add_argument("--option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. path=my_markets/")
+    info.add_argument(
+        "--option", action="append", metavar="KEY=VALUE", help="dataset option, e.g. path=my_markets/"
+    )
     info.set_defaults(func=cmd_data_info)
 
     rep = sub.add_parser("report", help="combine run folders into one comparison report")
@@ -199,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
     if args.command == "run" and not args.config and not args.resume:
         parser.error("run needs CONFIG or --resume RUN_DIR")
     try:

@@ -48,7 +48,9 @@ class ModelConfig:
             raise ConfigError(f"{prefix}.name must be one of ['dcnv2', 'deepfm'], got {self.name!r}")
         _positive(self.embed_dim, f"{prefix}.embed_dim")
         if not self.hidden or any(h <= 0 for h in self.hidden):
-            raise ConfigError(f"{prefix}.hidden must be a non-empty list of positive sizes, got {self.hidden}")
+            raise ConfigError(
+                f"{prefix}.hidden must be a non-empty list of positive sizes, got {self.hidden}"
+            )
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{prefix}.dropout must be in [0, 1), got {self.dropout}")
         if self.num_cross_layers < 0:

@@ -29,7 +29,9 @@ def weighted_mean(payloads: Sequence[Payload], weights: Sequence[float]) -> Payl
 def coordinate_median(payloads: Sequence[Payload]) -> Payload:
     """Coordinate-wise median (Yin et al. 2018): robust to a minority of poisoned markets."""
     keys = payloads[0].keys()
-    return {k: np.median(np.stack([p[k] for p in payloads]), axis=0).astype(payloads[0][k].dtype) for k in keys}
+    return {
+        k: np.median(np.stack([p[k] for p in payloads]), axis=0).astype(payloads[0][k].dtype) for k in keys
+    }
 
 
 def trimmed_mean(payloads: Sequence[Payload], trim_ratio: float = 0.1) -> Payload:

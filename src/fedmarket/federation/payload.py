@@ -53,7 +53,9 @@ class UploadDeclaration:
             )
 
 
-def validate_update(payload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None, market: str) -> None:
+def validate_update(
+    payload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None, market: str
+) -> None:
     """Reject NaN/Inf values and shapes or keys that differ from the reference (the last broadcast)."""
     for key, value in payload.items():
         arr = np.asarray(value)

@@ -141,8 +141,14 @@ class Simulator:
         msg = f"{type(exc).__name__}: {exc}"
         log.warning("round %d: market %s failed in %s: %s", server_round, market, stage, msg)
         self.failures.append(
-            {"seed": self.seed, "round": server_round, "market": market, "stage": stage, "error": msg,
-             "traceback": traceback.format_exc(limit=5)}
+            {
+                "seed": self.seed,
+                "round": server_round,
+                "market": market,
+                "stage": stage,
+                "error": msg,
+                "traceback": traceback.format_exc(limit=5),
+            }
         )
 
     def run_round(self, server_round: int) -> None:
@@ -165,8 +171,13 @@ class Simulator:
             self.communication[market]["up_bytes"] += up
             self.communication[market]["rounds"] += 1
             self.uploads.append(
-                {"seed": self.seed, "round": server_round, "market": market, "bytes": up,
-                 "keys": {k: list(np.shape(v)) for k, v in update.payload.items()}}
+                {
+                    "seed": self.seed,
+                    "round": server_round,
+                    "market": market,
+                    "bytes": up,
+                    "keys": {k: list(np.shape(v)) for k, v in update.payload.items()},
+                }
             )
             updates[market] = update
         if len(updates) < self.min_markets:
@@ -191,16 +202,24 @@ class Simulator:
                 if name in updates:
                     row.update({f"train_{k}": v for k, v in updates[name].metrics.items()})
                 self.history.append(row)
-            score = float(np.nanmean([v.get(self.select_metric, np.nan) for v in metrics.values()]))
+            values = [v[self.select_metric] for v in metrics.values() if self.select_metric in v]
+            score = float(np.nanmean(values)) if values else float("nan")
             higher_better = self.select_metric not in ("logloss", "loss")
             prev = self.best.get(name)
             # a round without the metric (e.g. a pre-training phase) never beats a round with it
             improved = prev is None or (
                 not np.isnan(score)
-                and (np.isnan(prev["score"]) or (score > prev["score"] if higher_better else score < prev["score"]))
+                and (
+                    np.isnan(prev["score"])
+                    or (score > prev["score"] if higher_better else score < prev["score"])
+                )
             )
             if self.select == "last" or improved:
-                self.best[name] = {"score": score, "round": server_round, "state": copy.deepcopy(trainer.state_dict())}
+                self.best[name] = {
+                    "score": score,
+                    "round": server_round,
+                    "state": copy.deepcopy(trainer.state_dict()),
+                }
 
     def run(self, resume: bool = False) -> SimulationResult:
         if resume and self.load_checkpoint():
@@ -221,9 +240,18 @@ class Simulator:
             self.run_round(server_round)
             self.round = server_round
             self.save_checkpoint()
-            recent = [h[self.select_metric] for h in self.history if h["round"] == server_round and self.select_metric in h]
+            recent = [
+                h[self.select_metric]
+                for h in self.history
+                if h["round"] == server_round and self.select_metric in h
+            ]
             if recent:
-                bar.set_postfix({f"valid_{self.select_metric}": f"{np.nanmean(recent):.4f}", "s": f"{time.perf_counter() - t0:.1f}"})
+                bar.set_postfix(
+                    {
+                        f"valid_{self.select_metric}": f"{np.nanmean(recent):.4f}",
+                        "s": f"{time.perf_counter() - t0:.1f}",
+                    }
+                )
         bar.close()
         return self.finish()
 

@@ -37,7 +37,9 @@ class FedAvg(Strategy):
     ``aggregation`` = "mean" (default), "median" or "trimmed_mean" (robust options).
     """
 
-    def __init__(self, aggregation: str = "mean", trim_ratio: float = 0.1, options: dict[str, Any] | None = None):
+    def __init__(
+        self, aggregation: str = "mean", trim_ratio: float = 0.1, options: dict[str, Any] | None = None
+    ):
         if aggregation not in ("mean", "median", "trimmed_mean"):
             raise ValueError(f"aggregation must be 'mean', 'median' or 'trimmed_mean', got {aggregation!r}")
         self.aggregation = aggregation

@@ -15,7 +15,9 @@ from fedmarket.errors import ConfigError
 from fedmarket.federation.core import ClientTrainer, Strategy
 from fedmarket.federation.payload import UploadDeclaration
 
-BuildFn = Callable[[ExperimentConfig, Any, dict[str, MarketSplit], int], tuple[dict[str, ClientTrainer], Strategy]]
+BuildFn = Callable[
+    [ExperimentConfig, Any, dict[str, MarketSplit], int], tuple[dict[str, ClientTrainer], Strategy]
+]
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,22 @@ import torch
 
 from fedmarket.data.split import MarketSplit, SeenItems
 from fedmarket.errors import ConfigError
-from fedmarket.federation.core import ClientTrainer, Strategy
+from fedmarket.federation.core import ClientTrainer
 from fedmarket.federation.payload import UploadDeclaration
 from fedmarket.federation.strategies import FedAvg, NoFederation
 from fedmarket.methods.base import Method, NoOptions, register
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData, MarketView
 
 LOCAL_UPLOAD = UploadDeclaration((), "nothing leaves a market")
-DENSE_UPLOAD = UploadDeclaration(("dnn.*", "cross.*", "head.*", "bias"), "dense layers only; ID embeddings stay local")
-FEDPER_UPLOAD = UploadDeclaration(("dnn.*", "cross.*"), "dense body only; the head and ID embeddings stay local")
-POOLED_UPLOAD = UploadDeclaration((), "not private: raw train interactions are pooled, no parameters are exchanged")
+DENSE_UPLOAD = UploadDeclaration(
+    ("dnn.*", "cross.*", "head.*", "bias"), "dense layers only; ID embeddings stay local"
+)
+FEDPER_UPLOAD = UploadDeclaration(
+    ("dnn.*", "cross.*"), "dense body only; the head and ID embeddings stay local"
+)
+POOLED_UPLOAD = UploadDeclaration(
+    (), "not private: raw train interactions are pooled, no parameters are exchanged"
+)
 
 
 def ctr_client_kwargs(cfg, seed: int) -> dict:
@@ -51,9 +57,16 @@ def ctr_client_kwargs(cfg, seed: int) -> dict:
     )
 
 
-def per_market_clients(cfg, splits: dict[str, MarketSplit], seed: int, declaration: UploadDeclaration) -> dict[str, ClientTrainer]:
+def per_market_clients(
+    cfg, splits: dict[str, MarketSplit], seed: int, declaration: UploadDeclaration
+) -> dict[str, ClientTrainer]:
     return {
-        name: CTRClient(name, CTRData.from_split(split, cfg.model.use_side_features), declaration, **ctr_client_kwargs(cfg, seed))
+        name: CTRClient(
+            name,
+            CTRData.from_split(split, cfg.model.use_side_features),
+            declaration,
+            **ctr_client_kwargs(cfg, seed),
+        )
         for name, split in splits.items()
     }
 
@@ -65,7 +78,9 @@ class FedAvgOptions:
 
     def validate(self, prefix: str) -> None:
         if self.aggregation not in ("mean", "median", "trimmed_mean"):
-            raise ConfigError(f"{prefix}.aggregation must be mean, median or trimmed_mean, got {self.aggregation!r}")
+            raise ConfigError(
+                f"{prefix}.aggregation must be mean, median or trimmed_mean, got {self.aggregation!r}"
+            )
         if not 0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"{prefix}.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
 
@@ -105,7 +120,9 @@ def pool_markets(splits: dict[str, MarketSplit], item_key: str, use_side_feature
     first = next(iter(per.values()))
     for name, d in per.items():
         if list(d.fields) != list(first.fields):
-            raise ConfigError(f"market {name!r} has fields {list(d.fields)}, others {list(first.fields)}: cannot pool")
+            raise ConfigError(
+                f"market {name!r} has fields {list(d.fields)}, others {list(first.fields)}: cannot pool"
+            )
     user_off = np.cumsum([0] + [len(d.user_x) for d in per.values()])
     if item_key == "market":
         item_off = np.cumsum([0] + [len(d.item_x) for d in per.values()])
@@ -170,12 +187,26 @@ def build_central_shared(cfg, opts, splits, seed):
 register(Method("local", LOCAL_UPLOAD, build_local, NoOptions, summary="each market alone, no federation"))
 register(Method("fedavg", DENSE_UPLOAD, build_fedavg, FedAvgOptions, summary="FedAvg over the dense layers"))
 register(Method("fedprox", DENSE_UPLOAD, build_fedprox, FedProxOptions, summary="FedProx (proximal term μ)"))
-register(Method("fedper", FEDPER_UPLOAD, build_fedper, FedAvgOptions, summary="FedPer: shared body, local head"))
 register(
-    Method("centralized", POOLED_UPLOAD, build_centralized, CentralizedOptions, private=False,
-           summary="NOT PRIVATE: pooled data, market-prefixed IDs")
+    Method("fedper", FEDPER_UPLOAD, build_fedper, FedAvgOptions, summary="FedPer: shared body, local head")
 )
 register(
-    Method("central_shared_ids", POOLED_UPLOAD, build_central_shared, NoOptions, private=False,
-           summary="NOT PRIVATE: pooled data, items keyed by the shared raw key (ASIN/title)")
+    Method(
+        "centralized",
+        POOLED_UPLOAD,
+        build_centralized,
+        CentralizedOptions,
+        private=False,
+        summary="NOT PRIVATE: pooled data, market-prefixed IDs",
+    )
+)
+register(
+    Method(
+        "central_shared_ids",
+        POOLED_UPLOAD,
+        build_central_shared,
+        NoOptions,
+        private=False,
+        summary="NOT PRIVATE: pooled data, items keyed by the shared raw key (ASIN/title)",
+    )
 )

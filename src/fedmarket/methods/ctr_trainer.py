@@ -125,7 +125,9 @@ class CTRClient(ClientTrainer):
         # shared parts must start identical in every market: seed the model from (seed) only, then
         # local tables differ only by their sizes
         torch.manual_seed(int(market_seed(seed, "__model__").generate_state(1)[0]))
-        self.model: CTRModel = build_ctr_model(model, data.fields, data.num_user_fields, **(model_options or {}))
+        self.model: CTRModel = build_ctr_model(
+            model, data.fields, data.num_user_fields, **(model_options or {})
+        )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
 
     @property
@@ -151,9 +153,13 @@ class CTRClient(ClientTrainer):
         losses = []
         for epoch in range(config.local_epochs):
             losses.append(self.train_epoch(config.seed, config.round, epoch, anchor, mu))
-        return Update(self.upload(), num_examples=len(self.data.train_users), metrics={"loss": float(np.mean(losses))})
+        return Update(
+            self.upload(), num_examples=len(self.data.train_users), metrics={"loss": float(np.mean(losses))}
+        )
 
-    def epoch_instances(self, seed: int, server_round: int, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def epoch_instances(
+        self, seed: int, server_round: int, epoch: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rng = np.random.default_rng(market_seed(seed, self.market, server_round, epoch))
         d = self.data
         negs = sample_train_negatives(d.train_users, d.train_seen, d.num_items, self.negatives, rng)
@@ -161,7 +167,9 @@ class CTRClient(ClientTrainer):
         items = np.concatenate([d.train_items, negs.ravel()])
         labels = np.concatenate([np.ones(len(d.train_users)), np.zeros(negs.size)]).astype(np.float32)
         perm = rng.permutation(len(users))
-        torch.manual_seed(int(rng.integers(0, 2**31 - 1)))  # dropout, reproducible per (seed, market, round, epoch)
+        torch.manual_seed(
+            int(rng.integers(0, 2**31 - 1))
+        )  # dropout, reproducible per (seed, market, round, epoch)
         return users[perm], items[perm], labels[perm]
 
     def batch_x(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,11 @@ class CTRClient(ClientTrainer):
 
     def train_epoch(self, seed: int, server_round: int, epoch: int, anchor: dict, mu: float) -> float:
         users, items, labels = self.epoch_instances(seed, server_round, epoch)
-        users_t, items_t, labels_t = torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(labels)
+        users_t, items_t, labels_t = (
+            torch.from_numpy(users),
+            torch.from_numpy(items),
+            torch.from_numpy(labels),
+        )
         self.model.train()
         total, count = 0.0, 0
         starts = range(0, len(users), self.batch_size)
@@ -216,10 +228,14 @@ class CTRClient(ClientTrainer):
                 item_rows = self.data.item_x[torch.from_numpy(view.item_map)]
 
                 def score_fn(chunk: np.ndarray, view=view, item_rows=item_rows) -> torch.Tensor:
-                    return self.model.score_matrix(self.data.user_x[torch.from_numpy(view.user_map[chunk])], item_rows)
+                    return self.model.score_matrix(
+                        self.data.user_x[torch.from_numpy(view.user_map[chunk])], item_rows
+                    )
 
                 metrics.update(
-                    full_ranking_metrics(score_fn, es.users, es.positives, view.split.seen_for(split), ks=self.ks)
+                    full_ranking_metrics(
+                        score_fn, es.users, es.positives, view.split.seen_for(split), ks=self.ks
+                    )
                 )
             results[market] = {k: float(v) for k, v in metrics.items()}
         return results

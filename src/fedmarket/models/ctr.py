@@ -38,7 +38,9 @@ class FieldEmbedding(nn.Module):
         for table in list(self.linear.values()):
             nn.init.zeros_(table.weight)
 
-    def forward(self, x: torch.Tensor, names: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, names: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: ``[..., F']`` indices of the fields in ``names`` (default all) → (``[..., F', D]``, ``[..., F']``)."""
         names = self.field_names if names is None else names
         emb = torch.stack([self.embedding[f](x[..., i]) for i, f in enumerate(names)], dim=-2)
@@ -79,7 +81,9 @@ class CTRModel(nn.Module):
         return self.interact(emb, lin)
 
     @torch.no_grad()
-    def score_matrix(self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 18) -> torch.Tensor:
+    def score_matrix(
+        self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 18
+    ) -> torch.Tensor:
         """Logits for every (user, item) pair, embedding each user and item once and broadcasting."""
         names = self.features.field_names
         u_emb, u_lin = self.features(user_x, names[: self.num_user_fields])
@@ -93,10 +97,12 @@ class CTRModel(nn.Module):
             emb = torch.cat(
                 [ue[:, None].expand(n, num_items, *ue.shape[1:]), i_emb[None].expand(n, *i_emb.shape)], dim=2
             )
-            lin = torch.cat([ul[:, None].expand(n, num_items, ul.shape[1]), i_lin[None].expand(n, *i_lin.shape)], dim=2)
-            out[s : s + n] = self.interact(emb.reshape(n * num_items, *emb.shape[2:]), lin.reshape(n * num_items, -1)).view(
-                n, num_items
+            lin = torch.cat(
+                [ul[:, None].expand(n, num_items, ul.shape[1]), i_lin[None].expand(n, *i_lin.shape)], dim=2
             )
+            out[s : s + n] = self.interact(
+                emb.reshape(n * num_items, *emb.shape[2:]), lin.reshape(n * num_items, -1)
+            ).view(n, num_items)
         return out
 
 
@@ -120,7 +126,9 @@ class DeepFM(CTRModel):
         self.bias = nn.Parameter(torch.zeros(1))
 
     @torch.no_grad()
-    def score_matrix(self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 18) -> torch.Tensor:
+    def score_matrix(
+        self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 18
+    ) -> torch.Tensor:
         """All-pairs logits without materialising pair embeddings: the linear and FM terms split into a
         user part, an item part and one matrix product, and the first MLP layer splits as
         W [v_u; v_i] = W_u v_u + W_i v_i; only the later MLP layers run per pair."""
