@@ -82,7 +82,7 @@ class CTRModel(nn.Module):
 
     @torch.no_grad()
     def score_matrix(
-        self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 18
+        self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 13
     ) -> torch.Tensor:
         """Logits for every (user, item) pair, embedding each user and item once and broadcasting."""
         names = self.features.field_names
@@ -127,7 +127,7 @@ class DeepFM(CTRModel):
 
     @torch.no_grad()
     def score_matrix(
-        self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 18
+        self, user_x: torch.Tensor, item_x: torch.Tensor, pair_chunk: int = 1 << 13
     ) -> torch.Tensor:
         """All-pairs logits without materialising pair embeddings: the linear and FM terms split into a
         user part, an item part and one matrix product, and the first MLP layer splits as
