@@ -45,6 +45,8 @@ def test_run_writes_the_documented_run_folder(tmp_path, data_dir, capsys):
     for name in ("config.yaml", "rounds.csv", "uploads.csv", "report.md", "checkpoints/seed0.pt"):
         assert (run / name).exists(), name
     assert list(run.glob("*.png"))
+    report = (run / "report.md").read_text()
+    assert "upload audit" in report and "dnn.0.weight" in report and "features.embedding" not in report
     assert "run folder" in capsys.readouterr().out
 
 

@@ -579,8 +579,41 @@ def write_run_report(
             lines += [f"![valid {metric} per round]({stem}_per_round.png)", ""]
 
     lines += _communication_section([run])
+    lines += _upload_audit_section(Path(run_dir), run)
     lines += _failures_section([run], [label])
     lines += _notes_section([run], [label])
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def _upload_audit_section(run_dir: Path, run: dict) -> list[str]:
+    """What left each market: the declared patterns, then per market the distinct key sets it uploaded
+    (with shapes), in how many rounds, and the bytes per upload, from ``uploads.csv``."""
+    declaration = run.get("upload_declaration") or {}
+    lines = ["## What left each market (upload audit)", ""]
+    patterns = declaration.get("patterns")
+    if patterns is not None:
+        shown = ", ".join(f"`{p}`" for p in patterns) or "nothing"
+        lines += [f"Declared: {shown}. {declaration.get('reason', '')}".rstrip(), ""]
+    path = run_dir / "uploads.csv"
+    if not path.exists():
+        return [*lines, "No upload log in this run folder.", ""]
+    uploads = pd.read_csv(path)
+    if uploads.empty:
+        return [*lines, "Nothing left any market: no upload was made.", ""]
+    rows = []
+    for (market, keys), group in uploads.groupby(["market", "keys"], sort=False):
+        shapes = json.loads(keys)
+        listed = ", ".join(f"{k} {tuple(v)}" for k, v in list(shapes.items())[:6])
+        if len(shapes) > 6:
+            listed += f", … ({len(shapes)} arrays)"
+        rows.append(
+            {
+                "market": market,
+                "uploads": len(group),
+                "bytes/upload": int(group["bytes"].median()),
+                "arrays (shape)": listed.replace("|", "\\|"),
+            }
+        )
+    return [*lines, _markdown(pd.DataFrame(rows).set_index("market")), ""]
