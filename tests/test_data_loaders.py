@@ -199,6 +199,11 @@ def test_registry_lists_every_dataset() -> None:
         "ml1m",
         "generic",
         "synthetic",
+        "ml1m-proxy-age",
+        "ml1m-proxy-zip",
+        "aliexpress",
+        "aliccp",
+        "synthetic-mtl",
     }
 
 

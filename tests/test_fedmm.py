@@ -20,6 +20,15 @@ from fedmarket.methods.fedmm import (
     upload_declaration,
 )
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the experiments and CI share 2 cores; oversubscribed intra-op threads make tiny steps 10x slower
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 FAST = {"embedding_epochs": 2, "rqvae_rounds": 2, "rqvae_epochs": 2, "global_codes": 16, "local_codes": 8}
 
 
@@ -29,7 +38,7 @@ def fedmm_cfg(dataset: dict, options: dict | None = None, rounds: int = 4, **ext
             "name": "t_fedmm",
             "dataset": dataset,
             "method": {"name": "fedmm", "options": {**FAST, **(options or {})}},
-            "train": {"rounds": rounds, "batch_size": 512, "threads": 1},
+            "train": {"rounds": rounds, "batch_size": 4096, "threads": 1},
             "eval": {"full_ranking": False, "candidates": 20},
             "progress": False,
             **extra,
@@ -55,7 +64,8 @@ VARIANTS = [
     {},
     {"embedding": "fedctr", "embedding_rounds": 1, "item_stats": "concat", "federate_autoencoder": True},
     {"codebook": "global_only", "ctr_federation": "codes_dense"},
-    {"codebook": "local", "ctr_federation": "none"},
+    {"codebook": "local", "ctr_federation": "none", "federate_autoencoder": False},
+    {"item_stats": "none", "federate_autoencoder": False},  # FedMM as first specified (MF-BPR embeddings)
 ]
 
 
@@ -104,7 +114,7 @@ def test_every_declared_pattern_is_in_the_method_declaration():
 
 
 def test_end_to_end_selects_a_ctr_round_and_stores_codes(tmp_path):
-    cfg = fedmm_cfg(synthetic(), rounds=5)
+    cfg = fedmm_cfg(synthetic(), {"federate_autoencoder": False}, rounds=5)
     data = prepare_data(cfg)
     result = run_seed(cfg, 0, data, tmp_path / "ckpt.pt", resume=False)
     first_ctr = 1 + FAST["rqvae_rounds"] + 1
@@ -146,7 +156,10 @@ def test_merge_codebooks_code_by_code_weighted_by_usage():
 
 def test_first_merge_clusters_uncorresponding_codes():
     a = (np.array([[0, 0], [10, 10]], dtype=np.float32), np.array([5, 5], dtype=np.float32))
-    b = (np.array([[10.2, 10], [0.2, 0]], dtype=np.float32), np.array([5, 5], dtype=np.float32))  # order swapped
+    b = (
+        np.array([[10.2, 10], [0.2, 0]], dtype=np.float32),
+        np.array([5, 5], dtype=np.float32),
+    )  # order swapped
     merged, usage = merge_codebooks({"a": a, "b": b}, None)
     assert sorted(np.round(merged[:, 0]).tolist()) == [0.0, 10.0]
     np.testing.assert_allclose(usage, [10, 10])
@@ -174,7 +187,9 @@ def test_runtime_drops_a_market_uploading_a_wrong_codebook():
         return Update(update.payload, update.num_examples, update.metrics)
 
     broken.fit_rqvae = wrong_shape
-    sim = Simulator(trainers, strategy, method.declaration, rounds=4, seed=0, full_ranking=False, progress=False)
+    sim = Simulator(
+        trainers, strategy, method.declaration, rounds=4, seed=0, full_ranking=False, progress=False
+    )
     result = sim.run()
     failed = {(f["market"], f["round"]) for f in result.failures}
     assert (broken.market, 2) in failed and (broken.market, 3) in failed
@@ -196,7 +211,7 @@ def test_item_statistics_are_standardised_and_finite():
     cfg = fedmm_cfg(synthetic())
     split = next(iter(prepare_data(cfg).splits.values()))
     stats = item_statistics(split)
-    assert stats.shape == (split.market.num_items, 6)
+    assert stats.shape == (split.market.num_items, 7)
     assert np.isfinite(stats).all()
 
 
@@ -211,3 +226,14 @@ def test_code_alignment_against_chance():
     # only shared keys count
     other = np.array([f"x{i}" for i in range(400)], dtype=object)
     assert code_alignment({"a": codes, "b": codes}, {"a": keys, "b": other})["shared_pairs"] == 0
+
+
+def test_alignment_is_written_from_a_run_folder(tmp_path):
+    from fedmarket.api import run_experiment
+    from fedmarket.methods.fedmm import alignment_from_run
+
+    cfg = fedmm_cfg(synthetic(), rounds=4, output_dir=str(tmp_path))
+    run_dir = run_experiment(cfg)
+    out = alignment_from_run(run_dir)
+    assert (run_dir / "alignment.json").exists()
+    assert "seed0" in out["seeds"] and "analysis only" in out["note"]

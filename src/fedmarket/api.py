@@ -60,9 +60,19 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         markets = load_dataset(
             d.name, data_dir=d.data_dir, markets=d.markets, use_cache=d.use_cache, **d.options
         )
-        splits = {n: leave_one_out(m, cfg.eval.candidates, cfg.eval.split_seed) for n, m in markets.items()}
+        splits = {n: _split_market(m, cfg) for n, m in markets.items()}
         _PREPARED[key] = PreparedData(markets, splits)
     return _PREPARED[key]
+
+
+def _split_market(market: Any, cfg: ExperimentConfig) -> Any:
+    """Leave-one-out for interaction markets; a per-user temporal impression split for multi-task
+    scenarios (`fedmarket.data.mtl.MTLMarket`, which carry their own click/conversion labels)."""
+    from fedmarket.data.mtl import MTLMarket, split_impressions
+
+    if isinstance(market, MTLMarket):
+        return split_impressions(market, seed=cfg.eval.split_seed)
+    return leave_one_out(market, cfg.eval.candidates, cfg.eval.split_seed)
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -141,19 +151,38 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         log.info("%s: seed %d", cfg.name, seed)
         t0 = time.perf_counter()
         result = run_seed(cfg, seed, data, run_dir / "checkpoints" / f"seed{seed}.pt", resume)
-        record = {
-            "seed": seed,
-            "test": result.test,
-            "history": result.history,
-            "communication": result.communication,
-            "failures": result.failures,
-            "selected_round": result.selected_round,
-            "uploads": result.uploads,
-            "seconds": time.perf_counter() - t0,
-        }
+        record = seed_record(seed, result, time.perf_counter() - t0)
         _write_json(seed_file, record)
         per_seed.append(record)
-    metrics = summarize(cfg, per_seed, data, time.perf_counter() - started)
+    write_results(cfg, run_dir, per_seed, time.perf_counter() - started, data=data)
+    return run_dir
+
+
+def seed_record(seed: int, result: SimulationResult, seconds: float) -> dict[str, Any]:
+    """One seed's results as stored in ``seeds/seed<N>.json`` (any runtime: in-process or Flower)."""
+    return {
+        "seed": seed,
+        "test": result.test,
+        "history": result.history,
+        "communication": result.communication,
+        "failures": result.failures,
+        "selected_round": result.selected_round,
+        "uploads": result.uploads,
+        "seconds": seconds,
+    }
+
+
+def write_results(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    per_seed: list[dict[str, Any]],
+    seconds: float,
+    data: PreparedData | None = None,
+    markets: list[str] | None = None,
+) -> None:
+    """Write ``metrics.json``, ``rounds.csv``, ``uploads.csv`` and the report of a run folder. A runtime
+    that never holds the markets' data (the Flower ServerApp) passes ``markets`` instead of ``data``."""
+    metrics = summarize(cfg, per_seed, data, seconds, markets=markets)
     _write_json(run_dir / "metrics.json", metrics)
     rows = [row for rec in per_seed for row in rec["history"]]
     pd.DataFrame(rows).to_csv(run_dir / "rounds.csv", index=False)
@@ -171,14 +200,19 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         write_run_report(run_dir)
     except Exception as exc:  # a plotting problem must not lose the metrics
         log.warning("could not write the run report for %s: %s", run_dir, exc)
-    return run_dir
 
 
 def summarize(
-    cfg: ExperimentConfig, per_seed: list[dict[str, Any]], data: PreparedData, seconds: float
+    cfg: ExperimentConfig,
+    per_seed: list[dict[str, Any]],
+    data: PreparedData | None,
+    seconds: float,
+    markets: list[str] | None = None,
 ) -> dict[str, Any]:
     method = get_method(cfg.method.name)
-    markets = list(data.splits)
+    if data is None and (markets is None or not method.private):
+        raise FedmarketError("summarize needs the prepared data (or, for a private method, the market list)")
+    markets = list(data.splits) if data is not None else list(markets)
     per_market_mean, per_market_std = {}, {}
     for m in markets:
         mean, std = mean_std_over_seeds([rec["test"].get(m, {}) for rec in per_seed])

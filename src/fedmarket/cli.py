@@ -6,6 +6,7 @@ fedmarket data info DATASET [--data-dir DIR]
 fedmarket report RUN_DIR... [--out DIR]
 fedmarket methods
 fedmarket demo
+fedmarket flower simulate|deploy CONFIG.yaml [--tls] [--resume RUN_DIR]   (also: fedmarket deploy CONFIG.yaml)
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ DEMO_CONFIGS = [
     "xmrec_fedprox.yaml",
     "xmrec_fedper.yaml",
     "xmrec_centralized.yaml",
+    "xmrec_fedmm.yaml",
 ]
+
+
+MTL_METRICS = ("ctr_auc", "ctcvr_auc", "ctr_logloss", "ctcvr_logloss")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -95,9 +100,16 @@ def run_comparison(config_paths: list[str], out: str | None, overrides: dict) ->
         if out
         else Path(configs[0].output_dir) / f"comparison-{run_dirs[-1].name.split('-', 1)[-1]}"
     )
-    report = write_report(run_dirs, out_dir)
-    for metric in ("auc", "logloss"):
-        print(f"\n{metric} (test, 1+99 candidates; mean ± std over seeds)")
+    from fedmarket.methods import get_method
+
+    multitask = all(get_method(cfg.method.name).task == "mtl" for cfg in configs)
+    if multitask:  # CTR + CTCVR over held-out impressions (fedmarket.methods.mtl_trainer)
+        report = write_report(run_dirs, out_dir, metrics=MTL_METRICS)
+    else:
+        report = write_report(run_dirs, out_dir)
+    for metric in MTL_METRICS[:2] if multitask else ("auc", "logloss"):
+        where = "held-out impressions" if multitask else "1+99 candidates"
+        print(f"\n{metric} (test, {where}; mean ± std over seeds)")
         print(comparison_table(run_dirs, metric=metric, formatted=True).to_string())
     comm = communication_table(run_dirs)
     print("\nKB uploaded per market per round (download is the same size for the FedAvg family;")
@@ -142,10 +154,15 @@ def cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fedmarket.report import write_report
+    from fedmarket.methods import METHODS, get_method
+    from fedmarket.report import load_run, write_report
 
     out = Path(args.out) if args.out else Path(args.run_dirs[0]).parent / "comparison"
-    print(write_report([Path(p) for p in args.run_dirs], out))
+    runs = [Path(p) for p in args.run_dirs]
+    get_method("local")  # registers the built-in methods
+    kinds = [METHODS.get(str(load_run(p).get("method"))) for p in runs]
+    multitask = all(kind is not None and kind.task == "mtl" for kind in kinds)
+    print(write_report(runs, out, metrics=MTL_METRICS) if multitask else write_report(runs, out))
     return 0
 
 
@@ -157,6 +174,47 @@ def cmd_methods(args: argparse.Namespace) -> int:
         shared = ", ".join(m.declaration.patterns) or "nothing"
         print(f"{name:22s} {'private' if m.private else 'NOT PRIVATE':12s} uploads: {shared:40s} {m.summary}")
     return 0
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from fedmarket.config import load_config
+    from fedmarket.flower.launch import run_on_flower
+
+    mode = "simulation" if getattr(args, "flower_command", "deploy") == "simulate" else "deployment"
+    if args.resume:
+        from fedmarket.api import load_run_config
+
+        cfg = load_run_config(args.resume)
+        run_dir = Path(args.resume)
+    elif args.config:
+        cfg = load_config(args.config, _overrides(args))
+        run_dir = None
+    else:
+        raise FedmarketError("needs CONFIG or --resume RUN_DIR")
+    run_dir = run_on_flower(
+        cfg,
+        mode,
+        run_dir=run_dir,
+        resume=bool(args.resume),
+        tls=args.tls,
+        timeout=args.timeout,
+        reply_timeout=args.reply_timeout,
+    )
+    _print_run(run_dir)
+    return 0
+
+
+def _flower_args(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("config", nargs="?")
+    sp.add_argument("--resume", metavar="RUN_DIR", help="continue a Flower run folder from its last round")
+    sp.add_argument(
+        "--tls", action="store_true", help="generate a CA and SuperLink certificate, connect over TLS"
+    )
+    sp.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds for the whole run")
+    sp.add_argument(
+        "--reply-timeout", type=float, default=600.0, help="seconds to wait for a market's reply each step"
+    )
+    sp.set_defaults(func=cmd_flower)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     d = sub.add_parser(
-        "demo", help="Local, FedAvg, FedProx, FedPer and Centralized DeepFM on the 8 XMarket markets"
+        "demo", help="Local, FedAvg, FedProx, FedPer, Centralized and FedMM DeepFM on the 8 XMarket markets"
     )
     d.add_argument("--config-dir", default="configs")
     d.add_argument("--out")
@@ -215,6 +273,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list methods and what each lets leave a market")
     m.set_defaults(func=cmd_methods)
+
+    fl = sub.add_parser("flower", help="run a config on Flower (simulation or local Deployment Engine)")
+    fl_sub = fl.add_subparsers(dest="flower_command", required=True)
+    for name, text in (
+        ("simulate", "flwr run on the simulation SuperLink (Ray, 1 CPU per market)"),
+        ("deploy", "a SuperLink and one SuperNode per market on 127.0.0.1, each a separate process"),
+    ):
+        sp = fl_sub.add_parser(name, help=text)
+        _flower_args(sp)
+        common(sp)
+    dep = sub.add_parser("deploy", help="= fedmarket flower deploy")
+    _flower_args(dep)
+    common(dep)
     return p
 
 

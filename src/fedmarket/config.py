@@ -42,10 +42,19 @@ class ModelConfig:
     dropout: float = 0.1
     num_cross_layers: int = 2
     use_side_features: bool = True
+    # MMoE (multi-task methods): ``hidden`` = expert MLP sizes
+    num_experts: int = 4
+    tower_hidden: list[int] = field(default_factory=lambda: [32])
+    ctcvr_mode: str = "esmm"
 
     def validate(self, prefix: str) -> None:
-        if self.name not in ("deepfm", "dcnv2"):
-            raise ConfigError(f"{prefix}.name must be one of ['dcnv2', 'deepfm'], got {self.name!r}")
+        if self.name not in ("deepfm", "dcnv2", "mmoe"):
+            raise ConfigError(f"{prefix}.name must be one of ['dcnv2', 'deepfm', 'mmoe'], got {self.name!r}")
+        _positive(self.num_experts, f"{prefix}.num_experts")
+        if any(h <= 0 for h in self.tower_hidden):
+            raise ConfigError(f"{prefix}.tower_hidden must hold positive sizes, got {self.tower_hidden}")
+        if self.ctcvr_mode not in ("esmm", "direct"):
+            raise ConfigError(f"{prefix}.ctcvr_mode must be 'esmm' or 'direct', got {self.ctcvr_mode!r}")
         _positive(self.embed_dim, f"{prefix}.embed_dim")
         if not self.hidden or any(h <= 0 for h in self.hidden):
             raise ConfigError(

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from fedmarket.data import generic, movielens, synthetic, xmarket
+from fedmarket.data import generic, movielens, mtl, synthetic, xmarket
 from fedmarket.data._tables import select_markets
 from fedmarket.data.market import MarketData
 from fedmarket.errors import DataError
@@ -59,6 +59,34 @@ def _load_synthetic(data_dir, markets, use_cache, **options):
     return {name: generated[name] for name in names}
 
 
+def _ml1m_proxy(scenario: str) -> Callable[..., dict[str, Any]]:
+    def load(data_dir, markets, use_cache, negatives_per_positive=2, seed=0):
+        return mtl.load_ml1m_proxy(scenario, data_dir, markets, use_cache, negatives_per_positive, seed)
+
+    return load
+
+
+def _load_aliexpress(data_dir, markets, use_cache, path, country):
+    del use_cache  # CSVs parse in well under a second at fixture size; nothing cached yet
+    return mtl.load_aliexpress(path, data_dir, markets, country)
+
+
+def _load_aliccp(data_dir, markets, use_cache, path):
+    del use_cache
+    return mtl.load_aliccp(path, data_dir, markets)
+
+
+def _load_synthetic_mtl(data_dir, markets, use_cache, **options):
+    del data_dir, use_cache
+    return mtl.load_synthetic_mtl(markets, **options)
+
+
+_SYNTHETIC_MTL_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(mtl.load_synthetic_mtl).parameters.items()
+    if name != "markets"
+}
+
 _SYNTHETIC_DEFAULTS = {
     name: parameter.default
     for name, parameter in inspect.signature(synthetic.make_synthetic_markets).parameters.items()
@@ -91,6 +119,32 @@ DATASETS: dict[str, DatasetSpec] = {
         "generated markets with shared latent concepts and market drift (tests and illustrations only)",
         _load_synthetic,
         _SYNTHETIC_DEFAULTS,
+    ),
+    # multi-task (click + conversion per impression) scenarios: `fedmarket.data.mtl.MTLMarket`, not MarketData
+    "ml1m-proxy-age": DatasetSpec(
+        "ML-1M multi-task PROXY (impressions, click = rated, conversion = 5 stars), scenario = age group (7)",
+        _ml1m_proxy("age"),
+        {"negatives_per_positive": 2, "seed": 0},
+    ),
+    "ml1m-proxy-zip": DatasetSpec(
+        "ML-1M multi-task PROXY, scenario = first zip digit (10; the homogeneous control)",
+        _ml1m_proxy("zip"),
+        {"negatives_per_positive": 2, "seed": 0},
+    ),
+    "aliexpress": DatasetSpec(
+        "AliExpress CSV layout (one country = one scenario); default path = the mtl-samples schema fixture",
+        _load_aliexpress,
+        {"path": None, "country": "us"},
+    ),
+    "aliccp": DatasetSpec(
+        "Ali-CCP CSV layout, scenario = field 301; default path = the mtl-samples schema fixture",
+        _load_aliccp,
+        {"path": None},
+    ),
+    "synthetic-mtl": DatasetSpec(
+        "synthetic scenarios as click/conversion impressions with a task_conflict knob (tests, illustrations)",
+        _load_synthetic_mtl,
+        _SYNTHETIC_MTL_DEFAULTS,
     ),
 }
 

@@ -43,6 +43,40 @@ class SimulationResult:
     uploads: list[dict[str, Any]] = field(default_factory=list)  # audit: keys, shapes, bytes per upload
 
 
+# ------------------------------------------------------------------ round bookkeeping shared by runtimes
+# Pure functions, so the in-process `Simulator` and the Flower ServerApp (`fedmarket.flower.server`) select
+# markets and rounds identically.
+def select_markets(
+    names: list[str], seed: int, server_round: int, client_fraction: float, min_markets: int
+) -> list[str]:
+    """The markets that train in ``server_round``: all of them, or a seeded ``client_fraction`` sample
+    (never fewer than ``min_markets``), drawn from (seed, round) only so a resumed run draws the same."""
+    k = max(min(min_markets, len(names)), math.ceil(client_fraction * len(names)))
+    if k >= len(names):
+        return list(names)
+    rng = np.random.default_rng(market_seed(seed, "__server__", server_round))
+    chosen = set(rng.choice(len(names), size=k, replace=False).tolist())
+    return [n for i, n in enumerate(names) if i in chosen]
+
+
+def selection_score(metrics: dict[str, dict[str, float]], select_metric: str) -> float:
+    """The validation score a trainer's round is selected by (mean over the markets it reports)."""
+    values = [v[select_metric] for v in metrics.values() if select_metric in v]
+    return float(np.nanmean(values)) if values else float("nan")
+
+
+def improves(previous: float | None, score: float, select_metric: str) -> bool:
+    """Whether ``score`` beats the best so far (``None``: no round yet). A round without the metric (NaN,
+    e.g. a pre-training phase) never beats a round with it."""
+    if previous is None:
+        return True
+    if np.isnan(score):
+        return False
+    if np.isnan(previous):
+        return True
+    return score < previous if select_metric in ("logloss", "loss") else score > previous
+
+
 class Simulator:
     def __init__(
         self,
@@ -129,13 +163,9 @@ class Simulator:
 
     # ----------------------------------------------------------------- rounds
     def _select_markets(self, server_round: int) -> list[str]:
-        names = list(self.trainers)
-        k = max(self.min_markets, math.ceil(self.client_fraction * len(names)))
-        if k >= len(names):
-            return names
-        rng = np.random.default_rng(market_seed(self.seed, "__server__", server_round))
-        chosen = set(rng.choice(len(names), size=k, replace=False).tolist())
-        return [n for i, n in enumerate(names) if i in chosen]
+        return select_markets(
+            list(self.trainers), self.seed, server_round, self.client_fraction, self.min_markets
+        )
 
     def _fail(self, server_round: int, market: str, stage: str, exc: BaseException) -> None:
         msg = f"{type(exc).__name__}: {exc}"
@@ -202,19 +232,9 @@ class Simulator:
                 if name in updates:
                     row.update({f"train_{k}": v for k, v in updates[name].metrics.items()})
                 self.history.append(row)
-            values = [v[self.select_metric] for v in metrics.values() if self.select_metric in v]
-            score = float(np.nanmean(values)) if values else float("nan")
-            higher_better = self.select_metric not in ("logloss", "loss")
+            score = selection_score(metrics, self.select_metric)
             prev = self.best.get(name)
-            # a round without the metric (e.g. a pre-training phase) never beats a round with it
-            improved = prev is None or (
-                not np.isnan(score)
-                and (
-                    np.isnan(prev["score"])
-                    or (score > prev["score"] if higher_better else score < prev["score"])
-                )
-            )
-            if self.select == "last" or improved:
+            if self.select == "last" or improves(prev["score"] if prev else None, score, self.select_metric):
                 self.best[name] = {
                     "score": score,
                     "round": server_round,

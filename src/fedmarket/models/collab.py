@@ -36,7 +36,13 @@ class LightGCN(nn.Module):
     """LightGCN: layer-mean of embeddings propagated on the symmetric-normalised bipartite graph."""
 
     def __init__(
-        self, num_users: int, num_items: int, users: np.ndarray, items: np.ndarray, dim: int = 32, layers: int = 2
+        self,
+        num_users: int,
+        num_items: int,
+        users: np.ndarray,
+        items: np.ndarray,
+        dim: int = 32,
+        layers: int = 2,
     ) -> None:
         super().__init__()
         self.num_users, self.layers = num_users, layers
@@ -51,7 +57,9 @@ class LightGCN(nn.Module):
         values = inv_sqrt[rows] * inv_sqrt[cols]
         self.register_buffer(
             "adjacency",
-            torch.sparse_coo_tensor(np.stack([rows, cols]), values, (n, n), check_invariants=False).coalesce(),
+            torch.sparse_coo_tensor(
+                np.stack([rows, cols]), values, (n, n), check_invariants=False
+            ).coalesce(),
             persistent=False,
         )
 
@@ -107,7 +115,10 @@ def train_collaborative_embeddings(
             user_emb, item_emb = model.embeddings()
             p, qi, qj = user_emb[users_t[idx]], item_emb[items_t[idx]], item_emb[negatives[idx]]
             diff = (p * qi).sum(-1) - (p * qj).sum(-1)
-            loss = -torch.nn.functional.logsigmoid(diff).mean() + reg * (p.pow(2) + qi.pow(2) + qj.pow(2)).sum(-1).mean()
+            loss = (
+                -torch.nn.functional.logsigmoid(diff).mean()
+                + reg * (p.pow(2) + qi.pow(2) + qj.pow(2)).sum(-1).mean()
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -166,7 +166,9 @@ class DualCodebookRQVAE(nn.Module):
         n_dead = int(dead.sum())
         if n_dead:
             pick = torch.randint(len(targets), (n_dead,), generator=gen)
-            book[dead] = targets[pick] + 0.01 * targets.std() * torch.randn(n_dead, book.shape[1], generator=gen)
+            book[dead] = targets[pick] + 0.01 * targets.std() * torch.randn(
+                n_dead, book.shape[1], generator=gen
+            )
         return n_dead
 
 

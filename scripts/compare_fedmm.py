@@ -1,0 +1,165 @@
+"""The whole FedMM comparison of issue 3 in one command: every row's config, N seeds, at most ``--jobs``
+experiment processes at once, then one combined report (tables + AUC-per-market and AUC-vs-bytes plots),
+the code-alignment diagnostic of every FedMM run (analysis only), and a summary table.
+
+    .venv/bin/python scripts/compare_fedmm.py --seeds 3 --jobs 2 --out runs/fedmm_comparison
+    .venv/bin/python scripts/compare_fedmm.py --models deepfm --seeds 1 --rows local fedmm   # a subset
+    .venv/bin/python scripts/compare_fedmm.py --rows --reuse RUN_DIR...   # report on finished runs only
+
+Equivalent single-process form (no alignment, no summary): ``fedmarket compare CONFIG... --seeds 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = [
+    "local",
+    "fedavg",
+    "centralized",
+    "central_shared_ids",
+    "fedmm_localcb",
+    "fedmm_globalonly",
+    "fedmm_naive",
+    "fedmm_fedctr",
+    "fedmm_stats",
+    "fedmm_fedae",
+    "fedmm_statsfedae",
+    "fedmm_statsonly",
+    "fedmm_statsonly_localcb",
+    "fedmm_calonly",
+    "fedmm_calonly_localcb",
+    "fedmm_calmf",
+    "fedmm",
+]
+
+
+def config_path(row: str, model: str) -> Path:
+    return Path("configs") / (f"xmrec_{row}.yaml" if model == "deepfm" else f"xmrec_{row}_{model}.yaml")
+
+
+def run_all(paths: list[Path], seeds: int, jobs: int, out: Path, threads: int) -> list[Path]:
+    """Run each config as its own `fedmarket run` process, ``jobs`` at a time; returns the run folders."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending, running, run_dirs = list(paths), [], {}
+    fedmarket = str(Path(sys.executable).with_name("fedmarket"))
+    while pending or running:
+        while pending and len(running) < jobs:
+            path = pending.pop(0)
+            cmd = [
+                fedmarket,
+                "run",
+                str(path),
+                "--seeds",
+                str(seeds),
+                "--no-progress",
+                "--output-dir",
+                str(out / "runs"),
+                "--set",
+                f"train.threads={threads}",
+            ]
+            log = (logs / f"{path.stem}.log").open("w")
+            print(f"start {path.stem}", flush=True)
+            running.append((path, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(2)
+        for item in list(running):
+            path, proc, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            text = (logs / f"{path.stem}.log").read_text()
+            folder = [
+                line.split("run folder:", 1)[1].strip() for line in text.splitlines() if "run folder:" in line
+            ]
+            if proc.returncode or not folder:
+                print(f"FAILED {path.stem} (see {logs / (path.stem + '.log')})", flush=True)
+                continue
+            run_dirs[path] = Path(folder[-1])
+            print(f"done  {path.stem} -> {folder[-1]}", flush=True)
+    return [run_dirs[p] for p in paths if p in run_dirs]
+
+
+def summary_markdown(run_dirs: list[Path]) -> str:
+    """Per-market AUC, average AUC/LogLoss/gAUC (mean ± std), bytes up per market per round, alignment."""
+    from fedmarket.report import _markdown, comparison_table, load_run
+
+    runs = [load_run(d) for d in run_dirs]
+    auc = comparison_table(runs, "auc", formatted=True)
+    lines = ["### AUC per market (test, 1+99 candidates, mean ± std over seeds)", "", _markdown(auc), ""]
+    rows = []
+    for label, run, folder in zip(auc.index, runs, run_dirs, strict=True):
+        comm = run["communication"].values()
+        up = [c["up_bytes"] / c["rounds"] for c in comm if c.get("rounds")]
+        align = folder / "alignment.json"
+        a = json.loads(align.read_text()) if align.exists() else {}
+        avg, std = run["average"], run["average_std"]
+
+        def cell(metric: str, avg=avg, std=std) -> str:
+            return f"{avg.get(metric, float('nan')):.4f} ± {std.get(metric, float('nan')):.4f}"
+
+        rows.append(
+            {
+                "run": label,
+                "AUC": cell("auc"),
+                "LogLoss": cell("logloss"),
+                "gAUC": cell("gauc"),
+                "up KB/round/market": f"{sum(up) / len(up) / 1e3:.1f}"
+                if up and run.get("private", True)
+                else "raw data",
+                "same c1 (shared ASIN)": f"{a['same_code']:.3f}" if "same_code" in a else "",
+                "chance": f"{a['chance']:.3f}" if "chance" in a else "",
+            }
+        )
+    import pandas as pd
+
+    lines += [
+        "### Averages over markets, bytes and code alignment",
+        "",
+        _markdown(pd.DataFrame(rows), index=False),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--models", nargs="+", default=["deepfm", "dcnv2"])
+    ap.add_argument("--rows", nargs="*", default=ROWS, help="rows to run (none: only --reuse)")
+    ap.add_argument("--out", default="runs/fedmm_comparison")
+    ap.add_argument(
+        "--reuse", nargs="*", default=[], help="finished run folders to include instead of re-running"
+    )
+    args = ap.parse_args()
+    out = Path(args.out)
+    paths = [config_path(r, m) for m in args.models for r in args.rows if config_path(r, m).exists()]
+    started = time.perf_counter()
+    run_dirs = [Path(p) for p in args.reuse] + run_all(paths, args.seeds, args.jobs, out, args.threads)
+    wall = time.perf_counter() - started
+
+    from fedmarket.methods.fedmm import alignment_from_run
+    from fedmarket.report import write_report
+
+    for folder in run_dirs:
+        if json.loads((folder / "metrics.json").read_text())["method"] == "fedmm":
+            alignment_from_run(folder)
+    report = write_report(run_dirs, out, title="FedMM comparison on XMarket (8 markets)")
+    summary = summary_markdown(run_dirs)
+    (out / "summary.md").write_text(
+        f"{summary}\nwall time of this comparison: {wall:.0f} s ({args.jobs} jobs)\n"
+    )
+    print(summary)
+    print(f"report: {report}\nwall time: {wall:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

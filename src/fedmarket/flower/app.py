@@ -1,0 +1,45 @@
+"""The Flower app objects (``[tool.flwr.app.components]`` in pyproject.toml):
+``serverapp = "fedmarket.flower.app:server_app"``, ``clientapp = "fedmarket.flower.app:client_app"``."""
+
+from __future__ import annotations
+
+import os
+
+for _key, _value in {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+
+from fedmarket.flower.client import handle  # noqa: E402
+from fedmarket.flower.server import serve  # noqa: E402
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+
+@client_app.query()
+def query(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@client_app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return handle(msg, context)
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    serve(grid, dict(context.run_config))

@@ -1,0 +1,299 @@
+"""The ClientApp side: one SuperNode is one market, running the method's own `ClientTrainer`.
+
+The market comes from the SuperNode's node config (``--node-config 'market="de" data-dir="/data"'``) or, in
+simulation, from ``partition-id`` into the experiment's market list. The client loads ONLY that market
+(``load_dataset(..., markets=[market])`` + `leave_one_out` with the experiment's eval settings: splits depend
+only on ``eval.split_seed`` and the market, so they equal the in-process ones).
+
+Trainer state across messages. Under the Deployment Engine every message starts a fresh ClientApp process,
+so the trainer's ``state_dict`` is written to a per-market state folder after every train/evaluate step,
+named by (round, stage): ``<state-dir>/<run key>/seed<S>/<market>/r00003-eval.pt``. A train message for round
+r loads the latest state before r, an evaluate message the latest up to r, the final test the selected
+round. Keying by round, not "latest", is what makes both failure paths exact: a SuperLink killed mid-round
+resumes that round from the states before it, and a SuperNode restarted on the same state folder rejoins
+with its own last state. (The state stays on the market's own disk; ``context.state`` would be lost with a
+restarted SuperNode.) Within one process (simulation, where a Ray actor serves many messages) the built
+trainer and the parsed market data are cached and reused whenever the cached state is the one needed, so
+no data is re-read and no state re-loaded per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from fedmarket.config import ExperimentConfig, config_from_dict
+from fedmarket.data import load_dataset
+from fedmarket.data.split import MarketSplit, leave_one_out
+from fedmarket.errors import FedmarketError
+from fedmarket.federation.core import ClientTrainer, RoundConfig
+from fedmarket.flower.records import (
+    ARRAYS,
+    ENVELOPE,
+    METRICS,
+    envelope,
+    open_envelope,
+    payload_to_record,
+    record_to_payload,
+)
+from fedmarket.methods import get_method
+
+_PROCESS_START = time.time()
+try:  # process age at the first handler = start-up + imports (the Deployment Engine pays it per message)
+    import psutil
+
+    _PROCESS_START = psutil.Process().create_time()
+except Exception:  # pragma: no cover - psutil ships with ray; fall back to import time
+    pass
+
+
+# ------------------------------------------------------------------------------------------ state store
+_TAG = re.compile(r"r(\d{5})-(init|fit|eval)\.pt$")
+
+
+class StateStore:
+    """A market's trainer states by (round, stage), on the market's own disk; writes are atomic."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def tags(self) -> list[tuple[int, str]]:
+        if not self.root.is_dir():
+            return []
+        out = []
+        for p in self.root.iterdir():
+            m = _TAG.match(p.name)
+            if m:
+                out.append((int(m.group(1)), m.group(2)))
+        return sorted(out)
+
+    def latest(self, upto: int) -> tuple[int, str] | None:
+        """The newest state of a round ≤ ``upto`` (eval after fit within a round)."""
+        candidates = [t for t in self.tags() if t[0] <= upto]
+        return max(candidates, key=lambda t: (t[0], t[1] == "eval")) if candidates else None
+
+    def path(self, tag: tuple[int, str]) -> Path:
+        return self.root / f"r{tag[0]:05d}-{tag[1]}.pt"
+
+    def save(self, tag: tuple[int, str], state: dict[str, Any]) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(tag).with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path(tag))
+        if tag[1] == "eval":  # the evaluated state supersedes the round's post-fit state
+            self.path((tag[0], "fit")).unlink(missing_ok=True)
+
+    def load(self, tag: tuple[int, str]) -> dict[str, Any]:
+        return torch.load(self.path(tag), weights_only=False)
+
+    def prune(self, keep_round: int) -> None:
+        """Keep the two newest rounds (a resumed round needs the one before it) and ``keep_round`` (the
+        best so far, which the final test may restore)."""
+        rounds = sorted({r for r, _ in self.tags()})
+        keep = set(rounds[-2:]) | {keep_round}
+        for tag in self.tags():
+            if tag[0] not in keep:
+                self.path(tag).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ the market
+@dataclass
+class _Cached:
+    trainer: ClientTrainer
+    tag: tuple[int, str]
+
+
+_SPLITS: dict[str, MarketSplit] = {}
+_TRAINERS: dict[tuple[str, int, str], _Cached] = {}
+_CONFIGS: dict[str, ExperimentConfig] = {}
+
+
+@dataclass
+class Timing:
+    """Where a client's time goes in one message (reported to the server, which writes it per round)."""
+
+    process_age: float = 0.0  # seconds since this process started, at handler entry
+    data: float = 0.0  # reading + splitting the market's data (0 when cached)
+    build: float = 0.0  # building the trainer (model init)
+    state_load: float = 0.0
+    state_save: float = 0.0
+    compute: float = 0.0  # fit / evaluate proper
+    cache_hit: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items() if k != "extra"} | self.extra
+
+
+def experiment_config(text: str) -> ExperimentConfig:
+    if text not in _CONFIGS:
+        _CONFIGS[text] = config_from_dict(json.loads(text))
+    return _CONFIGS[text]
+
+
+def resolve_market(node_config: dict[str, Any], cfg: ExperimentConfig) -> str:
+    """``market`` from the node config, else ``partition-id`` into ``dataset.markets`` (simulation)."""
+    if "market" in node_config:
+        return str(node_config["market"])
+    if "partition-id" in node_config:
+        markets = cfg.dataset.markets
+        if not markets:
+            raise FedmarketError("simulation needs dataset.markets listed: partition-id indexes that list")
+        pid = int(node_config["partition-id"])
+        if not 0 <= pid < len(markets):
+            raise FedmarketError(f"partition-id {pid} outside dataset.markets {markets}")
+        return markets[pid]
+    raise FedmarketError("SuperNode has no market: start it with --node-config 'market=\"<name>\"'")
+
+
+def market_split(cfg: ExperimentConfig, market: str, data_dir: str | None, timing: Timing) -> MarketSplit:
+    d = cfg.dataset
+    key = json.dumps(
+        [d.name, market, data_dir, d.options, cfg.eval.candidates, cfg.eval.split_seed],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _SPLITS:
+        t0 = time.perf_counter()
+        markets = load_dataset(
+            d.name, data_dir=data_dir, markets=[market], use_cache=d.use_cache, **d.options
+        )
+        if market not in markets:
+            raise FedmarketError(f"dataset {d.name!r} has no market {market!r}")
+        _SPLITS[key] = leave_one_out(markets[market], cfg.eval.candidates, cfg.eval.split_seed)
+        timing.data = time.perf_counter() - t0
+    return _SPLITS[key]
+
+
+class MarketClient:
+    """Serves one message for this node's market: finds or rebuilds the trainer at the needed state."""
+
+    def __init__(self, request: dict[str, Any], context: Context) -> None:
+        self.timing = Timing(process_age=time.time() - _PROCESS_START)
+        self.request = request
+        self.cfg = experiment_config(request["experiment"])
+        node = dict(context.node_config)
+        self.market = resolve_market(node, self.cfg)
+        self.data_dir = str(node["data-dir"]) if "data-dir" in node else self.cfg.dataset.data_dir
+        self.seed = int(request["seed"])
+        state_root = (
+            node.get("state-dir")
+            or request.get("state_dir")
+            or os.path.join(os.environ.get("FLWR_HOME") or tempfile.gettempdir(), "fedmarket-state")
+        )
+        self.store = StateStore(Path(str(state_root)) / request["key"] / f"seed{self.seed}" / self.market)
+        self.cache_key = (request["key"], self.seed, self.market)
+
+    def _fresh_trainer(self) -> ClientTrainer:
+        split = market_split(self.cfg, self.market, self.data_dir, self.timing)
+        t0 = time.perf_counter()
+        method = get_method(self.cfg.method.name)
+        opts = method.parse_options(self.cfg.method.options)
+        torch.set_num_threads(self.cfg.train.threads)
+        trainers, _ = method.build(self.cfg, opts, {self.market: split}, self.seed)
+        if set(trainers) != {self.market}:
+            raise FedmarketError(
+                f"method {self.cfg.method.name!r} built trainers {sorted(trainers)} for market {self.market!r}"
+            )
+        self.timing.build = time.perf_counter() - t0
+        return trainers[self.market]
+
+    def trainer_at(self, tag: tuple[int, str] | None) -> ClientTrainer:
+        """The trainer holding state ``tag`` (None: freshly initialised)."""
+        wanted = tag or (0, "init")
+        cached = _TRAINERS.get(self.cache_key)
+        if cached is not None and cached.tag == wanted:
+            self.timing.cache_hit = 1
+            return cached.trainer
+        trainer = cached.trainer if cached is not None and tag is not None else self._fresh_trainer()
+        torch.set_num_threads(self.cfg.train.threads)
+        if tag is not None:
+            t0 = time.perf_counter()
+            trainer.load_state_dict(self.store.load(tag))
+            self.timing.state_load = time.perf_counter() - t0
+        _TRAINERS[self.cache_key] = _Cached(trainer, wanted)
+        return trainer
+
+    def save(self, trainer: ClientTrainer, tag: tuple[int, str], keep_round: int) -> None:
+        t0 = time.perf_counter()
+        self.store.save(tag, trainer.state_dict())
+        self.store.prune(keep_round)
+        _TRAINERS[self.cache_key] = _Cached(trainer, tag)
+        self.timing.state_save = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- the three message kinds
+    def hello(self, want_initial: bool) -> RecordDict:
+        content = RecordDict({ENVELOPE: envelope(market=self.market, timing=self.timing.as_dict())})
+        if want_initial:
+            trainer = self.trainer_at(None)
+            content[ARRAYS] = payload_to_record(trainer.initial_payload())
+        return content
+
+    def train(self, payload: dict, server_round: int) -> RecordDict:
+        trainer = self.trainer_at(self.store.latest(server_round - 1))
+        req = self.request
+        config = RoundConfig(server_round, int(req["local_epochs"]), self.seed, dict(req.get("options", {})))
+        t0 = time.perf_counter()
+        update = trainer.fit(payload, config)
+        self.timing.compute = time.perf_counter() - t0
+        self.save(trainer, (server_round, "fit"), int(req.get("keep_round", 0)))
+        metrics = MetricRecord({"num_examples": int(update.num_examples)})
+        for k, v in update.metrics.items():
+            metrics[k] = float(v)
+        return RecordDict(
+            {
+                ARRAYS: payload_to_record(update.payload),
+                METRICS: metrics,
+                ENVELOPE: envelope(market=self.market, timing=self.timing.as_dict()),
+            }
+        )
+
+    def evaluate(self, payload: dict, server_round: int) -> RecordDict:
+        req = self.request
+        split = req["split"]
+        if split == "test":
+            restore = int(req.get("restore_round", 0))
+            tag = self.store.latest(restore if restore > 0 else server_round)
+            if restore > 0 and (tag is None or tag[0] != restore):
+                raise FedmarketError(f"market {self.market}: no saved state of selected round {restore}")
+        else:
+            tag = self.store.latest(server_round)
+        trainer = self.trainer_at(tag)
+        t0 = time.perf_counter()
+        metrics = trainer.evaluate(payload or None, split, full_ranking=bool(req.get("full_ranking", False)))
+        self.timing.compute = time.perf_counter() - t0
+        if split == "valid":  # the evaluated state (payload loaded) is what a best round restores
+            self.save(trainer, (server_round, "eval"), int(req.get("keep_round", 0)))
+        return RecordDict(
+            {ENVELOPE: envelope(market=self.market, metrics=metrics, timing=self.timing.as_dict())}
+        )
+
+
+def handle(msg: Message, context: Context) -> Message:
+    """The ClientApp's one handler body for ``query`` / ``train`` / ``evaluate`` messages."""
+    t0 = time.perf_counter()
+    request = open_envelope(msg.content[ENVELOPE])
+    client = MarketClient(request, context)
+    payload = record_to_payload(msg.content[ARRAYS]) if ARRAYS in msg.content else {}
+    kind = msg.metadata.message_type.split(".")[0]
+    if kind == "query":
+        content = client.hello(bool(request.get("want_initial", False)))
+    elif kind == "train":
+        content = client.train(payload, int(request["round"]))
+    elif kind == "evaluate":
+        content = client.evaluate(payload, int(request["round"]))
+    else:
+        raise FedmarketError(f"unknown message type {msg.metadata.message_type!r}")
+    timing = open_envelope(content[ENVELOPE])
+    timing["timing"]["handler"] = time.perf_counter() - t0
+    content[ENVELOPE] = envelope(**timing)
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,461 @@
+"""The ServerApp side: the method's own `Strategy`, driven round by round over a Flower ``Grid``.
+
+Each round is the in-process `Simulator`'s round (same market selection, same checks, same aggregation order,
+same best-round rule, via the shared functions of `fedmarket.federation.runtime`), with messages instead of
+calls:
+
+1. discover SuperNodes (a ``query`` message asks each new node which market it serves; the first market's
+   reply also carries the initial shared parameters, as the in-process runtime takes the first trainer's);
+2. ``train``: each selected market gets its own download (strategies may personalise); every reply is
+   checked against the method's `UploadDeclaration` and by `validate_update`, then aggregated in market order
+   (so the float sums equal the in-process ones);
+3. ``evaluate`` on validation for every market; the server keeps each market's best round (it sees only the
+   metrics — the model state stays in the market, which keeps a snapshot of that round, see `client`);
+4. after the last round, ``evaluate`` on test with each market restoring its selected round.
+
+A market whose node is missing, errors, times out or uploads something invalid is recorded in ``failures``
+and left out of that step; the round fails only below ``train.min_markets``. A node that (re)connects is
+discovered at the next round and rejoins. After every round the server state is checkpointed in the run
+folder, so a run whose SuperLink died is resumed by submitting it again with ``resume=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import Message, RecordDict
+
+from fedmarket.api import _write_json, new_run_dir, seed_record, write_results
+from fedmarket.config import ExperimentConfig, load_config
+from fedmarket.errors import FedmarketError
+from fedmarket.federation.core import Strategy, Update
+from fedmarket.federation.payload import payload_bytes, validate_update
+from fedmarket.federation.runtime import SimulationResult, improves, select_markets, selection_score
+from fedmarket.flower.records import (
+    ARRAYS,
+    ENVELOPE,
+    METRICS,
+    envelope,
+    open_envelope,
+    payload_to_record,
+    record_to_payload,
+)
+from fedmarket.methods import get_method
+from fedmarket.methods.base import Method
+
+log = logging.getLogger(__name__)
+
+
+def server_strategy(method: Method, cfg: ExperimentConfig, seed: int) -> Strategy:
+    """The method's server strategy without any market data: ``build`` with no splits. Every method plugs
+    into Flower this way, so its ``build`` must accept an empty split dict (return no trainers)."""
+    if not method.private:
+        raise FedmarketError(
+            f"method {method.name!r} pools raw data (not private); it has no federated form to run on Flower"
+        )
+    trainers, strategy = method.build(cfg, method.parse_options(cfg.method.options), {}, seed)
+    if trainers:
+        raise FedmarketError(f"method {method.name!r} built trainers without data; cannot run on Flower")
+    return strategy
+
+
+class FlowerServer:
+    """Runs every seed of an experiment over ``grid`` and writes the run folder."""
+
+    def __init__(
+        self,
+        grid: Any,
+        cfg: ExperimentConfig,
+        run_dir: Path,
+        *,
+        resume: bool = False,
+        reply_timeout: float = 600.0,
+        wait_nodes: float = 120.0,
+        state_dir: str = "",
+        poll_interval: float = 0.05,
+    ) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.resume = resume
+        self.reply_timeout = reply_timeout
+        self.wait_nodes = wait_nodes
+        self.state_dir = state_dir
+        self.poll_interval = poll_interval
+        self.method = get_method(cfg.method.name)
+        self.experiment = json.dumps(cfg.to_dict())
+        self.key = run_dir.name  # names the markets' state folders; stable across a resume
+        self.nodes: dict[str, int] = {}  # market -> node id
+        self.known_nodes: set[int] = set()
+        self.markets: list[str] = list(cfg.dataset.markets or [])
+        self.timings: list[dict[str, Any]] = []
+
+    # ----------------------------------------------------------------------------- messaging
+    def _request(self, seed: int, server_round: int, **fields: Any) -> dict[str, Any]:
+        return {
+            "experiment": self.experiment,
+            "key": self.key,
+            "seed": seed,
+            "round": server_round,
+            "state_dir": self.state_dir,
+            **fields,
+        }
+
+    def exchange(
+        self, kind: str, contents: dict[Any, RecordDict], destinations: dict[Any, int], tag: dict[str, Any]
+    ) -> tuple[dict[Any, Message], dict[Any, str]]:
+        """Send one message per key, wait for the replies (at most ``reply_timeout``), and return the good
+        replies and an error text per key that has none. A destination that drops off the SuperLink's node
+        list stops being waited for."""
+        errors: dict[Any, str] = {}
+        messages: dict[Any, Message] = {}
+        for key, content in contents.items():
+            messages[key] = Message(content=content, dst_node_id=destinations[key], message_type=kind)
+        if not messages:
+            return {}, errors
+        sent = time.perf_counter()
+        ids = list(self.grid.push_messages(list(messages.values())))
+        pending = {mid: key for mid, key in zip(ids, messages, strict=True) if mid}
+        for key in set(messages) - set(pending.values()):
+            errors[key] = "message could not be pushed"
+        replies: dict[Any, Message] = {}
+        deadline = sent + self.reply_timeout
+        last_check = sent
+        while pending and time.perf_counter() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is None:
+                    continue
+                if reply.has_error():
+                    errors[key] = f"error {reply.error.code}: {reply.error.reason}"
+                    continue
+                replies[key] = reply
+                body = open_envelope(reply.content[ENVELOPE])
+                self.timings.append(
+                    {
+                        **tag,
+                        "stage": kind,
+                        "key": str(key),
+                        "round_trip": time.perf_counter() - sent,
+                        **body.get("timing", {}),
+                    }
+                )
+            if pending and time.perf_counter() - last_check > 2.0:
+                last_check = time.perf_counter()
+                online = set(self.grid.get_node_ids())
+                for mid, key in list(pending.items()):
+                    if destinations[key] not in online:
+                        errors[key] = f"node {destinations[key]} went offline"
+                        del pending[mid]
+            if pending:
+                time.sleep(self.poll_interval)
+        for key in pending.values():
+            errors[key] = f"no reply within {self.reply_timeout:.0f} s"
+        return replies, errors
+
+    def discover(self, seed: int, want_initial: bool, wait: float) -> dict[str, Any]:
+        """Map markets to connected nodes, asking new nodes which market they serve. Waits up to ``wait``
+        seconds for every expected market. Returns the initial payload of the first market if asked."""
+        deadline = time.perf_counter() + wait
+        initial: dict[str, Any] = {}
+        while True:
+            online = set(self.grid.get_node_ids())
+            self.nodes = {m: n for m, n in self.nodes.items() if n in online}
+            new = sorted(online - self.known_nodes)
+            if new:
+                req = self._request(seed, 0, want_initial=want_initial)
+                contents = {n: RecordDict({ENVELOPE: envelope(**req)}) for n in new}
+                replies, errors = self.exchange(
+                    "query", contents, {n: n for n in new}, {"seed": seed, "round": 0}
+                )
+                for node, reply in replies.items():
+                    market = open_envelope(reply.content[ENVELOPE])["market"]
+                    self.known_nodes.add(node)
+                    self.nodes[market] = node  # a restarted market's new node replaces its old one
+                    if ARRAYS in reply.content:
+                        initial[market] = record_to_payload(reply.content[ARRAYS])
+                for node, err in errors.items():
+                    log.warning("node %s did not answer discovery: %s", node, err)
+            expected = self.markets or sorted(self.nodes)
+            if self.nodes and all(m in self.nodes for m in expected):
+                break
+            if time.perf_counter() > deadline:
+                break
+            time.sleep(1.0)
+        if not self.markets:
+            self.markets = sorted(self.nodes)
+        return initial
+
+    # ----------------------------------------------------------------------------- one seed
+    def run_seed(self, seed: int) -> SimulationResult:
+        cfg = self.cfg
+        strategy = server_strategy(self.method, cfg, seed)
+        ckpt = self.run_dir / "checkpoints" / f"seed{seed}.pt"
+        state = self._fresh_state()
+        resumed = self.resume and ckpt.exists()
+        if resumed:
+            saved = torch.load(ckpt, weights_only=False)
+            strategy.load_state_dict(saved["strategy"])
+            state = {k: saved[k] for k in state}
+            self.markets = saved["markets"]
+            log.info("seed %d: resumed from %s at round %d", seed, ckpt, state["round"])
+        initial = self.discover(seed, want_initial=not resumed, wait=self.wait_nodes)
+        if not self.markets:
+            raise FedmarketError("no SuperNode connected")
+        if not resumed:
+            if not any(m in initial for m in self.markets):  # nodes known before this seed: ask again
+                self.known_nodes -= set(self.nodes.values())
+                initial = self.discover(seed, want_initial=True, wait=0.0)
+            first = next((m for m in self.markets if m in initial), None)
+            if first is None:
+                raise FedmarketError(f"no market answered with initial parameters; nodes: {self.nodes}")
+            strategy.initialize(initial[first])
+            state["communication"] = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in self.markets}
+        min_markets = min(cfg.train.min_markets, len(self.markets))
+        for server_round in range(state["round"] + 1, cfg.train.rounds + 1):
+            t0 = time.perf_counter()
+            self.discover(seed, want_initial=False, wait=0.0)  # a (re)started node rejoins here
+            self.run_round(seed, server_round, strategy, state, min_markets)
+            self.timings.append(
+                {"seed": seed, "round": server_round, "stage": "round", "seconds": time.perf_counter() - t0}
+            )
+            state["round"] = server_round
+            self._checkpoint(ckpt, strategy, state)
+            _write_json(
+                self.run_dir / "flower_progress.json",
+                {"seed": seed, "round": server_round, "seconds": time.perf_counter() - t0},
+            )
+        self.discover(seed, want_initial=False, wait=0.0)
+        return self.finish(seed, state)
+
+    def _fresh_state(self) -> dict[str, Any]:
+        return {
+            "round": 0,
+            "history": [],
+            "failures": [],
+            "uploads": [],
+            "communication": {},
+            "best": {},
+        }
+
+    def _checkpoint(self, path: Path, strategy: Strategy, state: dict[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(
+            {**state, "strategy": strategy.state_dict(), "markets": self.markets, "runtime": "flower"}, tmp
+        )
+        os.replace(tmp, path)
+
+    def _fail(self, state: dict, seed: int, server_round: int, market: str, stage: str, error: str) -> None:
+        log.warning("round %d: market %s failed in %s: %s", server_round, market, stage, error)
+        state["failures"].append(
+            {
+                "seed": seed,
+                "round": server_round,
+                "market": market,
+                "stage": stage,
+                "error": error,
+                "traceback": "",
+            }
+        )
+
+    def _send(
+        self,
+        seed: int,
+        server_round: int,
+        kind: str,
+        requests: dict[str, tuple[dict, dict]],
+        state: dict,
+        stage: str,
+    ) -> dict[str, Message]:
+        """Send each market its (envelope fields, payload); markets without a node fail at once."""
+        contents, destinations = {}, {}
+        for market, (fields, payload) in requests.items():
+            if market not in self.nodes:
+                self._fail(state, seed, server_round, market, stage, "no SuperNode connected for this market")
+                continue
+            contents[market] = RecordDict(
+                {
+                    ENVELOPE: envelope(**self._request(seed, server_round, **fields)),
+                    ARRAYS: payload_to_record(payload),
+                }
+            )
+            destinations[market] = self.nodes[market]
+        replies, errors = self.exchange(kind, contents, destinations, {"seed": seed, "round": server_round})
+        for market, err in errors.items():
+            self._fail(state, seed, server_round, market, stage, err)
+        return {m: replies[m] for m in requests if m in replies}
+
+    def run_round(
+        self, seed: int, server_round: int, strategy: Strategy, state: dict, min_markets: int
+    ) -> None:
+        cfg = self.cfg
+        selected = select_markets(self.markets, seed, server_round, cfg.train.client_fraction, min_markets)
+        downloads = strategy.configure_train(server_round, selected)
+        options = strategy.round_options(server_round)
+        requests = {}
+        for market in selected:
+            down = downloads.get(market, {})
+            state["communication"][market]["down_bytes"] += payload_bytes(down)
+            best = state["best"].get(market)
+            fields = {
+                "local_epochs": cfg.train.local_epochs,
+                "options": options,
+                "keep_round": best["round"] if best else 0,
+            }
+            requests[market] = (fields, down)
+        replies = self._send(seed, server_round, "train", requests, state, "fit")
+        updates: dict[str, Update] = {}
+        for market in selected:  # market order, not arrival order: the aggregate's float sums depend on it
+            if market not in replies:
+                continue
+            reply = replies[market]
+            down = downloads.get(market, {})
+            try:
+                upload = record_to_payload(reply.content[ARRAYS])
+                metrics = dict(reply.content[METRICS])
+                num_examples = int(metrics.pop("num_examples"))
+                self.method.declaration.check(upload, market)
+                validate_update(upload, down if down else None, market)
+            except Exception as exc:
+                self._fail(state, seed, server_round, market, "fit", f"{type(exc).__name__}: {exc}")
+                continue
+            up = payload_bytes(upload)
+            state["communication"][market]["up_bytes"] += up
+            state["communication"][market]["rounds"] += 1
+            state["uploads"].append(
+                {
+                    "seed": seed,
+                    "round": server_round,
+                    "market": market,
+                    "bytes": up,
+                    "keys": {k: list(np.shape(v)) for k, v in upload.items()},
+                }
+            )
+            updates[market] = Update(upload, num_examples, {k: float(v) for k, v in metrics.items()})
+        if len(updates) < min_markets:
+            failed = [
+                f["market"] for f in state["failures"] if f["round"] == server_round and f["seed"] == seed
+            ]
+            raise FedmarketError(
+                f"round {server_round}: only {len(updates)} market(s) succeeded, fewer than train.min_markets="
+                f"{min_markets}; failures: {failed}"
+            )
+        strategy.aggregate_train(server_round, updates)
+        if server_round % cfg.eval.every == 0 or server_round == cfg.train.rounds:
+            self.evaluate_round(seed, server_round, strategy, state, updates)
+
+    def evaluate_round(
+        self, seed: int, server_round: int, strategy: Strategy, state: dict, updates: dict[str, Update]
+    ) -> None:
+        cfg = self.cfg
+        payloads = strategy.configure_evaluate(server_round, self.markets)
+        requests = {}
+        for market in self.markets:
+            best = state["best"].get(market)
+            fields = {"split": "valid", "keep_round": best["round"] if best else 0}
+            requests[market] = (fields, payloads.get(market) or {})
+        replies = self._send(seed, server_round, "evaluate", requests, state, "evaluate")
+        for name in self.markets:
+            if name not in replies:
+                continue
+            metrics = open_envelope(replies[name].content[ENVELOPE])["metrics"]
+            for market, values in metrics.items():
+                row = {"seed": seed, "round": server_round, "market": market, "split": "valid", **values}
+                if name in updates:
+                    row.update({f"train_{k}": v for k, v in updates[name].metrics.items()})
+                state["history"].append(row)
+            score = selection_score(metrics, cfg.eval.select_metric)
+            prev = state["best"].get(name)
+            if cfg.eval.select == "last" or improves(
+                prev["score"] if prev else None, score, cfg.eval.select_metric
+            ):
+                state["best"][name] = {"score": score, "round": server_round}
+
+    def finish(self, seed: int, state: dict) -> SimulationResult:
+        requests = {}
+        for market in self.markets:
+            best = state["best"].get(market)
+            fields = {
+                "split": "test",
+                "restore_round": best["round"] if best else 0,
+                "full_ranking": self.cfg.eval.full_ranking,
+            }
+            requests[market] = (fields, {})
+        replies = self._send(seed, state["round"], "evaluate", requests, state, "test")
+        test: dict[str, dict[str, float]] = {}
+        for market in self.markets:
+            if market in replies:
+                test.update(open_envelope(replies[market].content[ENVELOPE])["metrics"])
+        return SimulationResult(
+            test=test,
+            history=state["history"],
+            communication=state["communication"],
+            failures=state["failures"],
+            selected_round={m: b["round"] for m, b in state["best"].items()},
+            uploads=state["uploads"],
+        )
+
+    # ----------------------------------------------------------------------------- every seed
+    def run(self) -> Path:
+        run_dir, cfg = self.run_dir, self.cfg
+        (run_dir / "seeds").mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "config.yaml").exists():
+            (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        started = time.perf_counter()
+        per_seed = []
+        for seed in cfg.seeds:
+            seed_file = run_dir / "seeds" / f"seed{seed}.json"
+            if self.resume and seed_file.exists():
+                per_seed.append(json.loads(seed_file.read_text()))
+                continue
+            t0 = time.perf_counter()
+            result = self.run_seed(seed)
+            record = seed_record(seed, result, time.perf_counter() - t0)
+            _write_json(seed_file, record)
+            per_seed.append(record)
+            self.nodes, self.known_nodes = {}, set()  # each seed re-discovers (nodes may have changed)
+        _write_json(run_dir / "flower_timing.json", self.timings)
+        write_results(cfg, run_dir, per_seed, time.perf_counter() - started, markets=self.markets)
+        return run_dir
+
+
+def serve(grid: Any, run_config: dict[str, Any]) -> Path:
+    """The ServerApp body. Run config: ``run-dir`` (a folder holding ``config.yaml``, written by
+    ``fedmarket flower ...``) or ``config`` (a YAML path; a new run folder is made under its output_dir);
+    ``resume``; ``reply-timeout`` and ``wait-nodes`` in seconds; ``state-dir`` (a hint for clients without
+    their own ``state-dir`` node config: simulation on one machine)."""
+    run_dir_text = str(run_config.get("run-dir", "") or "")
+    config_text = str(run_config.get("config", "") or "")
+    if run_dir_text and Path(run_dir_text, "config.yaml").exists():
+        run_dir = Path(run_dir_text)
+        cfg = load_config(run_dir / "config.yaml")
+    elif config_text:
+        cfg = load_config(config_text)
+        run_dir = Path(run_dir_text) if run_dir_text else new_run_dir(cfg)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        raise FedmarketError("run config needs run-dir (holding config.yaml) or config (a YAML path)")
+    torch.set_num_threads(cfg.train.threads)
+    server = FlowerServer(
+        grid,
+        cfg,
+        run_dir,
+        resume=bool(run_config.get("resume", False)),
+        reply_timeout=float(run_config.get("reply-timeout", 600.0)),
+        wait_nodes=float(run_config.get("wait-nodes", 120.0)),
+        state_dir=str(run_config.get("state-dir", "") or ""),
+    )
+    try:
+        return server.run()
+    except BaseException as exc:
+        _write_json(run_dir / "flower_error.json", {"error": f"{type(exc).__name__}: {exc}"})
+        raise

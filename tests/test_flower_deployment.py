@@ -1,0 +1,125 @@
+"""Real Flower processes on 127.0.0.1 (SuperLink + one SuperNode per market, or the simulation SuperLink):
+equivalence with the in-process runtime, TLS (and refusal of a wrong or missing CA), a SuperNode killed
+mid-run. XMarket in + jp, 2 rounds. Every process is started by the test's `LocalFederation` and stopped
+by pid; each test asserts that nothing it started is left running.
+
+Tolerance for equivalence: exact equality. The same seed gives the same arithmetic on both runtimes: the
+ClientTrainer is the same code on the same single-market data (splits depend only on the split seed and
+the market), randomness is derived from (seed, market, round, epoch), payloads cross as bit-exact arrays,
+the server aggregates in market order, and torch runs with the same 1 intra-op thread. A reordering of the
+float sums would show up as ~1e-7 differences; none is expected, so none is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmarket.api import run_experiment
+from fedmarket.config import config_from_dict
+from fedmarket.flower.launch import (
+    LocalFederation,
+    make_certificates,
+    prepare_flower_run,
+    run_on_flower,
+    wait_for_run,
+    write_app_dir,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def xmrec_cfg(tmp_path: Path, data_dir: Path, name: str, **train) -> dict:
+    return {
+        "name": name,
+        "dataset": {"name": "xmrec", "markets": ["in", "jp"], "data_dir": str(data_dir)},
+        "method": {"name": "fedavg"},
+        "train": {"rounds": 2, "batch_size": 512, **train},
+        "output_dir": str(tmp_path / "runs"),
+        "progress": False,
+    }
+
+
+def metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, data_dir) -> dict:
+    tmp = tmp_path_factory.mktemp("inproc")
+    return metrics(run_experiment(config_from_dict(xmrec_cfg(tmp, data_dir, "inproc"))))
+
+
+def assert_same_results(got: dict, expected: dict) -> None:
+    assert got["per_market"] == expected["per_market"]  # exact: see the module docstring
+    assert got["communication"] == expected["communication"]
+    assert got["selected_round"] == expected["selected_round"]
+    assert got["failures"] == []
+
+
+def test_deployment_over_tls_equals_in_process_and_refuses_a_wrong_or_missing_ca(
+    tmp_path, data_dir, in_process
+):
+    cfg, run_dir = prepare_flower_run(config_from_dict(xmrec_cfg(tmp_path, data_dir, "tls")), None, False)
+    with LocalFederation(run_dir / "flower", tls=True) as fed:
+        fed.start_superlink()
+        for market in ("in", "jp"):
+            fed.start_supernode(market, data_dir=str(data_dir))
+        wrong_ca = make_certificates(tmp_path / "other-ca").ca
+        rogues = {
+            "rogue-wrong-ca": fed.start_supernode(
+                "in", root_certificates=wrong_ca, max_wait_time=20, name="rogue-wrong-ca"
+            ),
+            "rogue-no-ca": fed.start_supernode(
+                "in", root_certificates=None, max_wait_time=20, name="rogue-no-ca"
+            ),
+        }
+        proc = fed.submit(write_app_dir(fed.home / "app"), {"run-dir": str(run_dir)})
+        wait_for_run(fed, proc, run_dir, timeout=300)
+        for name, rogue in rogues.items():
+            rogue.wait(30)  # gives up after --max-wait-time without ever connecting
+            log = fed.log_tail(name, 20000)
+            assert rogue.returncode != 0, log
+            assert "CERTIFICATE_VERIFY_FAILED" in log or "certificate verify failed" in log, log
+        leftovers = fed
+    assert leftovers.leftover_pids() == []
+    assert_same_results(metrics(run_dir), in_process)
+
+
+def test_a_killed_supernode_is_reported_the_run_finishes_and_a_restarted_one_rejoins(tmp_path, data_dir):
+    cfg, run_dir = prepare_flower_run(config_from_dict(xmrec_cfg(tmp_path, data_dir, "kill")), None, False)
+    with LocalFederation(run_dir / "flower") as fed:
+        fed.start_superlink()
+        for market in ("in", "jp"):
+            fed.start_supernode(market, data_dir=str(data_dir))
+        proc = fed.submit(write_app_dir(fed.home / "app"), {"run-dir": str(run_dir), "reply-timeout": 15.0})
+        progress = run_dir / "flower_progress.json"
+        deadline = time.monotonic() + 200
+        while not (progress.exists() and json.loads(progress.read_text())["round"] >= 1):
+            assert time.monotonic() < deadline and proc.poll() is None, fed.log_tail("flwr-run")
+            time.sleep(0.2)
+        fed.stop("supernode-jp", sig=signal.SIGKILL)  # round 2 has just started
+        time.sleep(3)
+        fed.restart("supernode-jp")  # same market, same state folder, a new node id
+        wait_for_run(fed, proc, run_dir, timeout=300)
+        leftovers = fed
+    assert leftovers.leftover_pids() == []
+    result = metrics(run_dir)
+    assert {(f["round"], f["market"], f["stage"]) for f in result["failures"]} == {
+        (2, "jp", "fit"),
+        (2, "jp", "evaluate"),
+    }
+    assert result["communication"]["jp"]["rounds"] == 1 and result["communication"]["in"]["rounds"] == 2
+    assert set(result["per_market"]) == {"in", "jp"}  # the rejoined node restored its round-1 state
+    assert result["selected_round"]["0"]["jp"] == 1
+
+
+def test_flower_simulation_writes_the_same_run_folder_and_numbers(tmp_path, data_dir, in_process):
+    run_dir = run_on_flower(config_from_dict(xmrec_cfg(tmp_path, data_dir, "sim")), "simulation", timeout=300)
+    assert_same_results(metrics(run_dir), in_process)
+    for name in ("config.yaml", "rounds.csv", "uploads.csv", "report.md", "seeds/seed0.json"):
+        assert (run_dir / name).exists(), name

@@ -1,0 +1,162 @@
+"""Multi-task data: the real AliExpress / Ali-CCP layouts (schema fixtures), the ML-1M-proxy construction on
+hand-made ratings, the synthetic variant and the impression split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedmarket.data import load_dataset
+from fedmarket.data.market import MarketData
+from fedmarket.data.mtl import (
+    ALIEXPRESS_COLUMNS,
+    FOLD_TEST,
+    FOLD_TRAIN,
+    FOLD_VALID,
+    MTLMarket,
+    impressions_from_ratings,
+    split_impressions,
+)
+from fedmarket.errors import DataError
+
+
+def test_aliexpress_sample_reads_the_real_layout(data_dir) -> None:
+    markets = load_dataset("aliexpress", data_dir=data_dir)
+    assert list(markets) == ["us"]
+    m = markets["us"]
+    assert m.sparse.shape == (120, 16) and m.dense.shape == (120, 63)
+    assert list(m.sparse_fields) == [f"id_categorical_{i}" for i in range(1, 17)]
+    # SOURCE.md: train 100 rows (60 clicks, 2 conversions), test 20 rows (10 clicks, 2 conversions)
+    assert m.click.sum() == 70 and m.conversion.sum() == 4
+    assert (m.fold == FOLD_TRAIN).sum() == 100 and (m.fold == FOLD_TEST).sum() == 20
+    split = split_impressions(m)
+    assert len(split.test_index) == 20 and len(split.valid_index) == 10 and len(split.train_index) == 90
+
+
+def test_aliexpress_country_folders_and_bad_columns(tmp_path, data_dir) -> None:
+    sample = pd.read_csv(data_dir / "mtl-samples/aliexpress/aliexpress_train_sample.csv")
+    assert tuple(sample.columns) == ALIEXPRESS_COLUMNS
+    for cc in ("NL", "ES"):
+        folder = tmp_path / f"AliExpress_{cc}"
+        folder.mkdir()
+        sample.to_csv(folder / "train.csv", index=False)
+        sample.head(10).to_csv(folder / "test.csv", index=False)
+    markets = load_dataset("aliexpress", path=str(tmp_path), markets=["es"])
+    assert list(markets) == ["es"] and markets["es"].num_interactions == 110
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    sample.drop(columns=["conversion"]).to_csv(bad / "x_train.csv", index=False)
+    with pytest.raises(DataError, match="missing column.*conversion"):
+        load_dataset("aliexpress", path=str(bad))
+
+
+def test_aliccp_sample_scenario_field_is_dropped(data_dir) -> None:
+    markets = load_dataset("aliccp", data_dir=data_dir)
+    assert list(markets) == ["s1"]  # SOURCE.md: only value 1 of field 301 occurs in the samples
+    m = markets["s1"]
+    assert m.num_interactions == 200
+    assert "feat_301" not in m.sparse_fields and len(m.sparse_fields) == 22 and m.dense.shape[1] == 8
+    assert m.click.sum() == 12 and m.conversion.sum() == 3
+    assert [(m.fold == f).sum() for f in (FOLD_TRAIN, FOLD_VALID, FOLD_TEST)] == [100, 50, 50]
+
+
+def _rated_market() -> MarketData:
+    # 3 users over 12 items; user 0 rates 2, user 1 rates 3 (one 5-star), user 2 rates 11 of 12 items
+    users = [0, 0, 1, 1, 1] + [2] * 11
+    items = [0, 1, 0, 2, 3] + list(range(11))
+    ratings = [5, 3, 4, 5, 1] + [3] * 11
+    times = [10, 20, 5, 6, 7] + list(range(100, 111))
+    return MarketData(
+        name="toy",
+        users=np.array(users),
+        items=np.array(items),
+        timestamps=np.array(times),
+        ratings=np.array(ratings, dtype=np.float32),
+        user_ids=np.array(["a", "b", "c"], dtype=object),
+        item_ids=np.array([f"i{j}" for j in range(12)], dtype=object),
+        user_features=pd.DataFrame({"gender": [1, 2, 1], "age": [1, 2, 3]}),
+        item_features=pd.DataFrame({"genre": np.arange(12) % 3}),
+        meta={"user_feature_sizes": {"gender": 3, "age": 8}, "item_feature_sizes": {"genre": 19}},
+    )
+
+
+def test_proxy_impressions_follow_data_md() -> None:
+    rated = _rated_market()
+    m = impressions_from_ratings(rated, negatives_per_positive=2, seed=0, drop_user_features=("age",))
+    assert list(m.sparse_fields) == ["id_user", "id_item", "feat_gender", "feat_genre"]
+    user, item = m.sparse[:, 0], m.sparse[:, 1]
+    # 2 unrated per rated, capped by what the user has not rated (user 2: only 1 unrated item left)
+    assert np.bincount(user).tolist() == [6, 9, 12]
+    rated_pairs = set(zip(rated.users.tolist(), rated.items.tolist(), strict=True))
+    clicked = {(u, i) for u, i, c in zip(user, item, m.click, strict=True) if c == 1}
+    assert clicked == rated_pairs  # click = rated
+    assert all((u, i) not in rated_pairs for u, i, c in zip(user, item, m.click, strict=True) if c == 0)
+    assert m.conversion.sum() == 2 and (m.conversion <= m.click).all()  # conversion = rated 5
+    np.testing.assert_array_equal(m.ctcvr, m.click * m.conversion)
+    # unrated impressions carry the time of one of the same user's ratings; rows are in (user, time) order
+    own_times = {u: set(rated.timestamps[rated.users == u].tolist()) for u in range(3)}
+    assert all(t in own_times[u] for u, t in zip(m.groups, m.timestamps, strict=True))
+    assert (np.diff(m.groups) >= 0).all()
+    # deterministic per seed
+    again = impressions_from_ratings(rated, negatives_per_positive=2, seed=0, drop_user_features=("age",))
+    np.testing.assert_array_equal(again.sparse, m.sparse)
+
+
+def test_proxy_negatives_follow_popularity() -> None:
+    n_items = 40
+    pop_items = np.r_[np.zeros(30, dtype=int), np.arange(1, n_items)]  # item 0 is rated 30 times
+    users = np.arange(len(pop_items))
+    rated = MarketData(
+        name="pop",
+        users=users,
+        items=pop_items,
+        timestamps=np.zeros(len(users)),
+        ratings=np.full(len(users), 3.0, dtype=np.float32),
+        user_ids=np.arange(len(users)),
+        item_ids=np.arange(n_items),
+    )
+    m = impressions_from_ratings(rated, seed=1)
+    unrated = m.sparse[m.click == 0, 1]
+    # the 39 users who did not rate item 0 are very likely shown it (mass 30 out of 69)
+    assert (unrated == 0).sum() >= 25
+
+
+def test_split_is_per_user_temporal_and_seeded() -> None:
+    m = load_dataset("synthetic-mtl", num_markets=2, users_per_market=30, items_per_market=80)["m0"]
+    s = split_impressions(m, seed=3)
+    assert len(s.train_index) + len(s.valid_index) + len(s.test_index) == m.num_interactions
+    for u in np.unique(m.groups)[:10]:
+        rows = np.flatnonzero(m.groups == u)
+        test = np.intersect1d(rows, s.test_index)
+        train = np.intersect1d(rows, s.train_index)
+        assert m.timestamps[test].min() >= m.timestamps[train].max()
+    again = split_impressions(m, seed=3)
+    np.testing.assert_array_equal(again.test_index, s.test_index)
+
+
+def test_synthetic_mtl_task_conflict_knob() -> None:
+    base = load_dataset("synthetic-mtl", num_markets=2, users_per_market=40, task_conflict=0.0)
+    conflict = load_dataset("synthetic-mtl", num_markets=2, users_per_market=40, task_conflict=1.0)
+    assert base["m0"].meta["task_conflict"] == 0.0 and conflict["m0"].meta["task_conflict"] == 1.0
+    np.testing.assert_array_equal(base["m0"].click, conflict["m0"].click)  # clicks do not depend on it
+    assert not np.array_equal(base["m0"].conversion, conflict["m0"].conversion)
+
+
+def test_mtl_market_rejects_bad_labels() -> None:
+    with pytest.raises(DataError, match="0/1"):
+        MTLMarket("x", np.zeros((2, 1)), {"id_user": 1}, np.zeros((2, 0)), np.array([0, 2]), np.zeros(2))
+    with pytest.raises(DataError, match="outside"):
+        MTLMarket("x", np.array([[0], [3]]), {"id_user": 2}, np.zeros((2, 0)), np.zeros(2), np.zeros(2))
+
+
+@pytest.mark.slow
+def test_ml1m_proxy_age_real(data_dir) -> None:
+    markets = load_dataset("ml1m-proxy-age", data_dir=data_dir, markets=["age1"])
+    m = markets["age1"]
+    assert (
+        "feat_age" not in m.sparse_fields and "feat_gender" in m.sparse_fields
+    )  # scenario attribute dropped
+    assert m.summary()["users"] == 222
+    assert 0.32 < m.click.mean() < 0.35  # ≈ 1/3 by construction
+    assert 78_000 < m.num_interactions < 84_000  # DATA.md: ~82k impressions
