@@ -108,8 +108,12 @@ def main() -> None:
     if args.runs:
         seconds = {}
         for run in args.runs:
+            # per-seed training time (seeds may have been added to a run folder later, with resume)
             metrics = json.loads((Path(run) / "metrics.json").read_text())
-            seconds[metrics["name"]] = metrics["seconds"]
+            per_seed = [
+                json.loads(p.read_text())["seconds"] for p in sorted((Path(run) / "seeds").glob("seed*.json"))
+            ]
+            seconds[f"{metrics['name']} ({len(per_seed)} seeds)"] = sum(per_seed)
         result["comparison_wall_seconds"] = {"per_run": seconds, "total": sum(seconds.values())}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -100,13 +100,16 @@ def summary_markdown(run_dirs: list[Path]) -> str:
         align = folder / "alignment.json"
         a = json.loads(align.read_text()) if align.exists() else {}
         avg, std = run["average"], run["average_std"]
+        single_seed = len(run.get("seeds", [])) < 2
 
-        def cell(metric: str, avg=avg, std=std) -> str:
-            return f"{avg.get(metric, float('nan')):.4f} ± {std.get(metric, float('nan')):.4f}"
+        def cell(metric: str, avg=avg, std=std, single=single_seed) -> str:
+            mean = f"{avg.get(metric, float('nan')):.4f}"
+            return mean if single else f"{mean} ± {std.get(metric, float('nan')):.4f}"
 
         rows.append(
             {
                 "run": label,
+                "seeds": len(run.get("seeds", [])),
                 "AUC": cell("auc"),
                 "LogLoss": cell("logloss"),
                 "gAUC": cell("gauc"),
@@ -128,6 +131,30 @@ def summary_markdown(run_dirs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(run_dirs: list[Path], seed: int) -> str:
+    """AUC per market of one seed of each run (to compare 1-seed rows with the same seed of 3-seed rows)."""
+    import pandas as pd
+
+    from fedmarket.report import _markdown
+
+    rows = []
+    for folder in run_dirs:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        record = json.loads((folder / "seeds" / f"seed{seed}.json").read_text())
+        test = record["test"]
+        markets = [m for m in metrics["markets"] if m in test] or list(test)
+        row = {"run": metrics["name"]}
+        row.update({m: f"{test[m]['auc']:.4f}" for m in markets})
+        row["average"] = f"{sum(test[m]['auc'] for m in markets) / len(markets):.4f}"
+        align = folder / "alignment.json"
+        if align.exists():
+            a = json.loads(align.read_text())["seeds"].get(f"seed{seed}")
+            if a:
+                row["same c1 / chance"] = f"{a['same_code']:.3f} / {a['chance']:.3f}"
+        rows.append(row)
+    return _markdown(pd.DataFrame(rows).fillna(""), index=False)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
@@ -136,6 +163,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["deepfm", "dcnv2"])
     ap.add_argument("--rows", nargs="*", default=ROWS, help="rows to run (none: only --reuse)")
     ap.add_argument("--out", default="runs/fedmm_comparison")
+    ap.add_argument("--seed-table", type=int, help="also print the AUC table of this one seed of every run")
     ap.add_argument(
         "--reuse", nargs="*", default=[], help="finished run folders to include instead of re-running"
     )
@@ -157,6 +185,10 @@ def main() -> None:
     (out / "summary.md").write_text(
         f"{summary}\nwall time of this comparison: {wall:.0f} s ({args.jobs} jobs)\n"
     )
+    if args.seed_table is not None:
+        table = seed_table(run_dirs, args.seed_table)
+        (out / f"seed{args.seed_table}.md").write_text(table + "\n")
+        print(table)
     print(summary)
     print(f"report: {report}\nwall time: {wall:.0f} s")
 

@@ -20,6 +20,7 @@ from fedmarket.methods.fedmm import (
     upload_declaration,
 )
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # the experiments and CI share 2 cores; oversubscribed intra-op threads make tiny steps 10x slower

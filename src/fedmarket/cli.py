@@ -39,6 +39,7 @@ DEMO_CONFIGS = [
 
 
 MTL_METRICS = ("ctr_auc", "ctcvr_auc", "ctr_logloss", "ctcvr_logloss")
+SEQ_METRICS = ("full_ndcg@10", "ndcg@10", "full_hr@10", "hr@10", "full_mrr@10", "mrr@10")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -103,12 +104,18 @@ def run_comparison(config_paths: list[str], out: str | None, overrides: dict) ->
     from fedmarket.methods import get_method
 
     multitask = all(get_method(cfg.method.name).task == "mtl" for cfg in configs)
+    sequential = all(get_method(cfg.method.name).task == "seq" for cfg in configs)
     if multitask:  # CTR + CTCVR over held-out impressions (fedmarket.methods.mtl_trainer)
         report = write_report(run_dirs, out_dir, metrics=MTL_METRICS)
+    elif sequential:  # next-item ranking (fedmarket.methods.seq_trainer)
+        report = write_report(run_dirs, out_dir, metrics=SEQ_METRICS, title="fedmarket sequential comparison")
     else:
         report = write_report(run_dirs, out_dir)
-    for metric in MTL_METRICS[:2] if multitask else ("auc", "logloss"):
-        where = "held-out impressions" if multitask else "1+99 candidates"
+    shown = MTL_METRICS[:2] if multitask else SEQ_METRICS[:2] if sequential else ("auc", "logloss")
+    for metric in shown:
+        where = (
+            "held-out impressions" if multitask else "full catalog" if "full" in metric else "1+99 candidates"
+        )
         print(f"\n{metric} (test, {where}; mean ± std over seeds)")
         print(comparison_table(run_dirs, metric=metric, formatted=True).to_string())
     comm = communication_table(run_dirs)

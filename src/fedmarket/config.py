@@ -48,8 +48,11 @@ class ModelConfig:
     ctcvr_mode: str = "esmm"
 
     def validate(self, prefix: str) -> None:
-        if self.name not in ("deepfm", "dcnv2", "mmoe"):
-            raise ConfigError(f"{prefix}.name must be one of ['dcnv2', 'deepfm', 'mmoe'], got {self.name!r}")
+        # sasrec: the sequential methods (FeCoSR and baselines) read their model options from method.options
+        if self.name not in ("deepfm", "dcnv2", "mmoe", "sasrec"):
+            raise ConfigError(
+                f"{prefix}.name must be one of ['dcnv2', 'deepfm', 'mmoe', 'sasrec'], got {self.name!r}"
+            )
         _positive(self.num_experts, f"{prefix}.num_experts")
         if any(h <= 0 for h in self.tower_hidden):
             raise ConfigError(f"{prefix}.tower_hidden must hold positive sizes, got {self.tower_hidden}")

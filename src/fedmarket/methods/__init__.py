@@ -5,6 +5,7 @@ from fedmarket.methods import (
     fedmm,  # noqa: F401
     mtl_baselines,  # noqa: F401
     pfmsmt,  # noqa: F401
+    seq_baselines,  # noqa: F401  (FeCoSR and its baselines; imports fecosr)
 )
 from fedmarket.methods.base import METHODS, Method, get_method
 

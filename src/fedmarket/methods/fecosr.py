@@ -1,0 +1,100 @@
+"""FeCoSR: federated collaboration for cross-market sequential recommendation ("From Transfer to
+Collaboration: A Federated Framework for Cross-Market Sequential Recommendation", arXiv 2604.13573;
+reconstruction in METHODS.md, "FeCoSR").
+
+What leaves a market (declared once, here): during federated pre-training, the weights of the text-based
+sequence encoder, i.e. the text adaptor and the Transformer (``adaptor.*``, ``position.*``, ``blocks.*``,
+``final_norm.*``). During local fine-tuning: NOTHING (the client uploads an empty payload; asserted in
+``tests/test_fecosr.py``). Never: interactions, item text or text vectors, the local ID embedding, the
+bottleneck adapter.
+
+Algorithm (rounds 1..R, ``F = method.options.federated_rounds``):
+
+1. Item representation e_i = Adaptor(t_i) over frozen all-MiniLM-L6-v2 vectors t_i of the market's own
+   catalog (`fedmarket.models.text_encoder`, `fedmarket.models.sasrec`).
+2. Federated pre-training, rounds 1..F. Client step: ``local_epochs`` epochs of S²CE
+   (1 − λ)·CE + λ·soft-CE with q_j ∝ exp(cos(t_target, t_j)/τ) (`fedmarket.methods.s2ce`) on the market's
+   own sequences; upload the backbone. Server step: FedAvg, θ ← Σ_k (n_k / n) θ_k with n_k the market's
+   number of train targets.
+3. Local fine-tuning, rounds F+1..R. Round F+1 downloads the final global backbone; then each market
+   trains alone with its market-specific module (a local item-ID embedding added to e_i, starting at zero,
+   and a bottleneck adapter after the Transformer, starting as the identity), CE by default
+   (``finetune_loss``), the backbone at ``backbone_lr_scale × lr``. The server receives nothing.
+
+Ablations are options of this method: ``loss: ce`` (FeCoSR with CE = FedAvg-CE + fine-tune),
+``federated_rounds: 0`` or ``>= train.rounds`` (FeCoSR without fine-tuning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedmarket.federation.core import Update
+from fedmarket.federation.payload import Payload, UploadDeclaration
+from fedmarket.federation.strategies import FedAvg
+from fedmarket.methods.base import Method, register
+from fedmarket.methods.seq_trainer import SeqOptions, seq_clients
+
+TEXT_BACKBONE_UPLOAD = UploadDeclaration(
+    ("adaptor.*", "position.*", "blocks.*", "final_norm.*"),
+    "text adaptor + Transformer during federated pre-training; nothing during local fine-tuning "
+    "(ID embeddings, adapter, item text and interactions stay local)",
+)
+
+
+class FederatedThenLocal(FedAvg):
+    """FedAvg for rounds 1..F, then local fine-tuning: round F+1 downloads the final global model, later
+    rounds download nothing, and from F+1 on markets are told to fine-tune and upload nothing
+    (``F = 0``: FedAvg in every round, no fine-tuning)."""
+
+    def __init__(self, federated_rounds: int = 0, aggregation: str = "mean") -> None:
+        super().__init__(aggregation)
+        self.federated_rounds = federated_rounds
+
+    def federated(self, server_round: int) -> bool:
+        return self.federated_rounds == 0 or server_round <= self.federated_rounds
+
+    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        if self.federated(server_round) or server_round == self.federated_rounds + 1:
+            return super().configure_train(server_round, markets)
+        return {m: {} for m in markets}
+
+    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        if self.federated(server_round):
+            return super().configure_train(server_round, markets)
+        return {m: {} for m in markets}  # each market evaluates its own fine-tuned model
+
+    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        if self.federated(server_round):
+            super().aggregate_train(server_round, updates)
+
+    def round_options(self, server_round: int) -> dict[str, Any]:
+        federated = self.federated(server_round)
+        return {"upload": federated, "finetune": not federated}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "federated_rounds": self.federated_rounds}
+
+
+@dataclass
+class FeCoSROptions(SeqOptions):
+    loss: str = "s2ce"
+    federated_rounds: int = 10
+
+
+def build_fecosr(cfg, opts: FeCoSROptions, splits, seed):
+    clients = seq_clients(cfg, opts, splits, seed, TEXT_BACKBONE_UPLOAD, use_text=True)
+    return clients, FederatedThenLocal(opts.federated_rounds)
+
+
+register(
+    Method(
+        "fecosr",
+        TEXT_BACKBONE_UPLOAD,
+        build_fecosr,
+        FeCoSROptions,
+        task="seq",
+        summary="FeCoSR: federated text-SASRec pre-training with S²CE, then local fine-tuning (uploads nothing)",
+    )
+)

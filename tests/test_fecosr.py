@@ -1,0 +1,217 @@
+"""FeCoSR and the sequential baselines on tiny synthetic markets (hashing text encoder, a test double):
+what leaves a market in each phase, the phase switch, transfer, pooling, Flower-style builds, configs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmarket.config import config_from_dict, load_config
+from fedmarket.data.split import leave_one_out
+from fedmarket.data.synthetic import make_synthetic_markets
+from fedmarket.federation.runtime import Simulator
+from fedmarket.methods import get_method
+from fedmarket.models.sasrec import LOCAL_PREFIXES
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ_METHODS = (
+    "fecosr",
+    "seq_local_text",
+    "seq_local_id",
+    "seq_fedavg",
+    "seq_fedavg_id",
+    "seq_transfer",
+    "seq_transfer_id",
+    "seq_central_shared_ids",
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: a second intra-op thread only adds contention on the shared 2-core machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    markets = make_synthetic_markets(3, [50, 40, 30], 60, (6, 14), with_text=True, seed=5)
+    return {n: leave_one_out(m, num_candidates=20, split_seed=1) for n, m in markets.items()}
+
+
+def cfg_for(method: str, rounds: int = 4, **options):
+    return config_from_dict(
+        {
+            "name": f"t_{method}",
+            "dataset": {"name": "synthetic"},
+            "method": {"name": method, "options": {"text_encoder": "hashing", "hidden_dim": 16, **options}},
+            "model": {"name": "sasrec"},
+            "train": {"rounds": rounds, "batch_size": 32, "lr": 0.005},
+            "eval": {"select_metric": "ndcg@10", "candidates": 20},
+            "progress": False,
+        }
+    )
+
+
+def simulate(method, splits, rounds=4, **options):
+    cfg = cfg_for(method, rounds, **options)
+    m = get_method(method)
+    trainers, strategy = m.build(cfg, m.parse_options(cfg.method.options), splits, 0)
+    sim = Simulator(
+        trainers, strategy, m.declaration, rounds=rounds, seed=0, select_metric="ndcg@10", progress=False
+    )
+    return sim, sim.run()
+
+
+def test_fecosr_uploads_the_backbone_then_nothing_during_finetuning(splits):
+    sim, result = simulate("fecosr", splits, rounds=4, federated_rounds=2)
+    assert not result.failures
+    by_round = {r: [u for u in result.uploads if u["round"] == r] for r in range(1, 5)}
+    for r in (1, 2):
+        assert len(by_round[r]) == 3
+        for upload in by_round[r]:
+            assert upload["bytes"] > 0
+            assert all(
+                k.startswith(("adaptor.", "position.", "blocks.", "final_norm.")) for k in upload["keys"]
+            )
+            assert not any(k.startswith(LOCAL_PREFIXES) for k in upload["keys"])
+    for r in (3, 4):  # local fine-tuning: NOTHING leaves a market
+        assert [u["bytes"] for u in by_round[r]] == [0, 0, 0]
+        assert all(u["keys"] == {} for u in by_round[r])
+    # the server sends the final global model once (round 3), then nothing
+    assert sim.strategy.configure_train(4, list(splits)) == {m: {} for m in splits}
+    for trainer in sim.trainers.values():
+        assert trainer.finetuning
+        assert float(trainer.model.id_embedding.weight.detach().abs().sum()) > 0  # the local module trained
+
+
+def test_finetuning_client_never_uploads_even_if_asked(splits):
+    from fedmarket.federation.core import RoundConfig
+
+    cfg = cfg_for("fecosr", federated_rounds=1)
+    m = get_method("fecosr")
+    trainers, _ = m.build(cfg, m.parse_options(cfg.method.options), splits, 0)
+    client = trainers["m0"]
+    update = client.fit({}, RoundConfig(2, 1, 0, {"finetune": True, "upload": True}))
+    assert update.payload == {}
+
+
+def test_federated_pretraining_gives_every_market_the_same_backbone(splits):
+    sim, _ = simulate("fecosr", splits, rounds=2, federated_rounds=2)
+    payloads = sim.strategy.configure_evaluate(2, list(splits))
+    for trainer in sim.trainers.values():
+        trainer.evaluate(payloads[trainer.market], "valid")
+    states = [t.model.state_dict() for t in sim.trainers.values()]
+    for key in states[0]:
+        if key.startswith(("blocks.", "adaptor.")):
+            for other in states[1:]:
+                torch.testing.assert_close(states[0][key], other[key])
+
+
+def test_initial_backbones_are_identical_across_markets(splits):
+    cfg = cfg_for("fecosr")
+    m = get_method("fecosr")
+    trainers, _ = m.build(cfg, m.parse_options(cfg.method.options), splits, 0)
+    payloads = [t.initial_payload() for t in trainers.values()]
+    for key in payloads[0]:
+        for other in payloads[1:]:
+            np.testing.assert_array_equal(payloads[0][key], other[key])
+
+
+def test_transfer_trains_only_the_source_then_fine_tunes_everyone(splits):
+    sim, result = simulate("seq_transfer", splits, rounds=3, source_rounds=1)
+    assert sim.strategy.source == "m0"  # the largest market
+    round1 = [u for u in result.uploads if u["round"] == 1]
+    assert {u["market"] for u in round1 if u["bytes"] > 0} == {"m0"}
+    assert all(u["bytes"] == 0 for u in result.uploads if u["round"] > 1)
+    assert set(result.test) == set(splits)  # the source market is reported too
+    assert all(t.finetuning for t in sim.trainers.values())
+
+
+def test_central_pools_items_by_their_raw_key(splits):
+    cfg = cfg_for("seq_central_shared_ids")
+    m = get_method("seq_central_shared_ids")
+    trainers, _ = m.build(cfg, m.parse_options(cfg.method.options), splits, 0)
+    data = trainers["pooled"].data
+    keys = np.concatenate([s.market.item_ids.astype(str) for s in splits.values()])
+    assert data.num_items == len(set(keys))
+    assert set(trainers["pooled"].evaluate(None, "valid")) == set(splits)
+    assert not m.private
+
+
+@pytest.mark.parametrize("method", ["seq_local_id", "seq_fedavg_id", "seq_transfer_id"])
+def test_id_only_rows_never_upload_id_embeddings(splits, method):
+    _, result = (
+        simulate(method, splits, rounds=2, source_rounds=1)
+        if "transfer" in method
+        else simulate(method, splits, rounds=2)
+    )
+    sizes = {s.market.num_items for s in splits.values()}
+    for upload in result.uploads:
+        for key, shape in upload["keys"].items():
+            assert not key.startswith("id_embedding") and not (set(shape) & sizes), key
+
+
+@pytest.mark.parametrize("method", SEQ_METHODS)
+def test_build_without_data_returns_no_trainers(method):
+    m = get_method(method)
+    cfg = cfg_for(method, source_market="m0") if "transfer" in method else cfg_for(method)
+    trainers, strategy = m.build(cfg, m.parse_options(cfg.method.options), {}, 0)
+    assert trainers == {} and strategy is not None
+    assert m.task == "seq"
+
+
+def test_same_seed_same_numbers(splits):
+    _, a = simulate("fecosr", splits, rounds=2, federated_rounds=1)
+    _, b = simulate("fecosr", splits, rounds=2, federated_rounds=1)
+    assert a.test == b.test
+
+
+def test_options_are_validated():
+    from fedmarket.errors import ConfigError
+
+    m = get_method("fecosr")
+    with pytest.raises(ConfigError, match="lam"):
+        m.parse_options({"lam": 1.5})
+    with pytest.raises(ConfigError, match="text_encoder"):
+        m.parse_options({"text_encoder": "tfidf"})
+
+
+def test_sequential_configs_load():
+    paths = sorted(REPO.glob("configs/movielens-*_*.yaml")) + sorted(REPO.glob("configs/xmrec_seq_*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        cfg = load_config(path)
+        m = get_method(cfg.method.name)
+        assert m.task == "seq"
+        opts = m.parse_options(cfg.method.options)
+        assert opts.text_encoder == "minilm", f"{path.name}: reported results must use MiniLM"
+        assert cfg.eval.select_metric == "ndcg@10"
+
+
+def test_xmarket_metadata_text_plugs_into_the_text_model(tmp_path, splits):
+    """Real XMarket text (JSON lines with asin, title, categories) feeds FeCoSR unchanged."""
+    import json
+
+    from fedmarket.data.xmarket import attach_item_text, load_xmarket_metadata
+
+    market = splits["m2"].market
+    path = tmp_path / "metadata_jp_Electronics.json"
+    with path.open("w") as f:
+        for i, asin in enumerate(market.item_ids[:-3]):  # a few items without metadata
+            f.write(
+                json.dumps(
+                    {"asin": asin, "title": f"Cable {i % 5}", "categories": [["Electronics", "Cables"]]}
+                )
+            )
+            f.write("\n")
+    with_text = attach_item_text(market, load_xmarket_metadata(path))
+    split = leave_one_out(with_text, num_candidates=20, split_seed=1)
+    cfg = cfg_for("fecosr", rounds=1)
+    m = get_method("fecosr")
+    trainers, _ = m.build(cfg, m.parse_options(cfg.method.options), {"m2": split}, 0)
+    metrics = trainers["m2"].evaluate(None, "valid")["m2"]
+    assert 0 <= metrics["ndcg@10"] <= 1
