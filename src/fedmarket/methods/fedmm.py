@@ -14,6 +14,10 @@ The algorithm, in the order this module implements it. The server round number p
     rounds R_e+R_q+1..R        CTR    DeepFM / DCNv2 with (c1, c2) as extra item fields; the c1 embedding
                                       table and the dense layers are FedAvg'd (option), IDs and c2 stay local
 
+Default route (docs/results_fedmm.md): the RQ-VAE quantizes market-comparable item statistics instead of
+collaborative embeddings (``item_stats="only"``), with the encoder/decoder federated next to G; codes of
+collaborative embeddings alone agree across markets only at chance level on XMarket.
+
 What may leave a market is declared once, in `FEDMM_UPLOAD` below; `upload_declaration(options)` narrows
 it to what a given configuration actually sends, and the trainer builds its uploads from that.
 Everything ID-indexed (user/item embeddings, ID tables of the CTR model, item statistics, codes) stays.
