@@ -92,6 +92,14 @@ def test_sasrec_is_causal_and_ignores_padding():
     torch.testing.assert_close(ha[:, :5], hb[:, :5])  # earlier states do not see the future
     assert not torch.allclose(ha[:, 5], hb[:, 5])
     assert torch.isfinite(ha).all()
+    # the evaluation shortcut (final block computes the last position only) gives the same state
+    torch.testing.assert_close(model.last_state(a), ha[:, -1])
+    # a batch without padding takes the fused causal path: same states as through the boolean mask
+    full = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    alone = model.encode(full)
+    with_padded_row = model.encode(torch.cat([full, a]))[:1]
+    torch.testing.assert_close(alone, with_padded_row)
+    torch.testing.assert_close(model.last_state(full), alone[:, -1])
     # real states never look at padded positions: perturbing what only the pads carry changes nothing
     with torch.no_grad():
         model.position.weight[:2] += 5.0  # positions 0-1 hold padding in `a`

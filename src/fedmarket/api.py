@@ -30,8 +30,9 @@ from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
 from fedmarket.data.market import MarketData
 from fedmarket.data.split import MarketSplit, leave_one_out
-from fedmarket.errors import FedmarketError
+from fedmarket.errors import ConfigError, FedmarketError
 from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
+from fedmarket.federation.core import ClientTrainer, Strategy
 from fedmarket.federation.runtime import SimulationResult, Simulator
 from fedmarket.methods import get_method
 
@@ -109,6 +110,8 @@ def run_seed(
     opts = method.parse_options(cfg.method.options)
     torch.set_num_threads(cfg.train.threads)
     trainers, strategy = method.build(cfg, opts, data.splits, seed)
+    base_strategy = strategy
+    trainers, strategy = protect(cfg, trainers, strategy, seed)
     rounds = cfg.train.rounds
     sim = Simulator(
         trainers,
@@ -126,7 +129,61 @@ def run_seed(
         checkpoint_path=checkpoint,
         progress=cfg.progress,
     )
-    return sim.run(resume=resume)
+    result = sim.run(resume=resume)
+    result.privacy["server_step"] = describe_server_step(base_strategy, rounds)
+    return result
+
+
+def protect(
+    cfg: ExperimentConfig, trainers: dict[str, ClientTrainer], strategy: Strategy, seed: int
+) -> tuple[dict[str, ClientTrainer], Strategy]:
+    """Apply the config's attack simulation, secure aggregation and differential privacy (in that order:
+    a poisoned market poisons before it clips; DP noise is added to what secure aggregation sums)."""
+    from fedmarket.federation import attacks, privacy, secagg
+
+    if cfg.attack.markets:
+        unknown = sorted(set(cfg.attack.markets) - set(trainers))
+        if unknown:
+            raise ConfigError(f"attack.markets: unknown markets {unknown}; this run has {sorted(trainers)}")
+        log.warning(
+            "ATTACK SIMULATION: markets %s upload %s-poisoned updates (scale %g)",
+            cfg.attack.markets,
+            cfg.attack.kind,
+            cfg.attack.scale,
+        )
+        trainers = attacks.poison_markets(trainers, cfg.attack.markets, cfg.attack.kind, cfg.attack.scale)
+    sa, p = cfg.secure_aggregation, cfg.privacy
+    if sa.enabled and p.mode != "server":
+        strategy = secagg.SecureAggregation(strategy, seed, sa.fraction_bits)
+    if p.mode != "off":
+        settings = privacy.DPSettings(
+            mode=p.mode,
+            clip_norm=p.clip_norm,
+            noise_multiplier=p.noise_multiplier,
+            delta=p.delta,
+            target_epsilon=p.target_epsilon,
+            clipping=p.clipping,
+            sampling_rate=cfg.train.client_fraction,
+            count_keys=tuple(p.count_keys),
+        )
+        # mode server + secure aggregation: the server learns only the sum of clipped deltas, then adds noise
+        secure_sum = secagg.summer(seed, sa.fraction_bits) if sa.enabled and p.mode == "server" else None
+        trainers, strategy = privacy.wrap_private(trainers, strategy, settings, seed, secure_sum)
+    return trainers, strategy
+
+
+def describe_server_step(strategy: Strategy, rounds: int) -> dict[str, Any]:
+    """Which rounds' server steps are weighted sums (secure aggregation can hide the uploads) and why the
+    others are not; shown in every run report."""
+    from fedmarket.federation.secagg import server_step_kind
+
+    groups: dict[tuple[bool, str], list[int]] = {}
+    for r in range(1, rounds + 1):
+        groups.setdefault(server_step_kind(strategy, r), []).append(r)
+    return {
+        "strategy": type(strategy).__name__,
+        "kinds": [{"sum": k[0], "reason": k[1], "rounds": v} for k, v in groups.items()],
+    }
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, resume: bool = False) -> Path:
@@ -168,6 +225,7 @@ def seed_record(seed: int, result: SimulationResult, seconds: float) -> dict[str
         "failures": result.failures,
         "selected_round": result.selected_round,
         "uploads": result.uploads,
+        "privacy": result.privacy,
         "seconds": seconds,
     }
 
@@ -233,6 +291,28 @@ def summarize(
         }
         notes.append("not private: pools raw data; up_bytes = raw train interactions (3 int64 per row)")
     failures = [f for rec in per_seed for f in rec["failures"]]
+    if cfg.attack.markets:
+        notes.append(
+            f"ATTACK SIMULATION: markets {cfg.attack.markets} uploaded {cfg.attack.kind}-poisoned updates "
+            f"(scale {cfg.attack.scale}); their own metrics are honest, the aggregate is not"
+        )
+    privacy_record = dict(first.get("privacy") or {})
+    # a runtime that does not apply the wrappers (the Flower apps, for now) must not look private
+    applied = {
+        "privacy.mode": "epsilon" in privacy_record or cfg.privacy.mode == "off",
+        "secure_aggregation.enabled": "secure_aggregation" in privacy_record
+        or not cfg.secure_aggregation.enabled,
+        "attack.markets": not cfg.attack.markets
+        or any(h.get("train_poisoned") for rec in per_seed for h in rec["history"]),
+    }
+    for key, ok in applied.items():
+        if not ok:
+            log.error("%s is configured but this runtime did not apply it", key)
+            notes.append(f"WARNING: {key} is configured but this runtime did not apply it (no guarantee)")
+    if "epsilon" in privacy_record:
+        privacy_record["epsilon_by_seed"] = {
+            str(rec["seed"]): (rec.get("privacy") or {}).get("epsilon") for rec in per_seed
+        }
     label = cfg.method.name if not cfg.model.name else f"{cfg.method.name}-{cfg.model.name}"
     return {
         "name": cfg.name,
@@ -254,6 +334,7 @@ def summarize(
         },
         "selected_round": {str(rec["seed"]): rec["selected_round"] for rec in per_seed},
         "failures": [{k: v for k, v in f.items() if k != "traceback"} for f in failures],
+        "privacy": privacy_record,
         "notes": notes,
         "seconds": seconds,
         "config": cfg.to_dict(),

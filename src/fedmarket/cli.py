@@ -169,7 +169,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     get_method("local")  # registers the built-in methods
     kinds = [METHODS.get(str(load_run(p).get("method"))) for p in runs]
     multitask = all(kind is not None and kind.task == "mtl" for kind in kinds)
-    print(write_report(runs, out, metrics=MTL_METRICS) if multitask else write_report(runs, out))
+    sequential = all(kind is not None and kind.task == "seq" for kind in kinds)
+    if multitask:
+        print(write_report(runs, out, metrics=MTL_METRICS))
+    elif sequential:
+        print(write_report(runs, out, metrics=SEQ_METRICS, title="fedmarket sequential comparison"))
+    else:
+        print(write_report(runs, out))
     return 0
 
 

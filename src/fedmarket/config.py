@@ -111,6 +111,64 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level differential privacy (`fedmarket.federation.privacy`); ``mode: off`` disables it."""
+
+    mode: str = "off"  # off | server (noise on the aggregate) | client (noise on each upload)
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    delta: float = 1e-5
+    target_epsilon: float | None = None
+    clipping: str = "flat"  # flat | per_key
+    # keys (fnmatch) holding per-market counts that the server sums (e.g. FedMM's codebook usage): privatised as
+    # absolute values (not deltas from the download) and clamped at 0 after the noise (post-processing)
+    count_keys: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str) -> None:
+        if self.mode not in ("off", "server", "client"):
+            raise ConfigError(f"{prefix}.mode must be 'off', 'server' or 'client', got {self.mode!r}")
+        _positive(self.clip_norm, f"{prefix}.clip_norm")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"{prefix}.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"{prefix}.delta must be in (0, 1), got {self.delta}")
+        if self.target_epsilon is not None:
+            _positive(self.target_epsilon, f"{prefix}.target_epsilon")
+            if self.noise_multiplier == 0:
+                raise ConfigError(f"{prefix}.target_epsilon needs {prefix}.noise_multiplier > 0")
+        if self.clipping not in ("flat", "per_key"):
+            raise ConfigError(f"{prefix}.clipping must be 'flat' or 'per_key', got {self.clipping!r}")
+
+
+@dataclass
+class SecureAggregationConfig:
+    """In-process secure aggregation (`fedmarket.federation.secagg`): the server sees only the sum."""
+
+    enabled: bool = False
+    fraction_bits: int = 24
+
+    def validate(self, prefix: str) -> None:
+        if not 8 <= self.fraction_bits <= 40:
+            raise ConfigError(f"{prefix}.fraction_bits must be in [8, 40], got {self.fraction_bits}")
+
+
+@dataclass
+class AttackConfig:
+    """ATTACK SIMULATION (`fedmarket.federation.attacks`): poison the uploads of the listed markets."""
+
+    markets: list[str] = field(default_factory=list)
+    kind: str = "sign_flip"  # scale | sign_flip | noise
+    scale: float = 10.0
+
+    def validate(self, prefix: str) -> None:
+        if self.kind not in ("scale", "sign_flip", "noise"):
+            raise ConfigError(f"{prefix}.kind must be 'scale', 'sign_flip' or 'noise', got {self.kind!r}")
+        _positive(self.scale, f"{prefix}.scale")
+        if len(set(self.markets)) != len(self.markets):
+            raise ConfigError(f"{prefix}.markets must be distinct, got {self.markets}")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment. ``seeds`` lists the training seeds; data splits depend only on eval.split_seed."""
 
@@ -123,6 +181,9 @@ class ExperimentConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     output_dir: str = "runs"
     progress: bool = True
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
     def validate(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -130,6 +191,9 @@ class ExperimentConfig:
         self.model.validate("model")
         self.train.validate("train")
         self.eval.validate("eval")
+        self.privacy.validate("privacy")
+        self.secure_aggregation.validate("secure_aggregation")
+        self.attack.validate("attack")
         if not self.seeds:
             raise ConfigError("seeds must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):

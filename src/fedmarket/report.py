@@ -580,6 +580,7 @@ def write_run_report(
 
     lines += _communication_section([run])
     lines += _upload_audit_section(Path(run_dir), run)
+    lines += _privacy_section(run)
     lines += _failures_section([run], [label])
     lines += _notes_section([run], [label])
     path = out_dir / "report.md"
@@ -617,3 +618,58 @@ def _upload_audit_section(run_dir: Path, run: dict) -> list[str]:
             }
         )
     return [*lines, _markdown(pd.DataFrame(rows).set_index("market")), ""]
+
+
+def _privacy_section(run: dict) -> list[str]:
+    """Differential privacy (ε per round), secure aggregation and whether the server step is a sum, from
+    ``metrics.json["privacy"]`` (written by `fedmarket.federation.privacy` / `secagg` and the api)."""
+    record = run.get("privacy") or {}
+    lines = ["## Privacy guarantees", ""]
+    if "epsilon" in record:
+        stop = record.get("stopped_before_round")
+        lines += [
+            f"Differential privacy ({record['mode']} noise): clip norm C = {record['clip_norm']:g} "
+            f"({record.get('clipping', 'flat')}), noise multiplier σ = {record['noise_multiplier']:g}, "
+            f"δ = {record['delta']:g}; **ε = {record['epsilon']:.3f}** after the last round. "
+            f"{record.get('guarantee', '')}. Accountant: {record.get('accountant', 'RDP')}.",
+            "",
+        ]
+        if record.get("target_epsilon") is not None:
+            lines += [
+                f"Target ε = {record['target_epsilon']:g}: "
+                + (f"training stopped before round {stop}." if stop else "not reached."),
+                "",
+            ]
+        rows = record.get("rounds") or []
+        if rows:
+            table = pd.DataFrame(rows).set_index("round")
+            lines += [_markdown(table.rename(columns={"markets": "markets uploading"})), ""]
+    else:
+        lines += ["No differential privacy in this run (`privacy.mode: off`).", ""]
+    secure = record.get("secure_aggregation")
+    if secure:
+        lines += [
+            f"Secure aggregation (pairwise masks, {secure.get('fraction_bits', 'fixed-point')} fraction bits): "
+            f"the server saw only masked uploads and their sum in rounds {secure['secured_rounds'] or 'none'}."
+        ]
+        if secure.get("clear_rounds"):
+            lines[-1] += (
+                f" Rounds {secure['clear_rounds']} were aggregated in the clear: "
+                + "; ".join(secure.get("clear_reasons", []))
+                + "."
+            )
+        lines += [""]
+    step = record.get("server_step")
+    if step:
+        lines += [f"Server step of `{step['strategy']}`:", ""]
+        for kind in step["kinds"]:
+            rounds = kind["rounds"]
+            span = f"rounds {rounds[0]}–{rounds[-1]}" if len(rounds) > 1 else f"round {rounds[0]}"
+            verdict = (
+                "a weighted sum (secure aggregation can hide each upload)"
+                if kind["sum"]
+                else ("**not a sum**: secure aggregation cannot hide individual uploads")
+            )
+            lines += [f"- {span}: {verdict} — {kind['reason']}"]
+        lines += [""]
+    return lines

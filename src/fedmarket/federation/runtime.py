@@ -41,6 +41,8 @@ class SimulationResult:
     failures: list[dict[str, Any]]
     selected_round: dict[str, int]
     uploads: list[dict[str, Any]] = field(default_factory=list)  # audit: keys, shapes, bytes per upload
+    # privacy wrappers' record (ε per round, secure-aggregation rounds, server-step kind); {} without them
+    privacy: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ round bookkeeping shared by runtimes
@@ -219,6 +221,11 @@ class Simulator:
         if server_round % self.eval_every == 0 or server_round == self.rounds:
             self._evaluate_round(server_round, updates)
 
+    def _round_metrics(self, server_round: int) -> dict[str, float]:
+        """Server-side per-round columns for rounds.csv (e.g. ε from `fedmarket.federation.privacy`)."""
+        hook = getattr(self.strategy, "round_metrics", None)
+        return dict(hook(server_round)) if hook is not None else {}
+
     def _evaluate_round(self, server_round: int, updates: dict[str, Update]) -> None:
         eval_payloads = self.strategy.configure_evaluate(server_round, list(self.trainers))
         for name, trainer in self.trainers.items():
@@ -227,8 +234,10 @@ class Simulator:
             except Exception as exc:
                 self._fail(server_round, name, "evaluate", exc)
                 continue
+            extra = self._round_metrics(server_round)
             for market, values in metrics.items():
                 row = {"seed": self.seed, "round": server_round, "market": market, "split": "valid", **values}
+                row.update(extra)
                 if name in updates:
                     row.update({f"train_{k}": v for k, v in updates[name].metrics.items()})
                 self.history.append(row)
@@ -255,7 +264,11 @@ class Simulator:
             disable=not self.progress,
             leave=False,
         )
+        stop_before = getattr(self.strategy, "stop_before", None)  # e.g. a privacy budget (target ε)
         for server_round in bar:
+            if stop_before is not None and stop_before(server_round):
+                log.info("stopping before round %d (the strategy's stop condition)", server_round)
+                break
             t0 = time.perf_counter()
             self.run_round(server_round)
             self.round = server_round
@@ -294,4 +307,5 @@ class Simulator:
             failures=self.failures,
             selected_round=selected,
             uploads=self.uploads,
+            privacy=dict(getattr(self.strategy, "privacy_report", dict)()),
         )

@@ -82,13 +82,21 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, dim))
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, attend: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attend: torch.Tensor | None, last_query: bool = False) -> torch.Tensor:
+        """``last_query``: compute only the last position's output (keys/values still span the sequence);
+        enough for the final block when only the state after the last item is needed (evaluation)."""
         b, length, dim = x.shape
         q, k, v = self.qkv(self.norm1(x)).split(dim, dim=-1)
-        q, k, v = (t.view(b, length, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+        if last_query:
+            q, x = q[:, -1:], x[:, -1:]
+            attend = None if attend is None else attend[..., -1:, :]
+        q = q.reshape(b, q.shape[1], self.heads, dim // self.heads).transpose(1, 2)
+        k, v = (t.view(b, length, self.heads, dim // self.heads).transpose(1, 2) for t in (k, v))
         p = self.dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p)
-        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, length, dim)), p, self.training)
+        # no padding in the batch (attend None): the fused causal kernel, much faster than a boolean mask
+        causal = attend is None and not last_query
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, dropout_p=p, is_causal=causal)
+        x = x + F.dropout(self.proj(a.transpose(1, 2).reshape(b, x.shape[1], dim)), p, self.training)
         return x + F.dropout(self.ff(self.norm2(x)), p, self.training)
 
 
@@ -184,8 +192,11 @@ class SASRec(nn.Module):
             table = self.id_embedding.weight if table is None else table + self.id_embedding.weight
         return table
 
-    def encode(self, inputs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states ``[B, L, d]`` of left-padded sequences ``inputs`` (item + 1, 0 = padding)."""
+    def encode(
+        self, inputs: torch.Tensor, table: torch.Tensor | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Hidden states ``[B, L, d]`` of left-padded sequences ``inputs`` (item + 1, 0 = padding);
+        ``last_only``: ``[B, 1, d]``, the state after the last item only (the final block skips the rest)."""
         if table is None:
             table = self.item_table()
         padded = torch.cat([table.new_zeros(1, table.shape[1]), table])
@@ -195,13 +206,14 @@ class SASRec(nn.Module):
         x = padded[inputs] + self.position.weight[self.max_len - length :]
         x = F.dropout(x, self.dropout, self.training)
         real = inputs > 0
-        causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
-        # a query attends to earlier real items; a padding query attends to itself only (no empty rows)
-        eye = torch.eye(length, dtype=torch.bool, device=inputs.device)
-        attend = (causal & real[:, None, :]) | eye
-        attend = attend.unsqueeze(1)  # [B, 1, L, L]
-        for block in self.blocks:
-            x = block(x, attend)
+        attend = None  # no padding: plain causal attention
+        if not bool(real.all()):
+            causal = torch.ones(length, length, dtype=torch.bool, device=inputs.device).tril()
+            # a query attends to earlier real items; a padding query attends to itself only (no empty rows)
+            eye = torch.eye(length, dtype=torch.bool, device=inputs.device)
+            attend = ((causal & real[:, None, :]) | eye).unsqueeze(1)  # [B, 1, L, L]
+        for i, block in enumerate(self.blocks):
+            x = block(x, attend, last_query=last_only and i == len(self.blocks) - 1)
         h = self.final_norm(x)
         if self.adapter is not None:
             h = self.adapter(h)
@@ -209,7 +221,7 @@ class SASRec(nn.Module):
 
     def last_state(self, inputs: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """The state after each sequence's last item (left padding: the last column), ``[B, d]``."""
-        return self.encode(inputs, table)[:, -1]
+        return self.encode(inputs, table, last_only=True)[:, -1]
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if n.startswith(BACKBONE_PREFIXES)]
