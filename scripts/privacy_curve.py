@@ -5,7 +5,7 @@
     .venv/bin/python scripts/privacy_curve.py run configs/xmrec_fedavg.yaml --out runs/privacy
     # collect every run folder under OUT (and --reference run folders) into curve.csv and a PNG:
     .venv/bin/python scripts/privacy_curve.py plot --out runs/privacy --png docs/privacy_utility.png \
-        --reference runs/demo/xmrec_fedavg-* runs/fedmm_final/xmrec_fedmm-*
+        --reference runs/demo/xmrec_fedavg-* runs/demo/xmrec_local-* runs/fedmm_final/xmrec_fedmm-*
 
 ε is the run's final ε at its δ (``metrics.json["privacy"]``); runs without DP are drawn as dashed lines.
 """
@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
 from fedmarket.api import run_experiment
 from fedmarket.config import load_config
@@ -65,13 +66,17 @@ def plot(df: pd.DataFrame, png: Path) -> None:
     for i, (method, group) in enumerate(df.groupby("method")):
         color = f"C{i}"
         dp = group[group["epsilon"].apply(math.isfinite)].sort_values("epsilon")
-        ax.plot(dp["epsilon"], dp["auc"], "o-", color=color, label=f"{method} (DP)")
+        if not dp.empty:
+            ax.plot(dp["epsilon"], dp["auc"], "o-", color=color, label=f"{method} (DP)")
         for eps, auc in zip(dp["epsilon"], dp["auc"], strict=True):
             ax.annotate(f"{auc:.3f}", (eps, auc), textcoords="offset points", xytext=(0, 5), fontsize=7)
         clear = group[~group["epsilon"].apply(math.isfinite)]
         if not clear.empty:
             ax.axhline(clear["auc"].mean(), color=color, ls="--", lw=1, label=f"{method} (no DP)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator([1, 2, 5, 10, 20, 50, 100]))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ε (client-level, δ = 1e-5, after the last round)")
     ax.set_ylabel("test AUC (mean over 8 markets)")
     ax.set_title("Privacy-utility, XMarket (8 markets), 1 seed")
