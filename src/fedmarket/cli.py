@@ -13,20 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
+from fedmarket.environment import apply_quiet_env  # noqa: E402
 from fedmarket.errors import FedmarketError
 
-for _key, _value in {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+apply_quiet_env()
 
 DEMO_CONFIGS = [
     "xmrec_local.yaml",

@@ -14,12 +14,10 @@ The upload keeps the declared keys and shapes: only the server's aggregation can
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from fedmarket.data.split import market_seed
-from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
+from fedmarket.federation.core import ClientTrainer, RoundConfig, TrainerWrapper, Update
 from fedmarket.federation.payload import Payload
 
 ATTACKS = ("scale", "sign_flip", "noise")
@@ -49,28 +47,15 @@ def poison_payload(
     return out
 
 
-class PoisonedClient(ClientTrainer):
+class PoisonedClient(TrainerWrapper):
     """A market whose uploads are poisoned (ATTACK SIMULATION). Evaluation and local state are untouched."""
 
     def __init__(self, inner: ClientTrainer, kind: str, scale: float) -> None:
         if kind not in ATTACKS:
             raise ValueError(f"attack kind must be one of {list(ATTACKS)}, got {kind!r}")
-        self.inner = inner
+        super().__init__(inner)
         self.kind = kind
         self.scale = scale
-        self.market = inner.market
-
-    @property
-    def markets(self) -> list[str]:
-        return self.inner.markets
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def initial_payload(self) -> Payload:
-        return self.inner.initial_payload()
 
     def fit(self, payload: Payload, config: RoundConfig) -> Update:
         update = self.inner.fit(payload, config)
@@ -79,15 +64,6 @@ class PoisonedClient(ClientTrainer):
         rng = np.random.default_rng(market_seed(config.seed, f"__attack__{self.market}", config.round))
         poisoned = poison_payload(update.payload, payload or {}, self.kind, self.scale, rng)
         return Update(poisoned, update.num_examples, {**update.metrics, "poisoned": 1.0})
-
-    def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
-        return self.inner.evaluate(payload, split, full_ranking)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
 
 def poison_markets(

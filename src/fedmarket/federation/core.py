@@ -100,3 +100,36 @@ class Strategy(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainerWrapper(ClientTrainer):
+    """A trainer that delegates everything to ``inner``; a subclass overrides the step it changes
+    (e.g. `fit` to clip and noise an update, or to simulate an attack)."""
+
+    def __init__(self, inner: ClientTrainer) -> None:
+        self.inner = inner
+        self.market = inner.market
+
+    @property
+    def markets(self) -> list[str]:
+        return self.inner.markets
+
+    def __getattr__(self, name: str) -> Any:  # expose the wrapped trainer's attributes (model, data...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def initial_payload(self) -> Payload:
+        return self.inner.initial_payload()
+
+    def fit(self, payload: Payload, config: RoundConfig) -> Update:
+        return self.inner.fit(payload, config)
+
+    def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
+        return self.inner.evaluate(payload, split, full_ranking)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)

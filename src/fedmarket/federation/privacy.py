@@ -48,7 +48,7 @@ import numpy as np
 
 from fedmarket.data.split import market_seed
 from fedmarket.errors import PayloadError
-from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Strategy, Update
+from fedmarket.federation.core import ClientTrainer, RoundConfig, Strategy, TrainerWrapper, Update
 from fedmarket.federation.payload import Payload
 
 log = logging.getLogger(__name__)
@@ -230,28 +230,15 @@ class DPSettings:
         return {k: np.maximum(v, 0) if self.is_count(k) else v for k, v in payload.items()}
 
 
-class PrivateClient(ClientTrainer):
+class PrivateClient(TrainerWrapper):
     """Wraps a market's trainer: clips its update (both modes) and adds the noise (``mode: client``).
 
     Records ``dp_update_norm`` (the norm before clipping) in the update's metrics, so ``rounds.csv`` shows
     how often clipping bites (choose C near the median norm)."""
 
     def __init__(self, inner: ClientTrainer, settings: DPSettings) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.settings = settings
-        self.market = inner.market
-
-    @property
-    def markets(self) -> list[str]:
-        return self.inner.markets
-
-    def __getattr__(self, name: str) -> Any:  # expose the wrapped trainer's attributes (model, data...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def initial_payload(self) -> Payload:
-        return self.inner.initial_payload()
 
     def fit(self, payload: Payload, config: RoundConfig) -> Update:
         update = self.inner.fit(payload, config)
@@ -273,15 +260,6 @@ class PrivateClient(ClientTrainer):
             released = s.clamp_counts(released)
         metrics = {**update.metrics, "dp_update_norm": norm, "dp_clipped": float(norm > s.clip_norm)}
         return Update(_cast_like(released, update.payload), update.num_examples, metrics)
-
-    def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
-        return self.inner.evaluate(payload, split, full_ranking)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state)
 
 
 class PrivateStrategy(Strategy):
