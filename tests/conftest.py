@@ -33,3 +33,15 @@ def data_dir() -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # one cache per test session, never the user's ~/.cache
     monkeypatch.setenv("FEDMARKET_CACHE", str(tmp_path_factory.getbasetemp() / "fedmarket-cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # tiny models on a shared 2-core machine: a second intra-op thread only adds contention
+    # (fedmarket's own default, train.threads = 1, for the same reason)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

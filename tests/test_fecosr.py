@@ -27,15 +27,6 @@ SEQ_METHODS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: a second intra-op thread only adds contention on the shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def splits():
     markets = make_synthetic_markets(3, [50, 40, 30], 60, (6, 14), with_text=True, seed=5)

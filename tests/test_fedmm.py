@@ -20,16 +20,6 @@ from fedmarket.methods.fedmm import (
     upload_declaration,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the experiments and CI share 2 cores; oversubscribed intra-op threads make tiny steps 10x slower
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 FAST = {"embedding_epochs": 2, "rqvae_rounds": 2, "rqvae_epochs": 2, "global_codes": 16, "local_codes": 8}
 
 

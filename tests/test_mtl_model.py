@@ -7,16 +7,6 @@ import torch
 
 from fedmarket.models.mmoe import MMoE
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny batches: extra intra-op threads only add contention on a shared machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 FIELDS = {"id_user": 10, "id_item": 20, "feat_genre": 5}
 
 

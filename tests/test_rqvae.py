@@ -8,14 +8,6 @@ from fedmarket.models.collab import train_collaborative_embeddings
 from fedmarket.models.rqvae import DualCodebookRQVAE, code_statistics, kmeans
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def blobs(n_per: int = 50, centers: int = 8, dim: int = 6, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     means = torch.randn(centers, dim, generator=gen) * 5

@@ -21,15 +21,6 @@ from fedmarket.models.sasrec import SASRec
 from fedmarket.models.text_encoder import encode_texts, hashing_vectors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: a second intra-op thread only adds contention on the shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_window_pairs_cover_every_target_once_with_left_padding():
     seqs = [np.arange(7), np.array([3, 1]), np.array([5])]
     inputs, targets = window_pairs(seqs, max_len=3)

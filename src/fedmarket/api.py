@@ -21,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 import yaml
@@ -35,6 +34,7 @@ from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
 from fedmarket.federation.core import ClientTrainer, Strategy
 from fedmarket.federation.runtime import SimulationResult, Simulator
 from fedmarket.methods import get_method
+from fedmarket.serialization import json_default
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +89,8 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
 
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    tmp.write_text(json.dumps(obj, indent=2, default=json_default))
     os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
 
 
 def run_seed(

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedmarket.federation.payload import Payload
+from fedmarket.serialization import json_default
 
 ENVELOPE = "fedmarket"  # ConfigRecord holding the JSON envelope
 ARRAYS = "arrays"  # ArrayRecord holding the payload
@@ -35,18 +36,8 @@ def record_to_payload(record: ArrayRecord | None) -> Payload:
 
 
 def envelope(**fields: Any) -> ConfigRecord:
-    return ConfigRecord({"json": json.dumps(fields, default=_json_default)})
+    return ConfigRecord({"json": json.dumps(fields, default=json_default)})
 
 
 def open_envelope(record: ConfigRecord) -> dict[str, Any]:
     return json.loads(str(record["json"]))
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -62,3 +62,29 @@ def get_method(name: str) -> Method:
 @dataclass
 class NoOptions:
     pass
+
+
+@dataclass
+class FedAvgOptions:
+    """Options of every FedAvg-family method: the server's aggregation rule (robust options included)."""
+
+    aggregation: str = "mean"
+    trim_ratio: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        if self.aggregation not in ("mean", "median", "trimmed_mean"):
+            raise ConfigError(
+                f"{prefix}.aggregation must be mean, median or trimmed_mean, got {self.aggregation!r}"
+            )
+        if not 0 <= self.trim_ratio < 0.5:
+            raise ConfigError(f"{prefix}.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
+
+
+@dataclass
+class FedProxOptions(FedAvgOptions):
+    mu: float = 0.01
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.mu < 0:
+            raise ConfigError(f"{prefix}.mu must be >= 0, got {self.mu}")

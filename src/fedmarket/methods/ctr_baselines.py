@@ -24,7 +24,7 @@ from fedmarket.errors import ConfigError
 from fedmarket.federation.core import ClientTrainer
 from fedmarket.federation.payload import UploadDeclaration
 from fedmarket.federation.strategies import FedAvg, NoFederation
-from fedmarket.methods.base import Method, NoOptions, register
+from fedmarket.methods.base import FedAvgOptions, FedProxOptions, Method, NoOptions, register
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData, MarketView
 
 LOCAL_UPLOAD = UploadDeclaration((), "nothing leaves a market")
@@ -69,30 +69,6 @@ def per_market_clients(
         )
         for name, split in splits.items()
     }
-
-
-@dataclass
-class FedAvgOptions:
-    aggregation: str = "mean"
-    trim_ratio: float = 0.1
-
-    def validate(self, prefix: str) -> None:
-        if self.aggregation not in ("mean", "median", "trimmed_mean"):
-            raise ConfigError(
-                f"{prefix}.aggregation must be mean, median or trimmed_mean, got {self.aggregation!r}"
-            )
-        if not 0 <= self.trim_ratio < 0.5:
-            raise ConfigError(f"{prefix}.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
-
-
-@dataclass
-class FedProxOptions(FedAvgOptions):
-    mu: float = 0.01
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if self.mu < 0:
-            raise ConfigError(f"{prefix}.mu must be >= 0, got {self.mu}")
 
 
 def build_local(cfg, opts, splits, seed):

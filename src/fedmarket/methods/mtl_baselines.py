@@ -26,7 +26,7 @@ from fedmarket.errors import ConfigError
 from fedmarket.federation.core import ClientTrainer, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
 from fedmarket.federation.strategies import FedAvg, NoFederation
-from fedmarket.methods.base import Method, NoOptions, register
+from fedmarket.methods.base import FedAvgOptions, FedProxOptions, Method, NoOptions, register
 from fedmarket.methods.mtl_trainer import MTLClient, MTLData
 
 MTL_LOCAL_UPLOAD = UploadDeclaration((), "nothing leaves a scenario")
@@ -110,18 +110,7 @@ class FedAvgThenLocal(FedAvg):
 
 
 @dataclass
-class MTLFedAvgOptions:
-    aggregation: str = "mean"
-
-    def validate(self, prefix: str) -> None:
-        if self.aggregation not in ("mean", "median", "trimmed_mean"):
-            raise ConfigError(
-                f"{prefix}.aggregation must be mean, median or trimmed_mean, got {self.aggregation!r}"
-            )
-
-
-@dataclass
-class FineTuneOptions(MTLFedAvgOptions):
+class FineTuneOptions(FedAvgOptions):
     federated_rounds: int = 10
 
     def validate(self, prefix: str) -> None:
@@ -131,17 +120,7 @@ class FineTuneOptions(MTLFedAvgOptions):
 
 
 @dataclass
-class ProxOptions(MTLFedAvgOptions):
-    mu: float = 0.01
-
-    def validate(self, prefix: str) -> None:
-        super().validate(prefix)
-        if self.mu < 0:
-            raise ConfigError(f"{prefix}.mu must be >= 0, got {self.mu}")
-
-
-@dataclass
-class DittoOptions(MTLFedAvgOptions):
+class DittoOptions(FedAvgOptions):
     lam: float = 0.1
 
     def validate(self, prefix: str) -> None:
@@ -155,29 +134,31 @@ def build_local(cfg, opts, splits, seed):
 
 
 def build_fedavg(cfg, opts, splits, seed):
-    return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), FedAvg(opts.aggregation)
+    return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
 
 
 def build_fedavg_ft(cfg, opts, splits, seed):
-    strategy = FedAvgThenLocal(opts.federated_rounds, aggregation=opts.aggregation)
+    strategy = FedAvgThenLocal(
+        opts.federated_rounds, aggregation=opts.aggregation, trim_ratio=opts.trim_ratio
+    )
     return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), strategy
 
 
 def build_fedprox(cfg, opts, splits, seed):
-    strategy = FedAvg(opts.aggregation, options={"proximal_mu": opts.mu})
+    strategy = FedAvg(opts.aggregation, opts.trim_ratio, options={"proximal_mu": opts.mu})
     return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), strategy
 
 
 def build_fedbn(cfg, opts, splits, seed):
-    return mtl_clients(cfg, splits, seed, MTL_FEDBN_UPLOAD), FedAvg(opts.aggregation)
+    return mtl_clients(cfg, splits, seed, MTL_FEDBN_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
 
 
 def build_fedper(cfg, opts, splits, seed):
-    return mtl_clients(cfg, splits, seed, MTL_FEDPER_UPLOAD), FedAvg(opts.aggregation)
+    return mtl_clients(cfg, splits, seed, MTL_FEDPER_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
 
 
 def build_ditto(cfg, opts, splits, seed):
-    strategy = FedAvg(opts.aggregation, options={"ditto_lambda": opts.lam})
+    strategy = FedAvg(opts.aggregation, opts.trim_ratio, options={"ditto_lambda": opts.lam})
     return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), strategy
 
 
@@ -198,7 +179,7 @@ def build_centralized(cfg, opts, splits, seed):
 
 for _name, _decl, _build, _opts, _summary in (
     ("mtl_local", MTL_LOCAL_UPLOAD, build_local, NoOptions, "Local MMoE per scenario, no federation"),
-    ("mtl_fedavg", MTL_FEDAVG_UPLOAD, build_fedavg, MTLFedAvgOptions, "FedAvg-MMoE (all but ID embeddings)"),
+    ("mtl_fedavg", MTL_FEDAVG_UPLOAD, build_fedavg, FedAvgOptions, "FedAvg-MMoE (all but ID embeddings)"),
     (
         "mtl_fedavg_ft",
         MTL_FEDAVG_UPLOAD,
@@ -206,9 +187,9 @@ for _name, _decl, _build, _opts, _summary in (
         FineTuneOptions,
         "FedAvg-MMoE, then local fine-tuning from the final global model",
     ),
-    ("mtl_fedprox", MTL_FEDAVG_UPLOAD, build_fedprox, ProxOptions, "FedProx-MMoE (proximal term μ)"),
-    ("mtl_fedbn", MTL_FEDBN_UPLOAD, build_fedbn, MTLFedAvgOptions, "FedBN-MMoE: BatchNorm stays local"),
-    ("mtl_fedper", MTL_FEDPER_UPLOAD, build_fedper, MTLFedAvgOptions, "FedPer-MMoE: task towers stay local"),
+    ("mtl_fedprox", MTL_FEDAVG_UPLOAD, build_fedprox, FedProxOptions, "FedProx-MMoE (proximal term μ)"),
+    ("mtl_fedbn", MTL_FEDBN_UPLOAD, build_fedbn, FedAvgOptions, "FedBN-MMoE: BatchNorm stays local"),
+    ("mtl_fedper", MTL_FEDPER_UPLOAD, build_fedper, FedAvgOptions, "FedPer-MMoE: task towers stay local"),
     ("mtl_ditto", MTL_FEDAVG_UPLOAD, build_ditto, DittoOptions, "Ditto-MMoE: personal model tied by λ"),
 ):
     register(Method(_name, _decl, _build, _opts, task="mtl", summary=_summary))
