@@ -33,7 +33,7 @@ def test_masked_uploads_cancel_and_hide_each_vector():
         assert np.corrcoef(dequantize(masked[m], 24), v)[0, 1] < 0.1
     total = unmask_sum(masked, 24)
     assert total == pytest.approx(sum(vectors.values()), abs=len(vectors) * 2**-24)
-    # a missing upload leaves the masks uncancelled (no dropout recovery in this simulation)
+    # a missing upload leaves the masks uncancelled (until the survivors reveal their seeds, below)
     partial = unmask_sum({m: y for m, y in masked.items() if m != "a"}, 24)
     assert not np.allclose(partial, sum(v for m, v in vectors.items() if m != "a"), atol=1)
 
@@ -93,3 +93,29 @@ def test_server_dp_with_secure_sum_matches_plain_sum():
         results.append(strategy.inner.global_payload["w"])
     assert results[1] == pytest.approx(results[0], abs=1e-6)
     assert results[0] == pytest.approx(sum(deltas.values()) / 3)
+
+
+def test_dropout_after_masking_is_recovered_from_the_survivors_revealed_seeds():
+    from fedmarket.federation.secagg import (
+        reveal_pair_seeds,
+        secure_sum_with_dropouts,
+        unmask_sum_with_dropouts,
+    )
+
+    rng = np.random.default_rng(2)
+    vectors = {m: rng.normal(0, 3, 500) for m in "abcdef"}
+    bits = 24
+    for dropped in (["c"], ["a", "f"], ["b", "d", "e"]):
+        survivors = [m for m in vectors if m not in dropped]
+        plain = sum(vectors[m] for m in survivors)
+        got = secure_sum_with_dropouts(vectors, dropped, seed=7, server_round=2, fraction_bits=bits)
+        assert got == pytest.approx(plain, abs=len(survivors) * 2.0 ** -(bits + 1) + 1e-12)
+        # without the revealed seeds the dropped markets' pair masks stay in the sum
+        masked = mask_uploads(vectors, seed=7, server_round=2, fraction_bits=bits)
+        kept = {m: masked[m] for m in survivors}
+        assert not np.allclose(unmask_sum(kept, bits), plain, atol=1)
+        # the server never gets a seed that would unmask a survivor
+        revealed = {m: reveal_pair_seeds(m, dropped, 7, 2) for m in survivors}
+        assert all(set(r) == set(dropped) for r in revealed.values())
+        with pytest.raises(ValueError, match="unmask"):
+            unmask_sum_with_dropouts(kept, {survivors[0]: {survivors[1]: revealed[survivors[0]][dropped[0]]}})

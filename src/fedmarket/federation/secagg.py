@@ -2,7 +2,7 @@
 market's update.
 
 Protocol (the core of Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine
-Learning", CCS 2017, without the dropout-recovery secret sharing):
+Learning", CCS 2017; dropout recovery by revealing pair seeds, without its secret sharing and double masking):
 
 1. Fixed-point quantisation: a market's vector x is encoded as integers modulo 2^64,
    q(x) = round(x · 2^f) mod 2^64 (two's complement, so negative values wrap and sums stay exact).
@@ -12,6 +12,13 @@ Learning", CCS 2017, without the dropout-recovery secret sharing):
    uniformly random.
 3. The server adds the y_i: the masks cancel, Σ_i y_i = Σ_i q(x_i) (mod 2^64), and decodes the sum.
    Error: at most n · 2^{−f−1} per coordinate (rounding), as long as |Σ x| · 2^f < 2^63.
+4. Dropout after masking (`unmask_sum_with_dropouts`): a market that masked but whose upload never arrives
+   leaves its pair masks uncancelled in the survivors' uploads. Each survivor reveals the seeds it shares
+   with the dropped markets (`reveal_pair_seeds`), the server expands them and removes those masks, and the
+   sum over the survivors decodes exactly. Bonawitz et al. recover the dropped market's key from Shamir
+   shares of t survivors instead, and add a second, self mask so that a late-arriving upload of a market
+   declared dropped cannot then be unmasked; this simulation has neither (a dropped market's late upload
+   must be discarded, which the in-process runtime does by construction).
 
 `SecureAggregation` wraps a strategy whose server step is a weighted sum: each market uploads
 (n_k · θ_k, n_k) masked, the server learns Σ n_k θ_k and Σ n_k only, and hands the wrapped strategy the
@@ -51,14 +58,25 @@ def dequantize(q: np.ndarray, fraction_bits: int = DEFAULT_FRACTION_BITS) -> np.
     return np.asarray(q, dtype=np.uint64).view(np.int64).astype(np.float64) / 2.0**fraction_bits
 
 
+def pair_seed(seed: int, a: str, b: str, server_round: int) -> np.random.SeedSequence:
+    """The seed markets ``a`` and ``b`` share in ``server_round`` (in the real protocol: a Diffie-Hellman key)."""
+    lo, hi = sorted((a, b))
+    return market_seed(seed, f"__secagg__{lo}|{hi}", server_round)
+
+
+def pair_mask(pair_seed_value: np.random.SeedSequence, size: int) -> np.ndarray:
+    """The uniform mask vector a pair seed expands to (uint64, arithmetic modulo 2^64)."""
+    rng = np.random.default_rng(pair_seed_value)
+    return rng.integers(0, 2**64, size=size, dtype=np.uint64, endpoint=False)
+
+
 def pairwise_masks(markets: list[str], size: int, seed: int, server_round: int) -> dict[str, np.ndarray]:
     """Mask of each market: Σ_{j>i} m_ij − Σ_{j<i} m_ji (mod 2^64); the masks of all markets sum to 0."""
     order = sorted(markets)
     masks = {m: np.zeros(size, dtype=np.uint64) for m in order}
     for i, a in enumerate(order):
         for b in order[i + 1 :]:
-            rng = np.random.default_rng(market_seed(seed, f"__secagg__{a}|{b}", server_round))
-            pair = rng.integers(0, 2**64, size=size, dtype=np.uint64, endpoint=False)
+            pair = pair_mask(pair_seed(seed, a, b, server_round), size)
             masks[a] += pair  # uint64 arithmetic wraps modulo 2^64
             masks[b] -= pair
     return masks
@@ -86,6 +104,57 @@ def secure_sum(
 ) -> np.ndarray:
     """Σ_k vectors[k], computed by the server from masked uploads only."""
     return unmask_sum(mask_uploads(vectors, seed, server_round, fraction_bits), fraction_bits)
+
+
+def reveal_pair_seeds(
+    survivor: str, dropped: list[str], seed: int, server_round: int
+) -> dict[str, np.random.SeedSequence]:
+    """What a surviving market tells the server in the recovery step: the seed it shares with each market
+    that dropped after masking (and nothing about its own vector: those masks hide no survivor's input)."""
+    return {d: pair_seed(seed, survivor, d, server_round) for d in dropped if d != survivor}
+
+
+def unmask_sum_with_dropouts(
+    masked: dict[str, np.ndarray],
+    revealed: dict[str, dict[str, np.random.SeedSequence]],
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
+) -> np.ndarray:
+    """Server side with dropouts: Σ over the markets whose masked upload arrived (``masked``), given each
+    survivor's revealed seeds with the dropped markets (``revealed[survivor][dropped] = seed``). Survivor a
+    holds +m_ab for a dropped b > a and −m_ba for b < a; the server adds the survivors' uploads and removes
+    exactly those terms."""
+    total = np.zeros_like(next(iter(masked.values())))
+    for y in masked.values():
+        total += y
+    size = total.size
+    for survivor in masked:
+        for dropped, s in revealed.get(survivor, {}).items():
+            if dropped in masked:
+                raise ValueError(f"market {dropped!r} uploaded; revealing its pair seed would unmask it")
+            pair = pair_mask(s, size)
+            if survivor < dropped:
+                total -= pair
+            else:
+                total += pair
+    return dequantize(total, fraction_bits)
+
+
+def secure_sum_with_dropouts(
+    vectors: dict[str, np.ndarray],
+    dropped: list[str],
+    seed: int,
+    server_round: int,
+    fraction_bits: int = DEFAULT_FRACTION_BITS,
+) -> np.ndarray:
+    """Every market in ``vectors`` masks (masks agreed among all of them); the ``dropped`` ones never
+    deliver their upload; the survivors reveal their pair seeds with the dropped ones; the server returns
+    Σ over the survivors."""
+    masked = mask_uploads(vectors, seed, server_round, fraction_bits)
+    survivors = {m: y for m, y in masked.items() if m not in dropped}
+    if not survivors:
+        raise ValueError("every market dropped: nothing to aggregate")
+    revealed = {m: reveal_pair_seeds(m, list(dropped), seed, server_round) for m in survivors}
+    return unmask_sum_with_dropouts(survivors, revealed, fraction_bits)
 
 
 def summer(seed: int, fraction_bits: int = DEFAULT_FRACTION_BITS) -> Any:
