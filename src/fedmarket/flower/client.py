@@ -155,6 +155,16 @@ def resolve_market(node_config: dict[str, Any], cfg: ExperimentConfig) -> str:
     raise FedmarketError("SuperNode has no market: start it with --node-config 'market=\"<name>\"'")
 
 
+def split_market(market: Any, cfg: ExperimentConfig) -> Any:
+    """The same split as the in-process runtime (`fedmarket.api._split_market`): leave-one-out for
+    interaction markets, the per-user temporal impression split for multi-task scenarios."""
+    from fedmarket.data.mtl import MTLMarket, split_impressions
+
+    if isinstance(market, MTLMarket):
+        return split_impressions(market, seed=cfg.eval.split_seed)
+    return leave_one_out(market, cfg.eval.candidates, cfg.eval.split_seed)
+
+
 def market_split(cfg: ExperimentConfig, market: str, data_dir: str | None, timing: Timing) -> MarketSplit:
     d = cfg.dataset
     key = json.dumps(
@@ -169,7 +179,7 @@ def market_split(cfg: ExperimentConfig, market: str, data_dir: str | None, timin
         )
         if market not in markets:
             raise FedmarketError(f"dataset {d.name!r} has no market {market!r}")
-        _SPLITS[key] = leave_one_out(markets[market], cfg.eval.candidates, cfg.eval.split_seed)
+        _SPLITS[key] = split_market(markets[market], cfg)
         timing.data = time.perf_counter() - t0
     return _SPLITS[key]
 

@@ -61,6 +61,19 @@ def server_strategy(method: Method, cfg: ExperimentConfig, seed: int) -> Strateg
         raise FedmarketError(
             f"method {method.name!r} pools raw data (not private); it has no federated form to run on Flower"
         )
+    wrappers = [
+        name
+        for name, on in (
+            ("privacy", cfg.privacy.mode != "off"),
+            ("secure_aggregation", cfg.secure_aggregation.enabled),
+            ("attack", bool(cfg.attack.markets)),
+        )
+        if on
+    ]
+    if wrappers:  # `fedmarket.api.protect` wraps trainers and strategy in-process only, so far
+        raise FedmarketError(
+            f"{', '.join(wrappers)} not supported on Flower yet: run it in-process (fedmarket run)"
+        )
     trainers, strategy = method.build(cfg, method.parse_options(cfg.method.options), {}, seed)
     if trainers:
         raise FedmarketError(f"method {method.name!r} built trainers without data; cannot run on Flower")
