@@ -129,8 +129,6 @@ def protect(
 ) -> tuple[dict[str, ClientTrainer], Strategy]:
     """Apply the config's attack simulation, secure aggregation and differential privacy (in that order:
     a poisoned market poisons before it clips; DP noise is added to what secure aggregation sums)."""
-    from fedmarket.federation import attacks, privacy, secagg
-
     if cfg.attack.markets:
         unknown = sorted(set(cfg.attack.markets) - set(trainers))
         if unknown:
@@ -141,25 +139,60 @@ def protect(
             cfg.attack.kind,
             cfg.attack.scale,
         )
-        trainers = attacks.poison_markets(trainers, cfg.attack.markets, cfg.attack.kind, cfg.attack.scale)
+    trainers = {m: protect_trainer(cfg, t) for m, t in trainers.items()}
+    return trainers, protect_strategy(cfg, strategy, seed)
+
+
+def dp_settings(cfg: ExperimentConfig) -> Any:
+    """The config's `fedmarket.federation.privacy.DPSettings` (None with ``privacy.mode: off``)."""
+    from fedmarket.federation import privacy
+
+    p = cfg.privacy
+    if p.mode == "off":
+        return None
+    return privacy.DPSettings(
+        mode=p.mode,
+        clip_norm=p.clip_norm,
+        noise_multiplier=p.noise_multiplier,
+        delta=p.delta,
+        target_epsilon=p.target_epsilon,
+        clipping=p.clipping,
+        sampling_rate=cfg.train.client_fraction,
+        count_keys=tuple(p.count_keys),
+    )
+
+
+def protect_trainer(cfg: ExperimentConfig, trainer: ClientTrainer) -> ClientTrainer:
+    """The market side of `protect`: poisoning (if the market is attacked), then DP clipping (and, with
+    ``privacy.mode: client``, the noise). Used by the in-process runtime and by the Flower ClientApp."""
+    from fedmarket.federation import attacks, privacy
+
+    if trainer.market in cfg.attack.markets:
+        trainer = attacks.PoisonedClient(trainer, cfg.attack.kind, cfg.attack.scale)
+    settings = dp_settings(cfg)
+    if settings is not None:
+        trainer = privacy.PrivateClient(trainer, settings)
+    return trainer
+
+
+def protect_strategy(
+    cfg: ExperimentConfig, strategy: Strategy, seed: int, simulate_secure_aggregation: bool = True
+) -> Strategy:
+    """The server side of `protect`: simulated secure aggregation (in process only: a runtime with a real
+    protocol, the Flower ServerApp with SecAgg+, passes ``simulate_secure_aggregation=False``), then the DP
+    noise and accountant."""
+    from fedmarket.federation import privacy, secagg
+
     sa, p = cfg.secure_aggregation, cfg.privacy
-    if sa.enabled and p.mode != "server":
+    simulate = sa.enabled and simulate_secure_aggregation
+    if simulate and p.mode != "server":
         strategy = secagg.SecureAggregation(strategy, seed, sa.fraction_bits)
-    if p.mode != "off":
-        settings = privacy.DPSettings(
-            mode=p.mode,
-            clip_norm=p.clip_norm,
-            noise_multiplier=p.noise_multiplier,
-            delta=p.delta,
-            target_epsilon=p.target_epsilon,
-            clipping=p.clipping,
-            sampling_rate=cfg.train.client_fraction,
-            count_keys=tuple(p.count_keys),
-        )
+    settings = dp_settings(cfg)
+    if settings is not None:
         # mode server + secure aggregation: the server learns only the sum of clipped deltas, then adds noise
-        secure_sum = secagg.summer(seed, sa.fraction_bits) if sa.enabled and p.mode == "server" else None
-        trainers, strategy = privacy.wrap_private(trainers, strategy, settings, seed, secure_sum)
-    return trainers, strategy
+        secure_sum = secagg.summer(seed, sa.fraction_bits) if simulate and p.mode == "server" else None
+        strategy = privacy.PrivateStrategy(strategy, settings, seed, secure_sum)
+    return strategy
 
 
 def describe_server_step(strategy: Strategy, rounds: int) -> dict[str, Any]:

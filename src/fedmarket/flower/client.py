@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
+from fedmarket.api import protect_trainer
 from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
 from fedmarket.data.split import MarketSplit, leave_one_out
@@ -253,7 +254,8 @@ class MarketClient:
         req = self.request
         config = RoundConfig(server_round, int(req["local_epochs"]), self.seed, dict(req.get("options", {})))
         t0 = time.perf_counter()
-        update = trainer.fit(payload, config)
+        # the same market-side wrappers as in process (attack simulation, DP clipping / local noise)
+        update = protect_trainer(self.cfg, trainer).fit(payload, config)
         self.timing.compute = time.perf_counter() - t0
         self.save(trainer, (server_round, "fit"), int(req.get("keep_round", 0)))
         metrics = MetricRecord({"num_examples": int(update.num_examples)})

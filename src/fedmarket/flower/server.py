@@ -33,7 +33,14 @@ import torch
 import yaml
 from flwr.app import Message, RecordDict
 
-from fedmarket.api import _write_json, new_run_dir, seed_record, write_results
+from fedmarket.api import (
+    _write_json,
+    describe_server_step,
+    new_run_dir,
+    protect_strategy,
+    seed_record,
+    write_results,
+)
 from fedmarket.config import ExperimentConfig, load_config
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import Strategy, Update
@@ -61,18 +68,9 @@ def server_strategy(method: Method, cfg: ExperimentConfig, seed: int) -> Strateg
         raise FedmarketError(
             f"method {method.name!r} pools raw data (not private); it has no federated form to run on Flower"
         )
-    wrappers = [
-        name
-        for name, on in (
-            ("privacy", cfg.privacy.mode != "off"),
-            ("secure_aggregation", cfg.secure_aggregation.enabled),
-            ("attack", bool(cfg.attack.markets)),
-        )
-        if on
-    ]
-    if wrappers:  # `fedmarket.api.protect` wraps trainers and strategy in-process only, so far
+    if cfg.secure_aggregation.enabled:
         raise FedmarketError(
-            f"{', '.join(wrappers)} not supported on Flower yet: run it in-process (fedmarket run)"
+            "secure_aggregation not supported on Flower yet: run it in-process (fedmarket run)"
         )
     trainers, strategy = method.build(cfg, method.parse_options(cfg.method.options), {}, seed)
     if trainers:
@@ -210,7 +208,10 @@ class FlowerServer:
     # ----------------------------------------------------------------------------- one seed
     def run_seed(self, seed: int) -> SimulationResult:
         cfg = self.cfg
-        strategy = server_strategy(self.method, cfg, seed)
+        base_strategy = server_strategy(self.method, cfg, seed)
+        # the same server-side wrappers as in process (DP noise + accountant); secure aggregation is Flower's
+        # SecAgg+ (`fedmarket.flower.secagg`), not the in-process simulation
+        strategy = protect_strategy(cfg, base_strategy, seed, simulate_secure_aggregation=False)
         ckpt = self.run_dir / "checkpoints" / f"seed{seed}.pt"
         state = self._fresh_state()
         resumed = self.resume and ckpt.exists()
@@ -233,7 +234,11 @@ class FlowerServer:
             strategy.initialize(initial[first])
             state["communication"] = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in self.markets}
         min_markets = min(cfg.train.min_markets, len(self.markets))
+        stop_before = getattr(strategy, "stop_before", None)  # e.g. a privacy budget (target ε)
         for server_round in range(state["round"] + 1, cfg.train.rounds + 1):
+            if stop_before is not None and stop_before(server_round):
+                log.info("stopping before round %d (the strategy's stop condition)", server_round)
+                break
             t0 = time.perf_counter()
             self.discover(seed, want_initial=False, wait=0.0)  # a (re)started node rejoins here
             self.run_round(seed, server_round, strategy, state, min_markets)
@@ -247,7 +252,10 @@ class FlowerServer:
                 {"seed": seed, "round": server_round, "seconds": time.perf_counter() - t0},
             )
         self.discover(seed, want_initial=False, wait=0.0)
-        return self.finish(seed, state)
+        result = self.finish(seed, state)
+        result.privacy = dict(getattr(strategy, "privacy_report", dict)())
+        result.privacy["server_step"] = describe_server_step(base_strategy, cfg.train.rounds)
+        return result
 
     def _fresh_state(self) -> dict[str, Any]:
         return {
@@ -377,12 +385,15 @@ class FlowerServer:
             fields = {"split": "valid", "keep_round": best["round"] if best else 0}
             requests[market] = (fields, payloads.get(market) or {})
         replies = self._send(seed, server_round, "evaluate", requests, state, "evaluate")
+        hook = getattr(strategy, "round_metrics", None)  # server-side columns, e.g. ε
+        extra = dict(hook(server_round)) if hook is not None else {}
         for name in self.markets:
             if name not in replies:
                 continue
             metrics = open_envelope(replies[name].content[ENVELOPE])["metrics"]
             for market, values in metrics.items():
                 row = {"seed": seed, "round": server_round, "market": market, "split": "valid", **values}
+                row.update(extra)
                 if name in updates:
                     row.update({f"train_{k}": v for k, v in updates[name].metrics.items()})
                 state["history"].append(row)
