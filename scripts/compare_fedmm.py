@@ -35,6 +35,8 @@ ROWS = [
     "fedmm_calonly",
     "fedmm_calonly_localcb",
     "fedmm_calmf",
+    "fedmm_lightgcn",
+    "fedmm_lightgcn_statsfedae",
     "fedmm",
 ]
 

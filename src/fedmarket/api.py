@@ -369,3 +369,106 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     if not path.exists():
         raise FedmarketError(f"{run_dir} is not a run folder: {path} is missing")
     return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
+    """Combine run folders of the SAME config that ran different seeds (e.g. one process or machine per
+    seed) into one run folder with every seed, as if one ``fedmarket run`` had run them all.
+
+    The configs must agree on everything but ``seeds`` and ``output_dir``; a seed present twice, a missing
+    ``seeds/seed<N>.json`` or a different config is an error naming the folder. Nothing is written before
+    every input is checked; the output is assembled in a temporary folder and renamed into place.
+    FedMM's analysis-only ``alignment.json`` files are merged as well."""
+    import shutil
+
+    folders = [Path(d) for d in run_dirs]
+    if not folders:
+        raise FedmarketError("merge needs at least one run folder")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FedmarketError(f"merge output {out_dir} already exists; choose a new folder")
+    cfgs = [load_run_config(d) for d in folders]
+
+    def comparable(cfg: ExperimentConfig) -> dict[str, Any]:
+        d = cfg.to_dict()
+        d.pop("seeds", None)
+        d.pop("output_dir", None)
+        return d
+
+    base = comparable(cfgs[0])
+    records: dict[int, tuple[Path, dict[str, Any]]] = {}
+    seconds = 0.0
+    for folder, cfg in zip(folders, cfgs, strict=True):
+        other = comparable(cfg)
+        if other != base:
+            diff = sorted(
+                k
+                for k in set(base) | set(other)
+                if json.dumps(base.get(k), default=str, sort_keys=True)
+                != json.dumps(other.get(k), default=str, sort_keys=True)
+            )
+            raise FedmarketError(
+                f"cannot merge {folder} with {folders[0]}: their configs differ in {diff} (only seeds may differ)"
+            )
+        for seed in cfg.seeds:
+            path = folder / "seeds" / f"seed{seed}.json"
+            if not path.exists():
+                raise FedmarketError(f"{path} is missing: seed {seed} of {folder} did not finish")
+            if seed in records:
+                raise FedmarketError(f"seed {seed} is in both {records[seed][0]} and {folder}")
+            rec = json.loads(path.read_text())
+            records[seed] = (folder, rec)
+            seconds += float(rec.get("seconds", 0.0))
+    cfg = cfgs[0]
+    cfg.seeds = sorted(records)
+    cfg.output_dir = str(out_dir.parent)
+    method = get_method(cfg.method.name)
+    data = None if method.private else prepare_data(cfg)
+    per_seed = [records[s][1] for s in cfg.seeds]
+    markets = None if data is not None else list(per_seed[0]["communication"]) or list(per_seed[0]["test"])
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "seeds").mkdir(parents=True)
+    try:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        for seed, (_, rec) in sorted(records.items()):
+            _write_json(tmp / "seeds" / f"seed{seed}.json", rec)
+        alignments = [
+            json.loads((f / "alignment.json").read_text()) for f in folders if (f / "alignment.json").exists()
+        ]
+        if alignments:
+            import numpy as np
+
+            merged: dict[str, Any] = {"note": alignments[0].get("note", ""), "seeds": {}}
+            for a in alignments:
+                merged["seeds"].update(a.get("seeds", {}))
+            values = list(merged["seeds"].values())
+            if values:
+                merged["same_code"] = float(np.mean([v["same_code"] for v in values]))
+                merged["chance"] = float(np.mean([v["chance"] for v in values]))
+                merged["lift"] = (
+                    merged["same_code"] / merged["chance"] if merged["chance"] > 0 else float("nan")
+                )
+            _write_json(tmp / "alignment.json", merged)
+        write_results(cfg, tmp, per_seed, seconds, data=data, markets=markets)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def merge_grid(root: str | Path, out_dir: str | Path) -> list[Path]:
+    """Merge every run folder found under ``root`` (e.g. ``root/seed0/<name>-<stamp>``, one folder per
+    seed) by config name into ``out_dir/<name>``; returns the merged folders in name order."""
+    root, out_dir = Path(root), Path(out_dir)
+    groups: dict[str, list[Path]] = {}
+    for cfg_file in sorted(root.rglob("config.yaml")):
+        folder = cfg_file.parent
+        if not (folder / "metrics.json").exists():
+            log.warning("skipping %s: no metrics.json (the run did not finish)", folder)
+            continue
+        name = yaml.safe_load(cfg_file.read_text())["name"]
+        groups.setdefault(name, []).append(folder)
+    return [merge_runs(folders, out_dir / name) for name, folders in sorted(groups.items())]

@@ -4,6 +4,7 @@ fedmarket run CONFIG.yaml [--seeds N] [--rounds R] [--resume RUN_DIR]
 fedmarket compare CONFIG.yaml... [--out DIR] [--seeds N]
 fedmarket data info DATASET [--data-dir DIR]
 fedmarket report RUN_DIR... [--out DIR]
+fedmarket merge RUN_DIR... --out DIR | fedmarket merge --grid ROOT --out DIR
 fedmarket methods
 fedmarket demo
 fedmarket flower simulate|deploy CONFIG.yaml [--tls] [--resume RUN_DIR]   (also: fedmarket deploy CONFIG.yaml)
@@ -172,6 +173,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from fedmarket.api import merge_grid, merge_runs
+
+    if args.grid:
+        for folder in merge_grid(args.grid, args.out):
+            print(folder)
+    elif args.run_dirs:
+        print(merge_runs(args.run_dirs, args.out))
+    else:
+        raise FedmarketError("merge needs RUN_DIR... or --grid ROOT")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedmarket.methods import METHODS, get_method
 
@@ -276,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out")
     rep.set_defaults(func=cmd_report)
+
+    mg = sub.add_parser(
+        "merge", help="combine run folders of one config that ran different seeds into one run folder"
+    )
+    mg.add_argument("run_dirs", nargs="*")
+    mg.add_argument("--grid", metavar="ROOT", help="merge every finished run under ROOT by config name")
+    mg.add_argument("--out", required=True, help="new folder (with --grid: one sub-folder per config)")
+    mg.set_defaults(func=cmd_merge)
 
     m = sub.add_parser("methods", help="list methods and what each lets leave a market")
     m.set_defaults(func=cmd_methods)

@@ -1,0 +1,177 @@
+"""Run a grid of experiments (configs × seeds, optional overrides) as parallel single-seed processes, then
+merge each config's seeds into one run folder (``fedmarket merge --grid``). Made for many-core machines:
+each process uses one thread, ``--jobs`` of them run at once.
+
+    # every config × seeds 0..2, 14 processes at a time, into runs/grid (per seed) and runs/grid/merged
+    python scripts/run_grid.py configs/xmrec_fedmm.yaml configs/xmrec_fedavg.yaml --seeds 0 1 2 --jobs 14 \
+        --out runs/grid
+    # jobs from a YAML list, each {config: PATH, seeds: [..], set: {key: value, ...}} (a sweep: set `name`)
+    python scripts/run_grid.py --jobs-file sweep.yaml --jobs 14 --out runs/sweep
+
+Per-seed run folders land in ``OUT/seed<N>/``; merged ones in ``OUT/merged/<name>``. A job that fails or
+passes ``--timeout`` seconds is reported with its log (``OUT/logs``) and left out of the merge. FedMM runs
+get their analysis-only code-alignment diagnostic (``alignment.json``) before the merge; with
+``--drop-checkpoints`` the round checkpoints are deleted afterwards (they can be large).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+
+def load_jobs(args: argparse.Namespace) -> list[dict]:
+    jobs = []
+    specs = [{"config": c, "seeds": args.seeds, "set": {}} for c in args.configs]
+    if args.jobs_file:
+        loaded = yaml.safe_load(Path(args.jobs_file).read_text()) or []
+        if not isinstance(loaded, list):
+            raise SystemExit(f"{args.jobs_file}: expected a YAML list of jobs")
+        for i, spec in enumerate(loaded):
+            if not isinstance(spec, dict) or "config" not in spec:
+                raise SystemExit(f"{args.jobs_file}: job {i} needs a 'config' key, got {spec!r}")
+            specs.append(
+                {
+                    "config": spec["config"],
+                    "seeds": spec.get("seeds", args.seeds),
+                    "set": spec.get("set") or {},
+                }
+            )
+    for spec in specs:
+        if not Path(spec["config"]).exists():
+            raise SystemExit(f"config not found: {spec['config']}")
+        for seed in spec["seeds"]:
+            sets = dict(spec["set"])
+            tag = sets.get("name") or Path(spec["config"]).stem
+            jobs.append(
+                {"config": spec["config"], "seed": int(seed), "set": sets, "tag": f"{tag}-seed{seed}"}
+            )
+    return jobs
+
+
+def command(job: dict, out: Path, threads: int) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedmarket",
+        "run",
+        job["config"],
+        "--no-progress",
+        "--output-dir",
+        str(out / f"seed{job['seed']}"),
+        "--set",
+        f"seeds=[{job['seed']}]",
+        "--set",
+        f"train.threads={threads}",
+    ]
+    for key, value in job["set"].items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    return cmd
+
+
+def alignment_command(folder: str) -> list[str]:
+    code = (
+        "import sys; from fedmarket.methods.fedmm import alignment_from_run; alignment_from_run(sys.argv[1])"
+    )
+    return [sys.executable, "-c", code, folder]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("configs", nargs="*")
+    ap.add_argument("--jobs-file")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per job")
+    ap.add_argument("--out", default="runs/grid")
+    ap.add_argument("--drop-checkpoints", action="store_true")
+    ap.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds for the whole grid: running jobs are killed at it (the merge still runs)",
+    )
+    ap.add_argument("--reserve", type=float, default=0.0, help="no job starts later than deadline - reserve")
+    args = ap.parse_args()
+    out = Path(args.out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    pending = [("run", job) for job in load_jobs(args)]
+    total = len(pending)
+    running: list[tuple[str, dict, subprocess.Popen, float, object]] = []
+    started, done, failed = time.perf_counter(), 0, []
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    while pending or running:
+        now = time.perf_counter() - started
+        if args.deadline and pending and now > args.deadline - args.reserve:
+            skipped = [job["tag"] for kind, job in pending if kind == "run"]
+            print(f"deadline: {len(skipped)} job(s) not started: {skipped}", flush=True)
+            failed += skipped
+            pending = []
+        while pending and len(running) < args.jobs:
+            kind, job = pending.pop(0)
+            cmd = command(job, out, args.threads) if kind == "run" else alignment_command(job["folder"])
+            log = (logs / f"{job['tag']}{'' if kind == 'run' else '-alignment'}.log").open("w")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((kind, job, proc, time.perf_counter(), log))
+        time.sleep(1)
+        for item in list(running):
+            kind, job, proc, t0, log = item
+            elapsed = time.perf_counter() - t0
+            if proc.poll() is None:
+                late = args.deadline and time.perf_counter() - started > args.deadline
+                if (args.timeout and elapsed > args.timeout) or late:
+                    proc.kill()
+                    proc.wait()
+                else:
+                    continue
+            running.remove(item)
+            log.close()
+            if kind == "alignment":
+                continue
+            text = Path(log.name).read_text()
+            folders = [
+                ln.split("run folder:", 1)[1].strip() for ln in text.splitlines() if "run folder:" in ln
+            ]
+            if proc.returncode or not folders:
+                failed.append(job["tag"])
+                why = "timeout" if args.timeout and elapsed > args.timeout else f"exit {proc.returncode}"
+                print(
+                    f"FAILED {job['tag']} ({why}, {elapsed:.0f} s; log {log.name})\n{text[-1500:]}",
+                    flush=True,
+                )
+                continue
+            done += 1
+            print(f"[{done}/{total}] {job['tag']} {elapsed:.0f} s -> {folders[-1]}", flush=True)
+            if (Path(folders[-1]) / "checkpoints").exists():
+                method = yaml.safe_load((Path(folders[-1]) / "config.yaml").read_text())["method"]["name"]
+                if method == "fedmm":
+                    pending.insert(0, ("alignment", {"folder": folders[-1], "tag": job["tag"]}))
+    wall = time.perf_counter() - started
+    if args.drop_checkpoints:
+        for ckpt in out.glob("seed*/*/checkpoints"):
+            shutil.rmtree(ckpt, ignore_errors=True)
+    from fedmarket.api import merge_grid
+
+    merged = out / "merged"
+    if merged.exists():
+        shutil.rmtree(merged)
+    folders = merge_grid(out, merged)
+    print(
+        f"{done}/{total} jobs finished in {wall:.0f} s wall ({args.jobs} at a time); failed: {failed or 'none'}"
+    )
+    for folder in folders:
+        print("merged", folder)
+
+
+if __name__ == "__main__":
+    main()

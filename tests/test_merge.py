@@ -1,0 +1,63 @@
+"""`fedmarket merge`: seeds run in separate processes/folders merge into the same metrics as one run of all
+seeds; mismatched configs, duplicate seeds and unfinished seeds are refused, and nothing is left behind."""
+
+import json
+
+import pytest
+
+from fedmarket.api import merge_grid, merge_runs, run_experiment
+from fedmarket.config import config_from_dict
+from fedmarket.errors import FedmarketError
+
+
+def small(tmp_path, seeds, **extra):
+    cfg = {
+        "name": "merge_test",
+        "dataset": {
+            "name": "synthetic",
+            "options": {"num_markets": 2, "users_per_market": 30, "items_per_market": 25},
+            "use_cache": False,
+        },
+        "method": {"name": "fedavg"},
+        "model": {"hidden": [8], "embed_dim": 4},
+        "train": {"rounds": 2, "batch_size": 256},
+        "eval": {"full_ranking": False, "candidates": 5},
+        "output_dir": str(tmp_path),
+        "progress": False,
+        "seeds": seeds,
+    }
+    cfg.update(extra)
+    return config_from_dict(cfg)
+
+
+def test_merge_equals_one_run_of_all_seeds(tmp_path):
+    both = run_experiment(small(tmp_path / "both", [0, 1]))
+    a = run_experiment(small(tmp_path / "a", [0]))
+    b = run_experiment(small(tmp_path / "b", [1]))
+    merged = merge_runs([a, b], tmp_path / "merged")
+    m1 = json.loads((both / "metrics.json").read_text())
+    m2 = json.loads((merged / "metrics.json").read_text())
+    assert m2["seeds"] == [0, 1]
+    assert m2["per_market"] == m1["per_market"]
+    assert m2["average_std"] == m1["average_std"]
+    assert m2["communication"] == m1["communication"]
+    assert (merged / "rounds.csv").read_text() == (both / "rounds.csv").read_text()
+    # the grid form finds both single-seed folders by config name
+    (out,) = merge_grid(tmp_path / "a", tmp_path / "grid1")
+    assert json.loads((out / "metrics.json").read_text())["seeds"] == [0]
+
+
+def test_merge_refuses_bad_inputs_and_leaves_nothing(tmp_path):
+    a = run_experiment(small(tmp_path / "a", [0]))
+    other = run_experiment(small(tmp_path / "o", [1], train={"rounds": 1, "batch_size": 256}))
+    with pytest.raises(FedmarketError, match=r"differ in \['train'\]"):
+        merge_runs([a, other], tmp_path / "m1")
+    with pytest.raises(FedmarketError, match="seed 0 is in both"):
+        merge_runs([a, a], tmp_path / "m2")
+    b = run_experiment(small(tmp_path / "b", [1]))
+    (b / "seeds" / "seed1.json").unlink()
+    with pytest.raises(FedmarketError, match="seed1.json is missing"):
+        merge_runs([a, b], tmp_path / "m3")
+    with pytest.raises(FedmarketError, match="already exists"):
+        merge_runs([a], a)
+    assert not any((tmp_path / n).exists() for n in ("m1", "m2", "m3", "m1.partial", "m3.partial"))
