@@ -13,18 +13,24 @@ float sums would show up as ~1e-7 differences; none is expected, so none is allo
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedmarket.api import run_experiment
 from fedmarket.config import config_from_dict
 from fedmarket.flower.launch import (
+    FLOWER_ENV,
     LocalFederation,
     make_certificates,
     prepare_flower_run,
+    processes_with_env,
     run_on_flower,
     wait_for_run,
     write_app_dir,
@@ -125,3 +131,136 @@ def test_flower_simulation_writes_the_same_run_folder_and_numbers(tmp_path, data
     assert_same_results(metrics(run_dir), in_process)
     for name in ("config.yaml", "rounds.csv", "uploads.csv", "report.md", "seeds/seed0.json"):
         assert (run_dir / name).exists(), name
+
+
+# ------------------------------------------------------------------------------ a multi-stage method
+FEDMM_SYNTHETIC = {
+    "name": "fedmm_deploy",
+    "dataset": {
+        "name": "synthetic",
+        "markets": ["m0", "m1"],
+        "options": {
+            "num_markets": 2,
+            "users_per_market": [60, 40],
+            "items_per_market": 60,
+            "interactions_per_user": [5, 8],
+        },
+    },
+    "method": {
+        "name": "fedmm",
+        "options": {
+            "embedding_epochs": 2,
+            "rqvae_rounds": 1,
+            "rqvae_epochs": 2,
+            "global_codes": 16,
+            "local_codes": 8,
+        },
+    },
+    # embedding round, RQ-VAE round, CTR round; validation only after the last one (fewer messages)
+    "train": {"rounds": 3, "batch_size": 4096},
+    "eval": {"full_ranking": False, "candidates": 20, "every": 3},
+    "progress": False,
+}
+
+
+def test_fedmm_on_the_deployment_engine_equals_in_process(tmp_path):
+    """FedMM's three phases (local embeddings, federated RQ-VAE codebook, CTR on codes) over real SuperLink
+    and SuperNode processes, every message served by a fresh ClientApp process that restores the market's
+    state from its own folder: exactly the in-process numbers (same argument as the module docstring)."""
+    cfg_dict = {**FEDMM_SYNTHETIC, "output_dir": str(tmp_path / "runs")}
+    expected = metrics(run_experiment(config_from_dict({**cfg_dict, "name": "inproc"})))
+    cfg, run_dir = prepare_flower_run(config_from_dict(cfg_dict), None, False)
+    with LocalFederation(run_dir / "flower") as fed:
+        fed.start_superlink()
+        for market in cfg.dataset.markets:
+            fed.start_supernode(market)
+        proc = fed.submit(write_app_dir(fed.home / "app"), {"run-dir": str(run_dir)})
+        wait_for_run(fed, proc, run_dir, timeout=300)
+        leftovers = fed
+    assert leftovers.leftover_pids() == []
+    assert_same_results(metrics(run_dir), expected)
+    assert (run_dir / "rounds.csv").read_text() == (Path(expected_dir(tmp_path)) / "rounds.csv").read_text()
+
+
+def expected_dir(tmp_path: Path) -> Path:
+    return next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("inproc"))
+
+
+# ------------------------------------------------------------------------------ the SuperLink dies
+def _fedmarket_cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "import sys; from fedmarket.cli import main; sys.exit(main())", *args]
+
+
+def test_a_killed_superlink_is_resumed_with_resume_to_the_same_numbers(tmp_path):
+    """``fedmarket flower deploy`` (real SuperLink and SuperNode processes); the SuperLink is SIGKILLed as
+    round 2 starts, the command fails and stops everything it started; ``--resume RUN_DIR`` starts a new
+    federation, the ServerApp continues from its round-1 checkpoint and each market from its own round-1
+    state, so round 2 is redone from exactly the states it started from. Tolerance: exact equality with an
+    uninterrupted run (the in-process one; an uninterrupted Flower run equals it exactly, see above)."""
+    cfg_dict = {
+        "name": "sl_kill",
+        "dataset": {
+            "name": "synthetic",
+            "markets": ["m0", "m1"],
+            "options": {"num_markets": 2, "users_per_market": [60, 40], "items_per_market": 60},
+        },
+        "method": {"name": "fedprox"},
+        "model": {"hidden": [16]},
+        "train": {"rounds": 2, "batch_size": 256},
+        "eval": {"full_ranking": False, "candidates": 20},
+        "output_dir": str(tmp_path / "runs"),
+        "progress": False,
+    }
+    expected = metrics(run_experiment(config_from_dict({**cfg_dict, "name": "inproc"})))
+    config = tmp_path / "sl_kill.yaml"
+    config.write_text(yaml.safe_dump(cfg_dict))
+    env = {**os.environ, **FLOWER_ENV}
+    first = subprocess.Popen(
+        _fedmarket_cli("flower", "deploy", str(config), "--reply-timeout", "60"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        run_dir = None
+        while True:
+            assert time.monotonic() < deadline and first.poll() is None, first.stdout and first.stdout.read()
+            runs = [p for p in (tmp_path / "runs").glob("sl_kill-*") if p.is_dir()]
+            if runs and (runs[0] / "flower_progress.json").exists():
+                run_dir = runs[0]
+                if json.loads((run_dir / "flower_progress.json").read_text())["round"] >= 1:
+                    break
+            time.sleep(0.2)
+        flwr_home = str(run_dir / "flower" / "flwr-home")
+        superlinks = [
+            pid
+            for pid in processes_with_env("FLWR_HOME", flwr_home)
+            if b"flower-superlink" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(superlinks) == 1, superlinks
+        os.kill(superlinks[0], signal.SIGKILL)  # round 1 is checkpointed; round 2 has just started
+        out, _ = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+    assert first.returncode != 0
+    assert b"--resume" in out, out[-3000:]
+    assert processes_with_env("FLWR_HOME", flwr_home) == []  # the failed command stopped what it started
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = subprocess.run(
+        _fedmarket_cli("flower", "deploy", "--resume", str(run_dir), "--reply-timeout", "60"),
+        env=env,
+        capture_output=True,
+        timeout=180,
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    assert processes_with_env("FLWR_HOME", flwr_home) == []
+    assert_same_results(metrics(run_dir), expected)
+    rounds = [
+        r["round"] for r in json.loads((run_dir / "flower_timing.json").read_text()) if r["stage"] == "round"
+    ]
+    assert rounds == [2]  # the resumed ServerApp ran round 2 only

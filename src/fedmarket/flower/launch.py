@@ -452,6 +452,9 @@ def run_on_flower(
     run_dir = run_dir.absolute()
     markets = list(cfg.dataset.markets or [])
     home = run_dir / "flower"
+    if resume:  # the dead SuperLink's own state (runs, node registrations) is of no use: ours is in run_dir
+        for stale in [*home.glob("superlink-state.db*"), run_dir / "flower_error.json"]:
+            stale.unlink(missing_ok=True)
     with LocalFederation(home, simulation=mode == "simulation", tls=tls) as fed:
         fed.start_superlink()
         if mode == "deployment":
@@ -471,9 +474,12 @@ def run_on_flower(
 def wait_for_run(fed: LocalFederation, proc: subprocess.Popen, run_dir: Path, timeout: float) -> None:
     """Wait for ``flwr run --stream`` to end and the run folder to be complete; raise with the logs if not."""
     deadline = time.monotonic() + timeout
+    superlink = fed.processes.get("superlink")
     while time.monotonic() < deadline:
         if (run_dir / "metrics.json").exists() and proc.poll() is not None:
             return
+        if superlink is not None and superlink.poll() is not None:  # a dead SuperLink never answers again
+            break
         if (run_dir / "flower_error.json").exists() or (proc.poll() is not None and proc.returncode != 0):
             break
         if proc.poll() is not None:  # stream ended; give the ServerApp a moment to finish writing
@@ -489,6 +495,11 @@ def wait_for_run(fed: LocalFederation, proc: subprocess.Popen, run_dir: Path, ti
     error = ""
     if (run_dir / "flower_error.json").exists():
         error = (run_dir / "flower_error.json").read_text()
+    if superlink is not None and superlink.poll() is not None:
+        error += (
+            f"the SuperLink exited ({superlink.returncode}); continue the run with "
+            f"`fedmarket flower {'simulate' if fed.simulation else 'deploy'} --resume {run_dir}`"
+        )
     raise FedmarketError(
         f"the Flower run did not complete ({'timed out' if time.monotonic() >= deadline else 'failed'}) {error}\n"
         f"--- flwr run log:\n{fed.log_tail('flwr-run')}\n--- superlink log:\n{fed.log_tail('superlink', 1500)}"
