@@ -157,15 +157,14 @@ def test_method_over_flower_equals_in_process(tmp_path, method):
     assert (run_dir / "uploads.csv").read_text() == (inproc_dir / "uploads.csv").read_text()
 
 
-def test_secure_aggregation_is_refused_not_silently_dropped(tmp_path):
-    # DP and the attack simulation run on Flower (tests/test_flower_privacy.py); the in-process secure
-    # aggregation simulation does not (it would let the ServerApp see every upload)
-    from fedmarket.errors import FedmarketError
+def test_privacy_secagg_and_attack_configs_run_on_flower(tmp_path):
+    # DP and the attack simulation: tests/test_flower_privacy.py; SecAgg+: tests/test_flower_secagg.py
     from fedmarket.flower.server import server_strategy
     from fedmarket.methods import get_method
 
-    cfg = config_from_dict({**experiment(tmp_path, "fedmm"), "secure_aggregation": {"enabled": True}})
-    with pytest.raises(FedmarketError, match="not supported on Flower"):
-        server_strategy(get_method("fedmm"), cfg, 0)
-    for extra in ({"privacy": {"mode": "client"}}, {"attack": {"markets": ["m0"]}}):
+    for extra in (
+        {"privacy": {"mode": "client"}},
+        {"secure_aggregation": {"enabled": True}},
+        {"attack": {"markets": ["m0"]}},
+    ):
         server_strategy(get_method("fedmm"), config_from_dict({**experiment(tmp_path, "fedmm"), **extra}), 0)

@@ -142,14 +142,21 @@ class PrivacyConfig:
 
 @dataclass
 class SecureAggregationConfig:
-    """In-process secure aggregation (`fedmarket.federation.secagg`): the server sees only the sum."""
+    """Secure aggregation: the server sees only the sum. In process a simulation
+    (`fedmarket.federation.secagg`, ``fraction_bits``); on Flower, Flower's SecAgg+ (`fedmarket.flower.secagg`,
+    ``clipping_range``: every weighted value must lie in [-c, c], ``max_weight``: the largest example count a
+    market may report; a market outside either fails its round loudly instead of being clipped)."""
 
     enabled: bool = False
     fraction_bits: int = 24
+    clipping_range: float = 8.0
+    max_weight: float = 100000.0
 
     def validate(self, prefix: str) -> None:
         if not 8 <= self.fraction_bits <= 40:
             raise ConfigError(f"{prefix}.fraction_bits must be in [8, 40], got {self.fraction_bits}")
+        _positive(self.clipping_range, f"{prefix}.clipping_range")
+        _positive(self.max_weight, f"{prefix}.max_weight")
 
 
 @dataclass

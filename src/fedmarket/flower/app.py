@@ -12,6 +12,7 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 
 from fedmarket.flower.client import handle  # noqa: E402
+from fedmarket.flower.secagg import secaggplus_when_asked  # noqa: E402
 from fedmarket.flower.server import serve  # noqa: E402
 
 client_app = ClientApp()
@@ -23,7 +24,7 @@ def query(msg: Message, context: Context) -> Message:
     return handle(msg, context)
 
 
-@client_app.train()
+@client_app.train(mods=[secaggplus_when_asked])  # SecAgg+ rounds (fedmarket.flower.secagg); others pass
 def train(msg: Message, context: Context) -> Message:
     return handle(msg, context)
 

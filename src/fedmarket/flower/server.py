@@ -55,6 +55,7 @@ from fedmarket.flower.records import (
     payload_to_record,
     record_to_payload,
 )
+from fedmarket.flower.secagg import run_secure_round, secure_aggregation_report
 from fedmarket.methods import get_method
 from fedmarket.methods.base import Method
 
@@ -67,10 +68,6 @@ def server_strategy(method: Method, cfg: ExperimentConfig, seed: int) -> Strateg
     if not method.private:
         raise FedmarketError(
             f"method {method.name!r} pools raw data (not private); it has no federated form to run on Flower"
-        )
-    if cfg.secure_aggregation.enabled:
-        raise FedmarketError(
-            "secure_aggregation not supported on Flower yet: run it in-process (fedmarket run)"
         )
     trainers, strategy = method.build(cfg, method.parse_options(cfg.method.options), {}, seed)
     if trainers:
@@ -255,12 +252,15 @@ class FlowerServer:
         result = self.finish(seed, state)
         result.privacy = dict(getattr(strategy, "privacy_report", dict)())
         result.privacy["server_step"] = describe_server_step(base_strategy, cfg.train.rounds)
+        if cfg.secure_aggregation.enabled:
+            result.privacy.update(secure_aggregation_report(cfg, state["secure_aggregation"]))
         return result
 
     def _fresh_state(self) -> dict[str, Any]:
         return {
             "round": 0,
             "history": [],
+            "secure_aggregation": [],  # per round: through SecAgg+ or in the clear, and why
             "failures": [],
             "uploads": [],
             "communication": {},
@@ -318,6 +318,10 @@ class FlowerServer:
     def run_round(
         self, seed: int, server_round: int, strategy: Strategy, state: dict, min_markets: int
     ) -> None:
+        if self.cfg.secure_aggregation.enabled and run_secure_round(
+            self, seed, server_round, strategy, state, min_markets
+        ):
+            return  # a weighted-sum round went through Flower's SecAgg+ (`fedmarket.flower.secagg`)
         cfg = self.cfg
         selected = select_markets(self.markets, seed, server_round, cfg.train.client_fraction, min_markets)
         downloads = strategy.configure_train(server_round, selected)
