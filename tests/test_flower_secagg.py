@@ -203,3 +203,26 @@ def test_a_market_dropping_after_masking_is_recovered_by_secaggplus(tmp_path):
     for k in got:
         plain = sum(a[k] * nk for a, nk in survivors) / total
         assert np.abs(np.asarray(got[k], np.float64) - plain).max() <= bound, k
+
+
+def test_fedmm_ctr_rounds_go_through_secaggplus_and_rqvae_rounds_are_named_clear(tmp_path):
+    from test_flower_methods import experiment
+
+    cfg = {**experiment(tmp_path, "fedmm"), "secure_aggregation": {"enabled": True}}
+    expected = json.loads((run_experiment(config_from_dict(cfg)) / "metrics.json").read_text())
+    markets = cfg["dataset"]["markets"]
+    grid = AppGrid(
+        {100 + i: {"market": m, "state-dir": str(tmp_path / "state" / m)} for i, m in enumerate(markets)}
+    )
+    FlowerServer(grid, config_from_dict(cfg), tmp_path / "run", wait_nodes=0).run()
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    record = metrics["privacy"]["secure_aggregation"]
+    # round 1 (embeddings) uploads nothing; 2-3 merge codebooks (not a sum); 4-5 train the CTR model (a sum)
+    assert record["secured_rounds"] == [4, 5] and record["clear_rounds"] == [2, 3]
+    assert "RQ-VAE" in record["clear_reasons"][0]
+    assert metrics["failures"] == []
+    sim = expected["privacy"]["secure_aggregation"]  # the in-process simulation makes the same split
+    assert (sim["secured_rounds"], sim["clear_rounds"]) == ([4, 5], [2, 3])
+    for market, values in metrics["per_market"].items():
+        for k, v in values.items():
+            assert v == pytest.approx(expected["per_market"][market][k], abs=0.05), (market, k)

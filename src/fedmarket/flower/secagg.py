@@ -77,6 +77,7 @@ from fedmarket.serialization import json_default
 log = logging.getLogger(__name__)
 
 LEGACY_KEY = "fedmarket"  # FitIns.config entry holding fedmarket's request envelope (JSON)
+LAYOUT_KEY = "__fedmarket_layout__"  # FitRes.metrics entry: [[key, dtype], ...] of the summed arrays
 MODULUS = 2**32  # Flower's default SecAgg+ modulus (its masks are drawn below 2^32)
 PROTOCOL = "Flower SecAgg+ (flwr.server.workflow.SecAggPlusWorkflow + flwr.client.mod.secaggplus_mod)"
 
@@ -129,12 +130,9 @@ def _bridge(call_next: Any) -> Any:
         cfg = experiment_config(request["experiment"])
         # the checks the server makes on a plain upload, made here (the server never sees this one)
         get_method(cfg.method.name).declaration.check(upload, market)
-        validate_update(upload, download, market)
-        if sorted(upload) != sorted(keys):
-            raise FedmarketError(
-                f"market {market!r}: SecAgg+ round uploads {sorted(upload)}, expected {keys}"
-            )
-        for k in keys:
+        validate_update(upload, download if download else None, market)
+        up_keys = sorted(upload)
+        for k in up_keys:
             if np.asarray(upload[k]).dtype.kind != "f":
                 raise FedmarketError(f"market {market!r}: {k!r} is not floating point; SecAgg+ sums floats")
         weight = 1 if spec["uniform"] else num_examples
@@ -144,8 +142,8 @@ def _bridge(call_next: Any) -> Any:
                 f"market {market!r}: {weight} examples > secure_aggregation.max_weight={max_weight:g} "
                 "(SecAgg+ would cap the weight); raise it"
             )
-        vectors = [np.asarray(upload[k], dtype=np.float64) for k in keys]
-        peak = max(float(np.abs(v).max(initial=0.0)) for v in vectors) * weight / max_weight
+        vectors = [np.asarray(upload[k], dtype=np.float64) for k in up_keys]
+        peak = max((float(np.abs(v).max(initial=0.0)) for v in vectors), default=0.0) * weight / max_weight
         if peak > float(spec["clipping_range"]):
             raise FedmarketError(
                 f"market {market!r}: a weighted value of {peak:.4g} is outside secure_aggregation."
@@ -158,7 +156,9 @@ def _bridge(call_next: Any) -> Any:
             status=Status(code=Code.OK, message=""),
             parameters=ndarrays_to_parameters(vectors),
             num_examples=weight,
-            metrics={k: float(v) for k, v in metrics.items()},
+            # names and dtypes of the summed arrays (the server sees their shapes in the sum)
+            metrics={k: float(v) for k, v in metrics.items()}
+            | {LAYOUT_KEY: json.dumps([[k, np.asarray(upload[k]).dtype.str] for k in up_keys])},
         )
         content = compat.fitres_to_recorddict(fitres, keep_input=True)
         content[ENVELOPE] = reply.content[ENVELOPE]
@@ -209,20 +209,15 @@ def run_secure_round(
     reachable = [m for m in selected if m in server.nodes]
     if is_sum and len(reachable) < 2:
         is_sum, why = False, "fewer than 2 markets reachable: a sum of one upload is that upload"
-    downloads = strategy.configure_train(server_round, selected) if is_sum else {}
-    first = next((downloads.get(m) for m in selected if downloads.get(m)), None)
-    if is_sum and not first:
-        is_sum, why = False, "the server has no shared parameters to send (first upload of a phase)"
     if not is_sum:
         record.append({"round": server_round, "secure": False, "reason": why})
         return False
-    keys = sorted(first)
+    downloads = strategy.configure_train(server_round, selected)
     uniform = uniform_weights(cfg)
     max_weight = 1.0 if uniform else float(cfg.secure_aggregation.max_weight)
     q = quantization_range(len(reachable))
     options = strategy.round_options(server_round)
     spec = {
-        "keys": keys,
         "uniform": uniform,
         "max_weight": max_weight,
         "clipping_range": cfg.secure_aggregation.clipping_range,
@@ -234,10 +229,7 @@ def run_secure_round(
         if market not in server.nodes:
             server._fail(state, seed, server_round, market, "fit", "no SuperNode connected for this market")
             continue
-        if sorted(down) != keys:
-            raise FedmarketError(
-                f"round {server_round}: market {market!r} downloads {sorted(down)}, not {keys}"
-            )
+        keys = sorted(down)
         best = state["best"].get(market)
         request = server._request(
             seed,
@@ -245,7 +237,7 @@ def run_secure_round(
             local_epochs=cfg.train.local_epochs,
             options=options,
             keep_round=best["round"] if best else 0,
-            secagg=spec,
+            secagg={**spec, "keys": keys},
         )
         node = server.nodes[market]
         fitins[node] = FitIns(
@@ -279,10 +271,13 @@ def run_secure_round(
             server._fail(state, seed, server_round, market, "fit", why_failed)
     updates: dict[str, Update] = {}
     if results:
+        layouts = {str(res.metrics.pop(LAYOUT_KEY, "")) for _, res in results}
+        if len(layouts) != 1:
+            raise FedmarketError(f"round {server_round}: markets summed different arrays: {sorted(layouts)}")
+        layout = json.loads(layouts.pop())
         arrays = parameters_to_ndarrays(results[0][1].parameters)
         aggregate: Payload = {
-            k: np.asarray(a, dtype=np.asarray(first[k]).dtype).reshape(np.shape(first[k]))
-            for k, a in zip(keys, arrays, strict=True)
+            k: np.asarray(a, dtype=np.dtype(dt)) for (k, dt), a in zip(layout, arrays, strict=True)
         }
         for market in selected:  # market order, as in a plain round
             res = survivors.get(market)
@@ -309,6 +304,8 @@ def run_secure_round(
             f"train.min_markets={min_markets}"
         )
     strategy.aggregate_train(server_round, updates)
+    if not any(u.payload for u in updates.values()):
+        return True  # nothing left any market (e.g. a local-training phase): nothing to protect or list
     record.append(
         {
             "round": server_round,
