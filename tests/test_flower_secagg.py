@@ -118,6 +118,7 @@ def test_secaggplus_aggregate_equals_plain_fedavg_within_quantization_error(tmp_
     record = metrics["privacy"]["secure_aggregation"]
     assert record["secured_rounds"] == [1] and record["clear_rounds"] == []
     assert "SecAgg+" in record["protocol"]
+    assert "Flower SecAgg+" in (tmp_path / "secure" / "run" / "report.md").read_text()
     assert not any("WARNING" in n for n in metrics["notes"])
     # the server never received a market's parameters: every reply's arrays were emptied by secaggplus_mod
     train_replies = [r for r in grid.replies if r.metadata.message_type == "train"]

@@ -320,7 +320,8 @@ def summarize(
             f"(scale {cfg.attack.scale}); their own metrics are honest, the aggregate is not"
         )
     privacy_record = dict(first.get("privacy") or {})
-    # a runtime that does not apply the wrappers (the Flower apps, for now) must not look private
+    # a runtime that did not apply a configured wrapper must not look private (both runtimes apply them;
+    # this guards against a new runtime or path that forgets to)
     applied = {
         "privacy.mode": "epsilon" in privacy_record or cfg.privacy.mode == "off",
         "secure_aggregation.enabled": "secure_aggregation" in privacy_record

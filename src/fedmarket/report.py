@@ -649,7 +649,9 @@ def _privacy_section(run: dict) -> list[str]:
     secure = record.get("secure_aggregation")
     if secure:
         lines += [
-            f"Secure aggregation (pairwise masks, {secure.get('fraction_bits', 'fixed-point')} fraction bits): "
+            f"Secure aggregation ({secure.get('protocol') or 'pairwise masks, simulated in process'}"
+            + (f", {secure['fraction_bits']} fraction bits" if "fraction_bits" in secure else "")
+            + "): "
             f"the server saw only masked uploads and their sum in rounds {secure['secured_rounds'] or 'none'}."
         ]
         if secure.get("clear_rounds"):

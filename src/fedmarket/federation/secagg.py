@@ -27,10 +27,8 @@ A round whose server step is not a sum (coordinate-wise median or trimmed mean, 
 aggregation, FedMM's first codebook merge by k-means) cannot be computed from a sum: the wrapper
 aggregates it in the clear and records why, and the run report says so.
 
-Flower's SecAgg+ (`SecAggPlusWorkflow` + `secaggplus_mod`) exists only on Flower's legacy
-``NumPyClient`` / ``Driver`` path; fedmarket's Flower apps use the Message API (`flwr.serverapp`
-strategies), where Flower 1.41 offers no SecAgg+ workflow. Wiring it would mean a second, legacy
-Flower app; this module gives the same guarantee (the server sees only the sum) for the in-process runtime.
+This is a simulation for the in-process runtime (seeds derived in process, no key agreement). The Flower
+apps do not use it: there the same sum rounds run Flower's own SecAgg+ (`fedmarket.flower.secagg`).
 """
 
 from __future__ import annotations
