@@ -239,3 +239,65 @@ def test_not_private_methods_do_not_run_on_flower(tmp_path):
     cfg = config_from_dict(synthetic_cfg(tmp_path, "centralized"))
     with pytest.raises(FedmarketError, match="not private"):
         server_strategy(get_method("centralized"), cfg, 0)
+
+
+# ------------------------------------------------------------------------------ a fresh ClientApp process
+CLIENT_PROCESS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import fedmarket.flower.app as app
+imported = sorted(m for m in ("fedmarket.api", "fedmarket.flower.server", "fedmarket.report", "matplotlib",
+                              "sklearn", "scipy", "torch._dynamo") if m in sys.modules)
+from flwr.supercore.task_identity import TaskIdentity
+for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+    setattr(TaskIdentity, attr, value)
+import test_flower_app as t
+from fedmarket.config import config_from_dict
+from fedmarket.flower import client
+from fedmarket.flower.server import FlowerServer
+
+def as_client_app(msg, context):  # what flwr-clientapp calls: the app's handler for the message type
+    client._TRAINERS.clear()  # and every message a fresh process: state and split from the market's disk
+    client._SPLITS.clear()
+    return getattr(app, msg.metadata.message_type)(msg, context)
+
+t.handle = as_client_app
+cfg = json.loads(sys.argv[2])
+FlowerServer(t.memory_grid(t.Path(sys.argv[3])), config_from_dict(cfg), t.Path(sys.argv[3]) / "run",
+             wait_nodes=0).run()
+print(json.dumps({"imported_by_app": imported, "dynamo_after_run": "torch._dynamo" in sys.modules}))
+"""
+
+
+def test_a_client_app_process_skips_the_compiler_and_server_imports_with_the_same_numbers(tmp_path):
+    """A ClientApp process (one per message on the Deployment Engine) imports neither the server side
+    (fedmarket.api, plotting) nor torch's compiler (`skip_dynamo_import`), reads its split from the
+    market's state folder after the first message, and its numbers equal the in-process run exactly."""
+    import subprocess
+    import sys
+
+    cfg_dict = synthetic_cfg(tmp_path, "fedprox", rounds=2)
+    expected = in_process(cfg_dict, tmp_path)
+    script = tmp_path / "client_process.py"
+    script.write_text(CLIENT_PROCESS)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(Path(__file__).parent),
+            json.dumps(cfg_dict),
+            str(tmp_path / "flwr"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"imported_by_app": [], "dynamo_after_run": False}
+    got = json.loads((tmp_path / "flwr" / "run" / "metrics.json").read_text())
+    assert got["per_market"] == expected["per_market"]
+    assert got["communication"] == expected["communication"]
+    timing = json.loads((tmp_path / "flwr" / "run" / "flower_timing.json").read_text())
+    messages = [r for r in timing if r["stage"] in ("train", "evaluate")]
+    assert messages and all(r.get("split_from_disk") == 1.0 for r in messages)

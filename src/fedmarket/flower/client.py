@@ -19,8 +19,10 @@ no data is re-read and no state re-loaded per round.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import tempfile
 import time
@@ -31,7 +33,6 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from fedmarket.api import protect_trainer
 from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
 from fedmarket.data.split import MarketSplit, leave_one_out
@@ -55,6 +56,87 @@ try:  # process age at the first handler = start-up + imports (the Deployment En
     _PROCESS_START = psutil.Process().create_time()
 except Exception:  # pragma: no cover - psutil ships with ray; fall back to import time
     pass
+
+
+# ------------------------------------------------------------------------------------------ process start-up
+_DYNAMO_SKIPPED = False
+
+
+def skip_dynamo_import() -> int:
+    """Keep a fresh ClientApp process from importing ``torch._dynamo`` (1.6 s idle, ~2.7 s on a loaded
+    2-core machine: the largest part of a Deployment-Engine message's "model build" that is not Flower's).
+
+    torch imports its compiler lazily, on the first use of an optimizer: ``Optimizer.__init__`` /
+    ``state_dict`` / ``load_state_dict`` / ``zero_grad`` are wrapped by ``torch._disable_dynamo`` (which
+    imports dynamo to build a "don't compile this" wrapper), ``step`` by ``_use_grad_for_differentiable``
+    (which calls ``torch._dynamo.graph_break()``), the functional ``adam`` & co. by
+    ``_disable_dynamo_if_unsupported``. All of these only matter under ``torch.compile``, which fedmarket
+    never uses; in eager mode they call the wrapped function unchanged. So, in the ClientApp process only
+    (called from `fedmarket.flower.app`'s handlers, never by the in-process runtime), each wrapper is told
+    its eager function is already "disabled" (the attribute ``torch._disable_dynamo`` caches) and ``step``
+    gets the same grad-mode handling without the graph breaks. Nothing numerical changes (the Deployment
+    Engine tests compare its results bit for bit with the in-process runtime). No-op when dynamo is
+    already imported, with ``FEDMARKET_KEEP_DYNAMO=1``, or when torch's wrappers are not the expected ones.
+    Returns how many wrappers were short-circuited."""
+    global _DYNAMO_SKIPPED
+    import sys
+
+    if _DYNAMO_SKIPPED or "torch._dynamo" in sys.modules or os.environ.get("FEDMARKET_KEEP_DYNAMO"):
+        return 0
+    _DYNAMO_SKIPPED = True
+    import functools
+
+    try:
+        from torch import _compile
+        from torch.optim import optimizer as optim_module
+
+        disable_code = _compile._disable_dynamo(lambda: None).__code__
+        use_grad_code = optim_module._use_grad_for_differentiable(lambda self: None).__code__
+    except Exception:  # pragma: no cover - another torch: leave it alone
+        return 0
+
+    def eager_use_grad(func: Any) -> Any:
+        @functools.wraps(func)
+        def _use_grad(*args: Any, **kwargs: Any) -> Any:
+            previous = torch.is_grad_enabled()
+            try:
+                torch.set_grad_enabled(args[0].defaults["differentiable"])
+                return func(*args, **kwargs)
+            finally:
+                torch.set_grad_enabled(previous)
+
+        return _use_grad
+
+    count = 0
+    seen: set[type] = set()
+    stack: list[type] = [torch.optim.Optimizer]
+    while stack:
+        cls = stack.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        stack.extend(cls.__subclasses__())
+        for name, value in list(vars(cls).items()):
+            code = getattr(value, "__code__", None)
+            if code is disable_code and hasattr(value, "__wrapped__"):
+                value.__wrapped__.__dynamo_disable = value.__wrapped__
+                count += 1
+            elif code is use_grad_code and hasattr(value, "__wrapped__"):
+                setattr(cls, name, eager_use_grad(value.__wrapped__))
+                count += 1
+    for module_name, module in list(sys.modules.items()):
+        if not module_name.startswith("torch.optim") or module is None:
+            continue
+        for value in list(vars(module).values()):
+            for cell in getattr(value, "__closure__", None) or ():
+                try:
+                    inner = cell.cell_contents
+                except ValueError:
+                    continue
+                if getattr(inner, "__code__", None) is disable_code and hasattr(inner, "__wrapped__"):
+                    inner.__wrapped__.__dynamo_disable = inner.__wrapped__
+                    count += 1
+    return count
 
 
 # ------------------------------------------------------------------------------------------ state store
@@ -166,7 +248,14 @@ def split_market(market: Any, cfg: ExperimentConfig) -> Any:
     return leave_one_out(market, cfg.eval.candidates, cfg.eval.split_seed)
 
 
-def market_split(cfg: ExperimentConfig, market: str, data_dir: str | None, timing: Timing) -> MarketSplit:
+def market_split(
+    cfg: ExperimentConfig, market: str, data_dir: str | None, timing: Timing, cache_dir: Path | None = None
+) -> MarketSplit:
+    """This market's split: from this process's memory, else from ``cache_dir`` (the market's own state
+    folder: a Deployment-Engine message runs in a fresh process, and re-reading and re-splitting a large
+    market costs ~0.5 s a message, unpickling it ~1 ms), else loaded and split (then written there).
+    The file name carries a digest of everything the split depends on, so a changed config never reads
+    a stale one."""
     d = cfg.dataset
     key = json.dumps(
         [d.name, market, data_dir, d.options, cfg.eval.candidates, cfg.eval.split_seed],
@@ -175,12 +264,25 @@ def market_split(cfg: ExperimentConfig, market: str, data_dir: str | None, timin
     )
     if key not in _SPLITS:
         t0 = time.perf_counter()
-        markets = load_dataset(
-            d.name, data_dir=data_dir, markets=[market], use_cache=d.use_cache, **d.options
-        )
-        if market not in markets:
-            raise FedmarketError(f"dataset {d.name!r} has no market {market!r}")
-        _SPLITS[key] = split_market(markets[market], cfg)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        path = cache_dir / f"split-{market}-{digest}.pkl" if cache_dir is not None else None
+        if path is not None and path.exists():
+            with path.open("rb") as f:
+                _SPLITS[key] = pickle.load(f)
+            timing.extra["split_from_disk"] = 1.0
+        else:
+            markets = load_dataset(
+                d.name, data_dir=data_dir, markets=[market], use_cache=d.use_cache, **d.options
+            )
+            if market not in markets:
+                raise FedmarketError(f"dataset {d.name!r} has no market {market!r}")
+            _SPLITS[key] = split_market(markets[market], cfg)
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                with tmp.open("wb") as f:
+                    pickle.dump(_SPLITS[key], f, protocol=pickle.HIGHEST_PROTOCOL)
+                os.replace(tmp, path)  # atomic: a concurrent or killed writer never leaves a torn file
         timing.data = time.perf_counter() - t0
     return _SPLITS[key]
 
@@ -202,10 +304,11 @@ class MarketClient:
             or os.path.join(os.environ.get("FLWR_HOME") or tempfile.gettempdir(), "fedmarket-state")
         )
         self.store = StateStore(Path(str(state_root)) / request["key"] / f"seed{self.seed}" / self.market)
+        self.split_cache = Path(str(state_root)) / request["key"]  # the market's split, shared by seeds
         self.cache_key = (request["key"], self.seed, self.market)
 
     def _fresh_trainer(self) -> ClientTrainer:
-        split = market_split(self.cfg, self.market, self.data_dir, self.timing)
+        split = market_split(self.cfg, self.market, self.data_dir, self.timing, self.split_cache)
         t0 = time.perf_counter()
         method = get_method(self.cfg.method.name)
         opts = method.parse_options(self.cfg.method.options)
@@ -255,6 +358,8 @@ class MarketClient:
         config = RoundConfig(server_round, int(req["local_epochs"]), self.seed, dict(req.get("options", {})))
         t0 = time.perf_counter()
         # the same market-side wrappers as in process (attack simulation, DP clipping / local noise)
+        from fedmarket.api import protect_trainer  # here: query/evaluate messages never import fedmarket.api
+
         update = protect_trainer(self.cfg, trainer).fit(payload, config)
         self.timing.compute = time.perf_counter() - t0
         self.save(trainer, (server_round, "fit"), int(req.get("keep_round", 0)))
