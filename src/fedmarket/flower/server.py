@@ -215,7 +215,7 @@ class FlowerServer:
         if resumed:
             saved = torch.load(ckpt, weights_only=False)
             strategy.load_state_dict(saved["strategy"])
-            state = {k: saved[k] for k in state}
+            state = {k: saved.get(k, v) for k, v in state.items()}  # older checkpoints lack new keys
             self.markets = saved["markets"]
             log.info("seed %d: resumed from %s at round %d", seed, ckpt, state["round"])
         initial = self.discover(seed, want_initial=not resumed, wait=self.wait_nodes)
