@@ -49,13 +49,24 @@ from fedmarket.flower.records import (
 )
 from fedmarket.methods import get_method
 
-_PROCESS_START = time.time()
-try:  # process age at the first handler = start-up + imports (the Deployment Engine pays it per message)
-    import psutil
 
-    _PROCESS_START = psutil.Process().create_time()
-except Exception:  # pragma: no cover - psutil ships with ray; fall back to import time
-    pass
+def _process_start_time() -> float:
+    """When this process started (epoch seconds): its age at the first handler = start-up + imports, which
+    the Deployment Engine pays per message. From /proc on Linux (psutil is not a dependency), else this
+    module's import time."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(
+            int(line.split()[1])
+            for line in Path("/proc/stat").read_text().splitlines()
+            if line.startswith("btime ")
+        )
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time in clock ticks
+    except Exception:  # pragma: no cover - not Linux
+        return time.time()
+
+
+_PROCESS_START = _process_start_time()
 
 
 # ------------------------------------------------------------------------------------------ process start-up
