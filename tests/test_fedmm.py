@@ -18,6 +18,7 @@ from fedmarket.methods.fedmm import (
     item_statistics,
     merge_codebooks,
     upload_declaration,
+    user_history_codes,
 )
 
 FAST = {"embedding_epochs": 2, "rqvae_rounds": 2, "rqvae_epochs": 2, "global_codes": 16, "local_codes": 8}
@@ -57,7 +58,17 @@ VARIANTS = [
     {"codebook": "global_only", "ctr_federation": "codes_dense"},
     {"codebook": "local", "ctr_federation": "none", "federate_autoencoder": False},
     {"item_stats": "none", "federate_autoencoder": False},  # FedMM as first specified (MF-BPR embeddings)
+    {"user_codes": "history"},  # u1 table federated with c1, u2 local
+    {"codebook": "global_only", "ctr_federation": "codes_dense", "user_codes": "history"},  # u1 and u2
+    {"ctr_federation": "dense", "user_codes": "history"},  # code tables (c and u) all local
 ]
+
+
+def brute_force_mode(codes_of_user: list[int], reserved: int) -> int:
+    if not codes_of_user:
+        return reserved
+    counts = {c: codes_of_user.count(c) for c in codes_of_user}
+    return min(c for c in counts if counts[c] == max(counts.values()))
 
 
 def check_uploads(cfg):
@@ -85,10 +96,25 @@ def check_uploads(cfg):
     if opts.ctr_federation == "c1_dense":
         assert "ctr.features.embedding.c1.weight" in phase_keys
         assert "ctr.features.embedding.c2.weight" not in phase_keys
+    user = opts.user_codes == "history"
+    assert ("ctr.features.embedding.u1.weight" in phase_keys) == (
+        user and opts.ctr_federation in ("c1_dense", "codes_dense")
+    )
+    assert ("ctr.features.embedding.u2.weight" in phase_keys) == (
+        user and opts.ctr_federation == "codes_dense"
+    )
+    for trainer in trainers.values():  # the CTR model has the user code fields iff the option is on
+        fields = trainer.ctr.model.fields
+        assert ("u1" in fields and "u2" in fields) == user
+        if user:
+            assert fields["u1"] == opts.global_codes + 1 and fields["u2"] == opts.local_codes + 1
+            assert list(fields).index("u2") < trainer.ctr.model.num_user_fields  # user-side fields
 
 
-def test_real_uploads_hold_only_declared_keys_and_nothing_id_indexed(data_dir):
-    check_uploads(fedmm_cfg({"name": "xmrec", "markets": ["in", "jp"], "data_dir": str(data_dir)}, rounds=4))
+@pytest.mark.parametrize("options", [{}, {"user_codes": "history"}])
+def test_real_uploads_hold_only_declared_keys_and_nothing_id_indexed(data_dir, options):
+    dataset = {"name": "xmrec", "markets": ["in", "jp"], "data_dir": str(data_dir)}
+    check_uploads(fedmm_cfg(dataset, options, rounds=4))
 
 
 @pytest.mark.parametrize("options", VARIANTS)
@@ -228,3 +254,58 @@ def test_alignment_is_written_from_a_run_folder(tmp_path):
     out = alignment_from_run(run_dir)
     assert (run_dir / "alignment.json").exists()
     assert "seed0" in out["seeds"] and "analysis only" in out["note"]
+
+
+# ----------------------------------------------------------------------------- option user_codes
+def test_user_codes_option_is_validated():
+    assert get_method("fedmm").parse_options({}).user_codes == "none"
+    assert get_method("fedmm").parse_options({"user_codes": "history"}).user_codes == "history"
+    with pytest.raises(ConfigError, match=r"method\.options\.user_codes"):
+        get_method("fedmm").parse_options({"user_codes": "items"})
+
+
+def test_user_history_codes_on_a_hand_made_example():
+    # user 0: codes 3, 1, 3 → 3; user 1: 2, 0 (tie) → 0; user 2: no interaction → reserved 5;
+    # user 3: 4 → 4; user 4: 1, 2, 2, 1 (tie) → 1
+    users = np.array([0, 1, 0, 3, 1, 0, 4, 4, 4, 4])
+    codes = np.array([3, 2, 1, 4, 0, 3, 1, 2, 2, 1])
+    np.testing.assert_array_equal(user_history_codes(users, codes, 5, vocab=5), [3, 0, 5, 4, 1])
+    np.testing.assert_array_equal(user_history_codes(users[:0], codes[:0], 2, vocab=5), [5, 5])
+
+
+def test_user_codes_written_from_train_interactions_and_used_in_every_scoring_path():
+    cfg = fedmm_cfg(
+        synthetic(),
+        {"user_codes": "history"},
+        rounds=5,
+        eval={"full_ranking": True, "candidates": 20},
+    )
+    method, opts, data, trainers, strategy = build(cfg)
+    sim = Simulator(
+        trainers, strategy, method.declaration, rounds=5, seed=0, full_ranking=True, progress=False
+    )
+    result = sim.run()
+    assert not result.failures
+    narrow = upload_declaration(opts)
+    ctr_uploads = [u for u in result.uploads if u["round"] >= 4]
+    assert ctr_uploads and all(all(narrow.allows(k) for k in u["keys"]) for u in ctr_uploads)
+    assert all("ctr.features.embedding.u1.weight" in u["keys"] for u in ctr_uploads)
+    assert all(np.isfinite(m["auc"]) and np.isfinite(m["full_ndcg@10"]) for m in result.test.values())
+    for trainer in trainers.values():
+        split = trainer.split
+        c1, c2 = trainer.codes
+        user_x = trainer.ctr.data.user_x.numpy()
+        for u in range(split.market.num_users):
+            rows = split.train_users == u
+            assert user_x[u, -2] == brute_force_mode(c1[split.train_items[rows]].tolist(), opts.global_codes)
+            assert user_x[u, -1] == brute_force_mode(c2[split.train_items[rows]].tolist(), opts.local_codes)
+        # the user fields change the scores: zeroing u1/u2 rows of the model moves the full-ranking scores
+        model = trainer.ctr.model.eval()
+        items = trainer.ctr.data.item_x
+        users = trainer.ctr.data.user_x[:5]
+        before = model.score_matrix(users, items)
+        pairs = model(torch.cat([users.repeat_interleave(len(items), 0), items.repeat(5, 1)], 1))
+        torch.testing.assert_close(before, pairs.view(5, -1), rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            model.features.embedding["u1"].weight.zero_()
+        assert not torch.allclose(before, model.score_matrix(users, items))

@@ -1,6 +1,7 @@
 """The CTR client trainer shared by every CTR method (Local, FedAvg, FedProx, FedPer, Centralized, FedMM).
 
-Each market is tensorised once: a user-field table ``user_x [U, Fu]`` (local user ID + side features) and an
+Each market is tensorised once: a user-field table ``user_x [U, Fu]`` (local user ID + side features + any extra user fields
+such as FedMM's optional (u1, u2)) and an
 item-field table ``item_x [I, Fi]`` (local item ID + side features + any extra code fields such as FedMM's
 (c1, c2)). A training batch is an index slice of per-epoch (user, item, label) arrays, gathered from those
 tables; no per-row Python.
@@ -39,6 +40,25 @@ def _feature_table(ids: int, frame, prefix: str, use_side: bool) -> tuple[np.nda
     return np.stack(cols, axis=1), fields
 
 
+def _append_fields(
+    table: np.ndarray,
+    fields: dict[str, int],
+    extra: dict[str, tuple[np.ndarray, int]] | None,
+    side: str,
+    other_fields: dict[str, int],
+) -> np.ndarray:
+    """Append extra categorical columns (one code per row, in [0, vocab)) to a feature table; ``fields`` grows."""
+    for name, (codes, vocab) in (extra or {}).items():
+        codes = np.asarray(codes, dtype=np.int64)
+        if name in fields or name in other_fields:
+            raise ValueError(f"extra {side} field {name!r} clashes with an existing field")
+        if codes.shape != (len(table),) or codes.min() < 0 or codes.max() >= vocab:
+            raise ValueError(f"extra {side} field {name!r} must hold {len(table)} codes in [0, {vocab})")
+        table = np.concatenate([table, codes[:, None]], axis=1)
+        fields[name] = int(vocab)
+    return table
+
+
 @dataclass
 class MarketView:
     """How one market's evaluation data maps into a trainer's index space (identity for a normal market;
@@ -68,16 +88,15 @@ class CTRData:
         split: MarketSplit,
         use_side_features: bool = True,
         extra_item_fields: dict[str, tuple[np.ndarray, int]] | None = None,
+        extra_user_fields: dict[str, tuple[np.ndarray, int]] | None = None,
     ) -> CTRData:
+        """``extra_item_fields`` / ``extra_user_fields``: name → (one code per item / user, vocabulary size),
+        appended as categorical fields after the item / user side features (FedMM's (c1, c2) and (u1, u2))."""
         m = split.market
         user_x, user_fields = _feature_table(m.num_users, m.user_features, "user", use_side_features)
         item_x, item_fields = _feature_table(m.num_items, m.item_features, "item", use_side_features)
-        for name, (codes, vocab) in (extra_item_fields or {}).items():
-            codes = np.asarray(codes, dtype=np.int64)
-            if codes.shape != (m.num_items,) or codes.min() < 0 or codes.max() >= vocab:
-                raise ValueError(f"extra item field {name!r} must hold {m.num_items} codes in [0, {vocab})")
-            item_x = np.concatenate([item_x, codes[:, None]], axis=1)
-            item_fields[name] = int(vocab)
+        item_x = _append_fields(item_x, item_fields, extra_item_fields, "item", user_fields)
+        user_x = _append_fields(user_x, user_fields, extra_user_fields, "user", item_fields)
         ident_u, ident_i = np.arange(m.num_users), np.arange(m.num_items)
         return cls(
             user_x=torch.from_numpy(user_x),

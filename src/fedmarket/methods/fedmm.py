@@ -11,8 +11,10 @@ The algorithm, in the order this module implements it. The server round number p
                                       market-comparable item statistics beside it) into (c1, c2); the
                                       level-1 codebook G is federated: upload (G_m, n_m), the server merges
                                       code by code, G_k ← Σ_m n_mk G_mk / Σ_m n_mk
-    rounds R_e+R_q+1..R        CTR    DeepFM / DCNv2 with (c1, c2) as extra item fields; the c1 embedding
-                                      table and the dense layers are FedAvg'd (option), IDs and c2 stay local
+    rounds R_e+R_q+1..R        CTR    DeepFM / DCNv2 with (c1, c2) as extra item fields (and, option
+                                      user_codes=history, the user's modal train (c1, c2) as (u1, u2) user
+                                      fields); the c1 (and u1) embedding table and the dense layers are
+                                      FedAvg'd (option), IDs and c2 (u2) stay local
 
 Default route (docs/results_fedmm.md): the RQ-VAE quantizes market-comparable item statistics instead of
 collaborative embeddings (``item_stats="only"``), with the encoder/decoder federated next to G; codes of
@@ -24,7 +26,7 @@ Everything ID-indexed (user/item embeddings, ID tables of the CTR model, item st
 
 Ablations (options): ``codebook="local"`` (no codebook federation), ``codebook="global_only"`` (both levels
 federated); alignment routes: ``embedding="fedctr"``, ``item_stats="concat"|"only"``,
-``federate_autoencoder=true``. `code_alignment` is the analysis-only diagnostic (it reads raw item keys,
+``federate_autoencoder=true``; user fields: ``user_codes="history"``. `code_alignment` is the analysis-only diagnostic (it reads raw item keys,
 which no federated step ever does).
 """
 
@@ -75,6 +77,10 @@ FEDMM_UPLOAD = UploadDeclaration(
         "ctr.features.linear.c1.weight",
         "ctr.features.embedding.c2.weight",  # only ctr_federation=codes_dense (with global_only)
         "ctr.features.linear.c2.weight",
+        "ctr.features.embedding.u1.weight",  # user_codes=history: indexed by global code, like c1
+        "ctr.features.linear.u1.weight",
+        "ctr.features.embedding.u2.weight",  # user_codes=history with ctr_federation=codes_dense
+        "ctr.features.linear.u2.weight",
         "ctr.dnn.*",
         "ctr.cross.*",
         "ctr.head.*",
@@ -85,8 +91,7 @@ FEDMM_UPLOAD = UploadDeclaration(
 )
 CTR_DENSE = ("dnn.*", "cross.*", "head.*", "bias")
 CODE_TABLES = {
-    "c1": ("features.embedding.c1.weight", "features.linear.c1.weight"),
-    "c2": ("features.embedding.c2.weight", "features.linear.c2.weight"),
+    f: (f"features.embedding.{f}.weight", f"features.linear.{f}.weight") for f in ("c1", "c2", "u1", "u2")
 }
 
 
@@ -116,6 +121,17 @@ class FedMMOptions:
     server_init: str = "kmeans"  # kmeans: merge local k-means centroids by weighted k-means | first
     federate_autoencoder: bool = True  # alignment route (default on)
     ctr_federation: str = "c1_dense"  # none | dense | c1_dense | codes_dense
+    # user_codes: "none" (default) | "history". With "history" every user also gets (u1, u2) = the most
+    # frequent c1 and the most frequent c2 among the items of the user's TRAIN interactions (ties → the
+    # smallest code; a user with no train interaction gets the reserved index global_codes / local_codes),
+    # two more categorical user fields of the CTR model (training, candidate scoring and full ranking).
+    # Federation: the u1/u2 tables are indexed by code, not by user ID, and u1 lives in the GLOBAL code space
+    # (u1 = k means "this user mostly interacts with items of global code k" in every market), so the u1
+    # table is federated exactly when the c1 table is (ctr_federation c1_dense / codes_dense) and u2 exactly
+    # when c2 is (codes_dense, i.e. codebook=global_only); otherwise they stay local. The reserved row
+    # ("no train history") means the same everywhere too and is averaged with the rest. The per-user codes
+    # themselves, like the item codes, never leave the market.
+    user_codes: str = "none"
 
     def validate(self, prefix: str) -> None:
         choices = {
@@ -125,6 +141,7 @@ class FedMMOptions:
             "codebook": ("federated", "local", "global_only"),
             "server_init": ("kmeans", "first"),
             "ctr_federation": ("none", "dense", "c1_dense", "codes_dense"),
+            "user_codes": ("none", "history"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -165,10 +182,11 @@ def upload_declaration(opts: FedMMOptions) -> UploadDeclaration:
         keys += [f"embed.{p}" for p in CTR_DENSE]
     if opts.ctr_federation != "none":
         keys += [f"ctr.{p}" for p in CTR_DENSE]
+    user = opts.user_codes == "history"
     if opts.ctr_federation in ("c1_dense", "codes_dense"):
-        keys += [f"ctr.{k}" for k in CODE_TABLES["c1"]]
+        keys += [f"ctr.{k}" for f in ("c1", "u1")[: 1 + user] for k in CODE_TABLES[f]]
     if opts.ctr_federation == "codes_dense":
-        keys += [f"ctr.{k}" for k in CODE_TABLES["c2"]]
+        keys += [f"ctr.{k}" for f in ("c2", "u2")[: 1 + user] for k in CODE_TABLES[f]]
     assert all(FEDMM_UPLOAD.allows(k.replace("*", "x")) for k in keys), keys
     return UploadDeclaration(tuple(keys), FEDMM_UPLOAD.reason)
 
@@ -277,6 +295,24 @@ def item_statistics(split: MarketSplit, scaling: str = "calendar") -> np.ndarray
     return stats.astype(np.float32)
 
 
+def user_history_codes(users: np.ndarray, item_codes: np.ndarray, num_users: int, vocab: int) -> np.ndarray:
+    """Per user, the most frequent code among the items of the user's interactions (``users[j]`` interacted
+    with an item of code ``item_codes[j]``); ties → the smallest code; a user without interactions gets
+    ``vocab`` (the reserved extra index). Returns ``[num_users]`` int64 in ``[0, vocab]``."""
+    users = np.asarray(users, dtype=np.int64)
+    item_codes = np.asarray(item_codes, dtype=np.int64)
+    out = np.full(num_users, vocab, dtype=np.int64)
+    if len(users) == 0:
+        return out
+    pairs, counts = np.unique(users * vocab + item_codes, return_counts=True)
+    pair_users, pair_codes = pairs // vocab, pairs % vocab
+    order = np.lexsort((pair_codes, -counts, pair_users))  # by user, then most frequent, then smallest code
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = pair_users[order][1:] != pair_users[order][:-1]
+    out[pair_users[order][first]] = pair_codes[order][first]
+    return out
+
+
 def rqvae_input(embeddings: np.ndarray | None, stats: np.ndarray | None, stats_weight: float) -> np.ndarray:
     """What the RQ-VAE quantizes: standardised embeddings, statistics beside them (scaled), or either alone."""
     parts = []
@@ -303,13 +339,18 @@ class FedMMClient(ClientTrainer):
         num_items = split.market.num_items
         zeros = np.zeros(num_items, dtype=np.int64)
         codes = {"c1": (zeros, opts.global_codes), "c2": (zeros, opts.local_codes)}
+        user_codes = None
+        if opts.user_codes == "history":  # + 1: the reserved index of users without train interactions
+            user_zeros = np.zeros(split.market.num_users, dtype=np.int64)
+            user_codes = {"u1": (user_zeros, opts.global_codes + 1), "u2": (user_zeros, opts.local_codes + 1)}
         ctr_declaration = UploadDeclaration(
             tuple(_strip_prefix({k: 0 for k in self.upload_keys.patterns}, "ctr."))
         )
         self.ctr = CTRClient(
-            self.market, CTRData.from_split(split, use_side, codes), ctr_declaration, **ctr_kwargs
+            self.market, CTRData.from_split(split, use_side, codes, user_codes), ctr_declaration, **ctr_kwargs
         )
         self.code_columns = (self.ctr.data.item_x.shape[1] - 2, self.ctr.data.item_x.shape[1] - 1)
+        self.user_code_columns = (self.ctr.data.user_x.shape[1] - 2, self.ctr.data.user_x.shape[1] - 1)
         self.embed_ctr: CTRClient | None = None
         if opts.embedding == "fedctr":
             embed_declaration = UploadDeclaration(CTR_DENSE)
@@ -458,10 +499,27 @@ class FedMMClient(ClientTrainer):
         self._write_codes()
         return self.codes
 
+    def user_codes(self) -> tuple[np.ndarray, np.ndarray]:
+        """Option user_codes=history: (u1, u2) per user, the modal c1 / c2 over the user's train
+        interactions (see `user_history_codes`); derived from the item codes and train split only."""
+        assert self.codes is not None
+        split = self.split
+        n = split.market.num_users
+        return (
+            user_history_codes(
+                split.train_users, self.codes[0][split.train_items], n, self.opts.global_codes
+            ),
+            user_history_codes(split.train_users, self.codes[1][split.train_items], n, self.opts.local_codes),
+        )
+
     def _write_codes(self) -> None:
         assert self.codes is not None
         self.ctr.data.item_x[:, self.code_columns[0]] = torch.from_numpy(self.codes[0])
         self.ctr.data.item_x[:, self.code_columns[1]] = torch.from_numpy(self.codes[1])
+        if self.opts.user_codes == "history":
+            u1, u2 = self.user_codes()
+            self.ctr.data.user_x[:, self.user_code_columns[0]] = torch.from_numpy(u1)
+            self.ctr.data.user_x[:, self.user_code_columns[1]] = torch.from_numpy(u2)
 
     def fit_ctr(self, payload: Payload, config: RoundConfig) -> Update:
         """Step 4: CTR with the codes as categorical fields; upload the declared CTR parameters (FedAvg)."""
