@@ -114,9 +114,10 @@ def main() -> None:
         now = time.perf_counter() - started
         if args.deadline and pending and now > args.deadline - args.reserve:
             skipped = [job["tag"] for kind, job in pending if kind == "run"]
-            print(f"deadline: {len(skipped)} job(s) not started: {skipped}", flush=True)
+            if skipped:
+                print(f"deadline: {len(skipped)} job(s) not started: {skipped}", flush=True)
             failed += skipped
-            pending = []
+            pending = [(kind, job) for kind, job in pending if kind != "run"]  # diagnostics still run
         while pending and len(running) < args.jobs:
             kind, job = pending.pop(0)
             cmd = command(job, out, args.threads) if kind == "run" else alignment_command(job["folder"])
