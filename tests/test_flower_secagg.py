@@ -206,11 +206,18 @@ def test_a_market_dropping_after_masking_is_recovered_by_secaggplus(tmp_path):
         assert np.abs(np.asarray(got[k], np.float64) - plain).max() <= bound, k
 
 
-def test_fedmm_ctr_rounds_go_through_secaggplus_and_rqvae_rounds_are_named_clear(tmp_path):
+def test_fedmm_rounds_after_the_first_codebook_merge_go_through_secaggplus(tmp_path):
     from test_flower_methods import experiment
 
-    cfg = {**experiment(tmp_path, "fedmm"), "secure_aggregation": {"enabled": True}}
+    from fedmarket.methods.fedmm import GLOBAL_CODEBOOK, GLOBAL_USAGE
+
+    c, w = 8.0, 1000.0  # a small max_weight: finer quantisation (the weighted sums stay within c·w)
+    base = experiment(tmp_path, "fedmm")
+    cfg = {**base, "secure_aggregation": {"enabled": True, "clipping_range": c, "max_weight": w}}
     expected = json.loads((run_experiment(config_from_dict(cfg)) / "metrics.json").read_text())
+    plain_dir = run_experiment(config_from_dict({**base, "output_dir": str(tmp_path / "plain")}))
+    plain = torch.load(plain_dir / "checkpoints" / "seed0.pt", weights_only=False)["strategy"]
+    plain = plain["state"]["rqvae"]
     markets = cfg["dataset"]["markets"]
     grid = AppGrid(
         {100 + i: {"market": m, "state-dir": str(tmp_path / "state" / m)} for i, m in enumerate(markets)}
@@ -218,12 +225,33 @@ def test_fedmm_ctr_rounds_go_through_secaggplus_and_rqvae_rounds_are_named_clear
     FlowerServer(grid, config_from_dict(cfg), tmp_path / "run", wait_nodes=0).run()
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     record = metrics["privacy"]["secure_aggregation"]
-    # round 1 (embeddings) uploads nothing; 2-3 merge codebooks (not a sum); 4-5 train the CTR model (a sum)
-    assert record["secured_rounds"] == [4, 5] and record["clear_rounds"] == [2, 3]
-    assert "RQ-VAE" in record["clear_reasons"][0]
+    # round 1 (embeddings) uploads nothing; 2 = first codebook merge (k-means over centroids: clear);
+    # 3 = code-by-code merge from the sums (u·G, u, n·θ) the markets upload with weight 1; 4-5 = CTR
+    assert record["secured_rounds"] == [3, 4, 5] and record["clear_rounds"] == [2]
+    assert "k-means" in record["clear_reasons"][0]
     assert metrics["failures"] == []
     sim = expected["privacy"]["secure_aggregation"]  # the in-process simulation makes the same split
-    assert (sim["secured_rounds"], sim["clear_rounds"]) == ([4, 5], [2, 3])
+    assert (sim["secured_rounds"], sim["clear_rounds"]) == ([3, 4, 5], [2])
+    # round 3 starts from the same state as in the plain run (round 2 is the same clear merge), so the
+    # merged RQ-VAE state differs by SecAgg+'s quantisation only: each mean over the M markets is off by at
+    # most 2c/round(Q/W) (weight 1 = W·(1/W), 1/W rounded to 1/Q); usage sums are integers (rounded: exact),
+    # G_k = M·mean(u·G)_k / Σu_k and θ = M·mean(n·θ) / Σn
+    m = len(markets)
+    eps = 2 * c / round(quantization_range(m) / w)
+    secure = torch.load(tmp_path / "run" / "checkpoints" / "seed0.pt", weights_only=False)["strategy"]
+    secure = secure["state"]["rqvae"]
+    assert sorted(secure) == sorted(plain)
+    usage = np.asarray(plain[GLOBAL_USAGE], np.float64)
+    np.testing.assert_array_equal(secure[GLOBAL_USAGE], usage)
+    for key in plain:
+        err = np.abs(np.asarray(secure[key], np.float64) - np.asarray(plain[key], np.float64))
+        if key == GLOBAL_CODEBOOK:
+            used = usage > 0
+            bound = m * eps / usage[used, None] + 1e-6  # + float32 storage
+            assert (err[used] <= bound).all(), (key, err[used].max())
+            assert err[used].max() > 0  # it went through the quantised protocol
+        elif key != GLOBAL_USAGE:
+            assert err.max() <= m * eps / usage.sum() + 1e-6, (key, err.max())
     for market, values in metrics["per_market"].items():
         for k, v in values.items():
             assert v == pytest.approx(expected["per_market"][market][k], abs=0.05), (market, k)

@@ -25,7 +25,9 @@ Learning", CCS 2017; dropout recovery by revealing pair seeds, without its secre
 single update Σ n_k θ_k / Σ n_k with weight Σ n_k (its weighted mean of one update is that value).
 A round whose server step is not a sum (coordinate-wise median or trimmed mean, personalised
 aggregation, FedMM's first codebook merge by k-means) cannot be computed from a sum: the wrapper
-aggregates it in the clear and records why, and the run report says so.
+aggregates it in the clear and records why, and the run report says so. FedMM's later RQ-VAE rounds are
+sums because its markets then upload the weighted sums themselves (u·G, u, n·θ) with weight 1 (example
+count 1): the wrapper's mean of them, times its weight (the number of markets), is their sum.
 
 This is a simulation for the in-process runtime (seeds derived in process, no key agreement). The Flower
 apps do not use it: there the same sum rounds run Flower's own SecAgg+ (`fedmarket.flower.secagg`).
@@ -176,11 +178,8 @@ def server_step_kind(strategy: Strategy, server_round: int) -> tuple[bool, str]:
         return False, "nothing is aggregated (no federation)"
     if type(strategy).__name__ == "FedMMStrategy":
         phase, step = strategy.schedule.phase(server_round)
-        if phase == "rqvae":
-            return False, (
-                "FedMM RQ-VAE round: codebooks are merged by usage-weighted k-means (first merge) and "
-                "per-code usage ratios, not one weighted sum"
-            )
+        if phase == "rqvae":  # first merge: k-means (clear); later ones: sums with secure aggregation
+            return strategy.rqvae_step_kind(server_round)
         return True, f"FedMM {phase} round: example-weighted mean"
     if isinstance(strategy, FedAvg):
         if strategy.aggregation == "mean":

@@ -10,8 +10,11 @@ and the server reconstructs only Σ w_k θ_k / Σ w_k. That value goes to the me
 every surviving market's upload, so a strategy whose server step is the weighted mean of its inputs returns
 it unchanged (and `PrivateStrategy` in ``mode: server`` recovers Σ_k Δ̄_k from it, adds its noise and
 accounts as usual; there w_k = 1, uniform, as its sensitivity needs). Rounds whose server step is not a
-sum (coordinate-wise median / trimmed mean, personalised aggregation, FedMM's RQ-VAE codebook merge) run
-the plain train step and are listed, with the reason, as clear rounds in the run's privacy record.
+sum (coordinate-wise median / trimmed mean, personalised aggregation, FedMM's first codebook merge by
+k-means) run the plain train step and are listed, with the reason, as clear rounds in the run's privacy
+record. FedMM's later RQ-VAE rounds are sums: its markets upload u·G, u and n·θ with example count 1, so
+the weight is 1/W for every market, the aggregate is their mean, and the strategy sums the survivors'
+copies of it.
 
 What still travels in the clear, as in Flower's SecAgg+: each market's example count (FitRes.num_examples,
 which SecAgg+ uses as the weight) and its training metrics (loss, ``dp_update_norm``).

@@ -22,6 +22,9 @@ collaborative embeddings alone agree across markets only at chance level on XMar
 
 What may leave a market is declared once, in `FEDMM_UPLOAD` below; `upload_declaration(options)` narrows
 it to what a given configuration actually sends, and the trainer builds its uploads from that.
+With secure aggregation on (and no DP), the RQ-VAE rounds after the first upload (u·G, u, n·θ) with weight
+1 instead of (G, u, θ) with weight n, so the server's merge needs only their sums (`merge_codebook_sums`);
+the first merge clusters the markets' centroids and stays in the clear.
 Everything ID-indexed (user/item embeddings, ID tables of the CTR model, item statistics, codes) stays.
 
 Ablations (options): ``codebook="local"`` (no codebook federation), ``codebook="global_only"`` (both levels
@@ -61,6 +64,12 @@ GLOBAL_CODEBOOK = "rqvae.global_codebook"  # [K1, d] level-1 codebook G (step 3)
 GLOBAL_USAGE = "rqvae.global_usage"  # [K1] items per level-1 code: the merge weights
 LOCAL_CODEBOOK = "rqvae.local_codebook"  # only codebook="global_only" (ablation)
 LOCAL_USAGE = "rqvae.local_usage"
+# secure aggregation (RQ-VAE rounds after the first merge): the sums a market contributes, weight 1 each, so
+# that the server's merge needs only Σ over markets (see `FedMMClient.secure_sums`, `merge_codebook_sums`)
+GLOBAL_CODEBOOK_X_USAGE = "rqvae.global_codebook_x_usage"  # [K1, d] u[k] · G[k]
+LOCAL_CODEBOOK_X_USAGE = "rqvae.local_codebook_x_usage"  # only codebook="global_only"
+WEIGHTED_AUTOENCODER = "rqvae.weighted."  # + encoder.* / decoder.*: n · θ, n = the market's items = Σ_k u[k]
+WEIGHTED_BOOKS = {GLOBAL_CODEBOOK: GLOBAL_CODEBOOK_X_USAGE, LOCAL_CODEBOOK: LOCAL_CODEBOOK_X_USAGE}
 FEDMM_UPLOAD = UploadDeclaration(
     (
         GLOBAL_CODEBOOK,
@@ -69,6 +78,10 @@ FEDMM_UPLOAD = UploadDeclaration(
         LOCAL_USAGE,  # ablation global_only
         "rqvae.encoder.*",  # route federate_autoencoder
         "rqvae.decoder.*",  # route federate_autoencoder
+        GLOBAL_CODEBOOK_X_USAGE,  # secure aggregation: u·G instead of G
+        LOCAL_CODEBOOK_X_USAGE,  # secure aggregation with global_only
+        "rqvae.weighted.encoder.*",  # secure aggregation with federate_autoencoder: n·θ instead of θ
+        "rqvae.weighted.decoder.*",
         "embed.dnn.*",  # route embedding=fedctr: dense layers of the embedding CTR model
         "embed.cross.*",
         "embed.head.*",
@@ -169,8 +182,9 @@ class FedMMOptions:
             )
 
 
-def upload_declaration(opts: FedMMOptions) -> UploadDeclaration:
-    """The subset of `FEDMM_UPLOAD` that this configuration sends (the runtime checks against the full one)."""
+def upload_declaration(opts: FedMMOptions, secure_sums: bool = False) -> UploadDeclaration:
+    """The subset of `FEDMM_UPLOAD` that this configuration sends (the runtime checks against the full one);
+    ``secure_sums``: secure aggregation is on (see `FedMMClient.secure_sums`)."""
     keys: list[str] = []
     if opts.codebook in ("federated", "global_only"):
         keys += [GLOBAL_CODEBOOK, GLOBAL_USAGE]
@@ -178,6 +192,10 @@ def upload_declaration(opts: FedMMOptions) -> UploadDeclaration:
         keys += [LOCAL_CODEBOOK, LOCAL_USAGE]
     if opts.federate_autoencoder:
         keys += ["rqvae.encoder.*", "rqvae.decoder.*"]
+    if secure_sums and opts.codebook in ("federated", "global_only"):
+        keys += [WEIGHTED_BOOKS[k] for k in (GLOBAL_CODEBOOK, LOCAL_CODEBOOK) if k in keys]
+        if opts.federate_autoencoder:
+            keys += [f"{WEIGHTED_AUTOENCODER}encoder.*", f"{WEIGHTED_AUTOENCODER}decoder.*"]
     if opts.embedding == "fedctr":
         keys += [f"embed.{p}" for p in CTR_DENSE]
     if opts.ctr_federation != "none":
@@ -215,6 +233,14 @@ class Schedule:
         if server_round <= self.embed_rounds + self.rqvae_rounds:
             return "rqvae", server_round - self.embed_rounds - 1
         return "ctr", server_round - self.embed_rounds - self.rqvae_rounds - 1
+
+    def uploads_sums(self, opts: FedMMOptions, secure_sums: bool, server_round: int) -> bool:
+        """Whether markets upload the weighted sums (u·G, u, n·θ; weight 1) in ``server_round``: with secure
+        aggregation on, in every RQ-VAE round after the first (the first merge clusters the markets' local
+        k-means centroids, which is not a sum) of a configuration that federates a codebook. Client and
+        server both decide from the round number alone."""
+        phase, step = self.phase(server_round)
+        return secure_sums and phase == "rqvae" and step >= 1 and opts.codebook != "local"
 
 
 def _with_prefix(payload: Payload, prefix: str) -> Payload:
@@ -328,14 +354,22 @@ class FedMMClient(ClientTrainer):
     """One market's FedMM trainer: collaborative embeddings → dual-codebook RQ-VAE → CTR with codes."""
 
     def __init__(
-        self, split: MarketSplit, opts: FedMMOptions, schedule: Schedule, ctr_kwargs: dict, use_side: bool
+        self,
+        split: MarketSplit,
+        opts: FedMMOptions,
+        schedule: Schedule,
+        ctr_kwargs: dict,
+        use_side: bool,
+        secure_sums: bool = False,
     ):
         self.market = split.name
         self.split = split
         self.opts = opts
         self.schedule = schedule
         self.seed = int(ctr_kwargs.get("seed", 0))
-        self.upload_keys = upload_declaration(opts)
+        # secure aggregation on (and no DP): RQ-VAE rounds after the first upload weighted sums, weight 1
+        self.secure_sums = secure_sums
+        self.upload_keys = upload_declaration(opts, secure_sums)
         num_items = split.market.num_items
         zeros = np.zeros(num_items, dtype=np.int64)
         codes = {"c1": (zeros, opts.global_codes), "c2": (zeros, opts.local_codes)}
@@ -393,6 +427,26 @@ class FedMMClient(ClientTrainer):
         state[GLOBAL_USAGE] = usage_g.astype(np.float32)
         state[LOCAL_USAGE] = usage_l.astype(np.float32)
         return {k: v for k, v in state.items() if self.upload_keys.allows(k)}
+
+    def _weighted_upload(self, upload: Payload) -> Payload:
+        """The sums this market contributes to a secure RQ-VAE merge: u[k]·G[k] per code and u (per level),
+        n·θ for the encoder/decoder with n = its items = Σ_k u_global[k] (the weight of the plain merge).
+        Uploaded with weight 1, the server's sums over markets give Σ u·G / Σ u and Σ n·θ / Σ n exactly."""
+        n = float(np.asarray(upload[GLOBAL_USAGE], dtype=np.float64).sum())
+        usage_of = {GLOBAL_CODEBOOK: GLOBAL_USAGE, LOCAL_CODEBOOK: LOCAL_USAGE}
+        out: Payload = {}
+        for key, value in upload.items():
+            value = np.asarray(value)
+            if key in WEIGHTED_BOOKS:
+                usage = np.asarray(upload[usage_of[key]], dtype=np.float64)
+                out[WEIGHTED_BOOKS[key]] = (usage[:, None] * value.astype(np.float64)).astype(value.dtype)
+            elif key.startswith(("rqvae.encoder.", "rqvae.decoder.")):
+                out[WEIGHTED_AUTOENCODER + key[len("rqvae.") :]] = (n * value.astype(np.float64)).astype(
+                    value.dtype
+                )
+            else:  # the usage counts themselves
+                out[key] = value
+        return out
 
     def _load_rqvae(self, payload: Payload) -> tuple[bool, bool]:
         """Load a downloaded codebook / autoencoder. Returns whether G and L came initialised."""
@@ -490,7 +544,10 @@ class FedMMClient(ClientTrainer):
             "recon": self.recon,
             **code_statistics(c1.numpy(), c2.numpy(), self.opts.global_codes, self.opts.local_codes),
         }
-        return Update(self._rqvae_upload(usage_g, usage_l), len(x), metrics)
+        upload = self._rqvae_upload(usage_g, usage_l)
+        if self.schedule.uploads_sums(self.opts, self.secure_sums, config.round):
+            return Update(self._weighted_upload(upload), 1, metrics)  # weight 1: the sums carry the weights
+        return Update(upload, len(x), metrics)
 
     def assign_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """Step 4: (c1, c2) for every item of the market, written into the CTR model's item fields."""
@@ -626,13 +683,40 @@ def merge_codebooks(
         merged = np.asarray(previous, dtype=np.float64).copy()
         used = total > 0
         merged[used] = (usages[:, used, None] * books[:, used]).sum(0) / total[used, None]
+    _reseed_dead_codes(merged, total, seed)
+    return merged.astype(np.float32), total.astype(np.float32)
+
+
+def _reseed_dead_codes(merged: np.ndarray, total: np.ndarray, seed: int) -> None:
+    """Codes no market used (total usage 0) become a small perturbation of the most used ones (in place)."""
     dead = np.flatnonzero(total <= 0)
     if len(dead) and (total > 0).any():
         rng = np.random.default_rng(seed)
         donors = np.argsort(-total)[: len(dead)]
         donors = np.resize(donors, len(dead))
         scale = 0.01 * merged.std()
-        merged[dead] = merged[donors] + scale * rng.standard_normal((len(dead), shape[1]))
+        merged[dead] = merged[donors] + scale * rng.standard_normal((len(dead), merged.shape[1]))
+
+
+def merge_codebook_sums(
+    weighted_sum: np.ndarray, usage_sum: np.ndarray, previous: np.ndarray | None, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3 from sums only (secure aggregation): ``weighted_sum`` = Σ_m u_mk G_mk ``[K, d]``, ``usage_sum`` =
+    Σ_m u_mk ``[K]``. The same code-by-code merge as `merge_codebooks` after the first round,
+    G_k = Σ_m u_mk G_mk / Σ_m u_mk, a code no market used keeps ``previous``, dead codes are re-seeded.
+    Usage counts are integers, so ``usage_sum`` is rounded (removing the secure sum's quantisation error
+    from the denominators). ``previous`` None (no merge yet, only if every market failed the first RQ-VAE
+    round) leaves unused codes to the re-seeding."""
+    weighted = np.asarray(weighted_sum, dtype=np.float64)
+    total = np.round(np.asarray(usage_sum, dtype=np.float64))
+    if weighted.ndim != 2 or total.shape != (weighted.shape[0],):
+        raise PayloadError(f"codebook sums of shape {weighted.shape} and usage sums of shape {total.shape}")
+    if not (np.isfinite(weighted).all() and np.isfinite(total).all()) or (total < 0).any():
+        raise PayloadError("codebook or usage sums hold NaN/Inf or negative counts")
+    merged = np.zeros_like(weighted) if previous is None else np.asarray(previous, dtype=np.float64).copy()
+    used = total > 0
+    merged[used] = weighted[used] / total[used, None]
+    _reseed_dead_codes(merged, total, seed)
     return merged.astype(np.float32), total.astype(np.float32)
 
 
@@ -640,10 +724,13 @@ class FedMMStrategy(Strategy):
     """Phase-switching server: FedAvg for the embedding CTR model, usage-weighted codebook merging during
     the RQ-VAE rounds, FedAvg for the declared CTR parameters."""
 
-    def __init__(self, opts: FedMMOptions, schedule: Schedule, seed: int = 0) -> None:
+    def __init__(
+        self, opts: FedMMOptions, schedule: Schedule, seed: int = 0, secure_sums: bool = False
+    ) -> None:
         self.opts = opts
         self.schedule = schedule
         self.seed = seed
+        self.secure_sums = secure_sums  # markets upload weighted sums in RQ-VAE rounds after the first
         self.state: dict[str, Payload] = {"embed": {}, "rqvae": {}, "ctr": {}}
         self.merged_once = {"global": False, "local": False}
 
@@ -659,7 +746,43 @@ class FedMMStrategy(Strategy):
         if phase == "ctr" and step == 0:
             # the first CTR round also brings the final merged codebook, so codes use the global G
             payload = {**self.state["rqvae"], **payload}
+        if self.schedule.uploads_sums(self.opts, self.secure_sums, server_round):
+            # zeros under the keys the markets send back (the runtimes accept only broadcast keys and shapes)
+            payload = {**payload, **self._weighted_shapes(payload)}
         return {m: payload for m in markets}
+
+    @staticmethod
+    def _weighted_shapes(payload: Payload) -> Payload:
+        out: Payload = {}
+        for key, value in payload.items():
+            if key in WEIGHTED_BOOKS:
+                out[WEIGHTED_BOOKS[key]] = np.zeros_like(value)
+            elif key.startswith(("rqvae.encoder.", "rqvae.decoder.")):
+                out[WEIGHTED_AUTOENCODER + key[len("rqvae.") :]] = np.zeros_like(value)
+        return out
+
+    def rqvae_step_kind(self, server_round: int) -> tuple[bool, str]:
+        """(is this RQ-VAE round's server step a sum?, why), for `fedmarket.federation.secagg.server_step_kind`."""
+        if self.opts.codebook == "local":
+            return (
+                True,
+                "FedMM RQ-VAE round, no federated codebook: item-weighted mean of the encoder/decoder",
+            )
+        if self.schedule.uploads_sums(self.opts, self.secure_sums, server_round):
+            return True, (
+                "FedMM RQ-VAE round after the first merge: per-code usage-weighted mean Σu·G/Σu (and the "
+                "item-weighted encoder/decoder) from the sums of what the markets upload with weight 1"
+            )
+        if self.schedule.phase(server_round)[1] == 0:
+            return False, (
+                "FedMM first RQ-VAE merge: usage-weighted k-means over the markets' local k-means centroids "
+                "(codes of different markets do not correspond yet; server_init=first: the largest market's "
+                "codebook), not a sum"
+            )
+        return False, (
+            "FedMM RQ-VAE round: per-code usage ratios from each market's (codebook, usage); markets upload "
+            "usage·codebook sums instead only with secure_aggregation on and privacy off"
+        )
 
     def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
         phase, _ = self.schedule.phase(server_round)
@@ -674,6 +797,9 @@ class FedMMStrategy(Strategy):
         weights = [u.num_examples for u in updates.values()]
         if phase != "rqvae":
             self.state[phase] = weighted_mean(payloads, weights)
+            return
+        if any(k in payloads[0] for k in WEIGHTED_BOOKS.values()):
+            self._merge_sums(server_round, updates)
             return
         merged: Payload = {}
         autoencoder = [
@@ -701,6 +827,51 @@ class FedMMStrategy(Strategy):
             self.merged_once[level] = True
         self.state["rqvae"] = merged
 
+    def _merge_sums(self, server_round: int, updates: dict[str, Update]) -> None:
+        """RQ-VAE merge from weighted sums (`FedMMClient._weighted_upload`). ``updates`` are either every
+        market's own sums (weight 1 each) or, behind secure aggregation, their mean with weight = the number
+        of markets: Σ_updates weight · value is Σ over markets either way."""
+        keys = sorted(next(iter(updates.values())).payload)
+        for market, u in updates.items():
+            if sorted(u.payload) != keys:
+                raise PayloadError(
+                    f"market {market!r} uploaded {sorted(u.payload)}, others {keys}: every market must send the "
+                    "weighted sums in a secure RQ-VAE round"
+                )
+        total = {
+            k: sum(
+                float(u.num_examples) * np.asarray(u.payload[k], dtype=np.float64) for u in updates.values()
+            )
+            for k in keys
+        }
+        dtype = {k: np.asarray(next(iter(updates.values())).payload[k]).dtype for k in keys}
+        items = float(np.round(total[GLOBAL_USAGE]).sum())  # Σ_m n_m, the plain merge's total weight
+        if items <= 0:
+            raise PayloadError("secure RQ-VAE round: the usage sums are zero")
+        merged: Payload = {}
+        for k in keys:
+            if k.startswith(WEIGHTED_AUTOENCODER):
+                merged["rqvae." + k[len(WEIGHTED_AUTOENCODER) :]] = (total[k] / items).astype(dtype[k])
+        for level, book_key, usage_key in (
+            ("global", GLOBAL_CODEBOOK, GLOBAL_USAGE),
+            ("local", LOCAL_CODEBOOK, LOCAL_USAGE),
+        ):
+            if WEIGHTED_BOOKS[book_key] not in total:
+                continue
+            if not self.merged_once[level]:
+                log.warning(
+                    "FedMM round %d: first %s codebook merge from sums (code-by-code)", server_round, level
+                )
+            previous = self.state["rqvae"].get(book_key) if self.merged_once[level] else None
+            merged[book_key], merged[usage_key] = merge_codebook_sums(
+                total[WEIGHTED_BOOKS[book_key]],
+                total[usage_key],
+                previous,
+                seed=int(market_seed(self.seed, "__server__", server_round).generate_state(1)[0]),
+            )
+            self.merged_once[level] = True
+        self.state["rqvae"] = merged
+
     def state_dict(self) -> dict[str, Any]:
         return {"state": self.state, "merged_once": dict(self.merged_once)}
 
@@ -713,11 +884,14 @@ class FedMMStrategy(Strategy):
 def build_fedmm(cfg, opts: FedMMOptions, splits: dict[str, MarketSplit], seed: int):
     schedule = Schedule.from_options(opts, cfg.train.rounds)
     kwargs = ctr_client_kwargs(cfg, seed)
+    # secure aggregation makes the RQ-VAE rounds after the first a sum of weighted uploads; under DP the
+    # markets' updates are deltas from the download instead (the DP wrappers), so it stays off there
+    secure_sums = cfg.secure_aggregation.enabled and cfg.privacy.mode == "off"
     trainers = {
-        name: FedMMClient(split, opts, schedule, kwargs, cfg.model.use_side_features)
+        name: FedMMClient(split, opts, schedule, kwargs, cfg.model.use_side_features, secure_sums)
         for name, split in splits.items()
     }
-    return trainers, FedMMStrategy(opts, schedule, seed)
+    return trainers, FedMMStrategy(opts, schedule, seed, secure_sums)
 
 
 register(
