@@ -46,7 +46,9 @@ def main() -> None:
 
     cfg = load_config(args.config)
     method = get_method(cfg.method.name)
-    trainers, strategy = method.build(cfg, method.parse_options(cfg.method.options), prepare_data(cfg).splits, 0)
+    trainers, strategy = method.build(
+        cfg, method.parse_options(cfg.method.options), prepare_data(cfg).splits, 0
+    )
     built = trainers[args.scenario]  # the runtime's trainer: its data, upload and model options
     data = copy.copy(built.data)
     if args.max_batches:

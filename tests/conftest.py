@@ -45,3 +45,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fresh_flower_client(monkeypatch):
+    """A ClientApp message as in a fresh process: no trainer cached from an earlier test, the same Flower
+    task identity every time (the in-memory grid tests of the Flower app use it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmarket.flower import client as flower_client
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
+    flower_client._TRAINERS.clear()
+    yield
+    flower_client._TRAINERS.clear()

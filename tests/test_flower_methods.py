@@ -124,15 +124,7 @@ def experiment(tmp_path: Path, method: str) -> dict:
     }
 
 
-@pytest.fixture(autouse=True)
-def _fresh_client_cache(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
-    flower_client._TRAINERS.clear()
-    yield
-    flower_client._TRAINERS.clear()
+pytestmark = pytest.mark.usefixtures("fresh_flower_client")
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

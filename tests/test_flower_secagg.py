@@ -17,7 +17,6 @@ from test_flower_app import MemoryGrid
 from fedmarket.api import run_experiment
 from fedmarket.config import config_from_dict
 from fedmarket.errors import FedmarketError
-from fedmarket.flower import client as flower_client
 from fedmarket.flower.app import client_app
 from fedmarket.flower.secagg import quantization_range
 from fedmarket.flower.server import FlowerServer
@@ -64,15 +63,7 @@ class AppGrid(MemoryGrid):
         return self.pull_messages(self.push_messages(list(messages)))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_client_cache(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value, raising=False)
-    flower_client._TRAINERS.clear()
-    yield
-    flower_client._TRAINERS.clear()
+pytestmark = pytest.mark.usefixtures("fresh_flower_client")
 
 
 def small(tmp_path, rounds=1, **extra) -> dict:

@@ -52,14 +52,20 @@ def test_mix_experts_is_bitwise_the_stacked_sum(experts: int, hidden: int) -> No
 @pytest.fixture(scope="module")
 def scenario() -> MTLData:
     markets = load_dataset(
-        "synthetic-mtl", num_markets=1, users_per_market=60, items_per_market=80, interactions_per_user=(8, 15)
+        "synthetic-mtl",
+        num_markets=1,
+        users_per_market=60,
+        items_per_market=80,
+        interactions_per_user=(8, 15),
     )
     return MTLData.from_split(split_impressions(next(iter(markets.values()))))
 
 
 MODELS = {
     "template-esmm": dict(num_shared_experts=2, num_task_experts=1, num_scenario_experts=1),
-    "mmoe-direct": dict(num_shared_experts=4, num_task_experts=0, num_scenario_experts=0, ctcvr_mode="direct"),
+    "mmoe-direct": dict(
+        num_shared_experts=4, num_task_experts=0, num_scenario_experts=0, ctcvr_mode="direct"
+    ),
     "no-bn": dict(num_shared_experts=1, num_task_experts=1, num_scenario_experts=1, batch_norm=False),
     "wide": dict(num_shared_experts=3, num_task_experts=2, num_scenario_experts=1, dropout=0.3),
 }
@@ -85,7 +91,16 @@ def test_trainer_matches_the_pre_speedup_reference_bitwise(scenario, model, batc
     options = {"embed_dim": 4, "expert_hidden": (16,), "tower_hidden": (8,), "dropout": 0.1, **MODELS[model]}
     upload = UploadDeclaration(("embedding.feat_*", "experts_shared.*", "towers.*"), "test")
     clients = [
-        cls("m", scenario, upload, model_options=options, lr=0.01, weight_decay=1e-4, batch_size=batch_size, seed=3)
+        cls(
+            "m",
+            scenario,
+            upload,
+            model_options=options,
+            lr=0.01,
+            weight_decay=1e-4,
+            batch_size=batch_size,
+            seed=3,
+        )
         for cls in (LegacyMTLClient, MTLClient)
     ]
     payload = clients[0].initial_payload()
