@@ -52,6 +52,7 @@ def collect(out: Path, references: list[Path] = ()) -> pd.DataFrame:
                 "delta": p.get("delta"),
                 "epsilon": p.get("epsilon", math.inf),
                 "auc": m["average"].get("auc"),
+                "auc_std": (m.get("average_std") or {}).get("auc", 0.0),
                 "logloss": m["average"].get("logloss"),
                 "seeds": len(m["seeds"]),
             }
@@ -67,7 +68,15 @@ def plot(df: pd.DataFrame, png: Path) -> None:
         color = f"C{i}"
         dp = group[group["epsilon"].apply(math.isfinite)].sort_values("epsilon")
         if not dp.empty:
-            ax.plot(dp["epsilon"], dp["auc"], "o-", color=color, label=f"{method} (DP)")
+            ax.errorbar(
+                dp["epsilon"],
+                dp["auc"],
+                yerr=dp["auc_std"],
+                fmt="o-",
+                capsize=3,
+                color=color,
+                label=f"{method} (DP)",
+            )
         for eps, auc in zip(dp["epsilon"], dp["auc"], strict=True):
             ax.annotate(f"{auc:.3f}", (eps, auc), textcoords="offset points", xytext=(0, 5), fontsize=7)
         clear = group[~group["epsilon"].apply(math.isfinite)]
@@ -79,7 +88,10 @@ def plot(df: pd.DataFrame, png: Path) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ε (client-level, δ = 1e-5, after the last round)")
     ax.set_ylabel("test AUC (mean over 8 markets)")
-    ax.set_title("Privacy-utility, XMarket (8 markets), 1 seed")
+    seeds = sorted(set(df["seeds"]))
+    ax.set_title(
+        f"Privacy-utility, XMarket (8 markets), {'/'.join(map(str, seeds))} seed(s), ± std over seeds"
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
