@@ -81,6 +81,23 @@ CONFIGS = {
         "train": {"rounds": 3, "batch_size": 256},
         "eval": {"select_metric": "mean_auc"},
     },
+    # early stopping (train.patience): the federated phase ends at its plateau (round 2), fine-tuning at its own
+    "mtl_fedavg_ft_patience": {
+        "dataset": {
+            "name": "synthetic-mtl",
+            "markets": ["m0", "m1", "m2"],
+            "options": {
+                "num_markets": 3,
+                "users_per_market": 40,
+                "items_per_market": 60,
+                "interactions_per_user": [8, 15],
+            },
+        },
+        "method": {"name": "mtl_fedavg_ft", "options": {"federated_rounds": 4}},
+        "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+        "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5},
+        "eval": {"select_metric": "mean_auc"},
+    },
     "fecosr": {
         "dataset": {
             "name": "synthetic",
@@ -142,6 +159,10 @@ def test_method_over_flower_equals_in_process(tmp_path, method):
     assert got["per_market"] == expected["per_market"]
     assert got["communication"] == expected["communication"]
     assert got["selected_round"] == expected["selected_round"]
+    assert got["convergence"] == expected["convergence"]
+    if cfg_dict["train"].get("patience"):
+        assert expected["convergence"]["0"]["phase_ends"] == [2]
+        assert expected["convergence"]["0"]["converged_round"] == 4
     assert set(got["per_market"]) == set(markets)
     # the validation history of every round (every phase of a multi-stage schedule) too
     inproc_dir = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("eq_"))

@@ -118,6 +118,8 @@ def run_seed(
         full_ranking=cfg.eval.full_ranking,
         checkpoint_path=checkpoint,
         progress=cfg.progress,
+        patience=cfg.train.patience,
+        min_delta=cfg.train.min_delta,
     )
     result = sim.run(resume=resume)
     result.privacy["server_step"] = describe_server_step(base_strategy, rounds)
@@ -249,6 +251,7 @@ def seed_record(seed: int, result: SimulationResult, seconds: float) -> dict[str
         "selected_round": result.selected_round,
         "uploads": result.uploads,
         "privacy": result.privacy,
+        "convergence": result.convergence,
         "seconds": seconds,
     }
 
@@ -357,6 +360,7 @@ def summarize(
             "reason": method.declaration.reason,
         },
         "selected_round": {str(rec["seed"]): rec["selected_round"] for rec in per_seed},
+        "convergence": {str(rec["seed"]): rec["convergence"] for rec in per_seed if rec.get("convergence")},
         "failures": [{k: v for k, v in f.items() if k != "traceback"} for f in failures],
         "privacy": privacy_record,
         "notes": notes,

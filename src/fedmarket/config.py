@@ -80,6 +80,10 @@ class TrainConfig:
     client_fraction: float = 1.0
     min_markets: int = 1
     threads: int = 1  # small models and batches: a second intra-op thread costs more than it gives here
+    # early stopping: stop after `patience` evaluated rounds without a validation gain > min_delta (0 = off;
+    # `rounds` is then the maximum). Phased methods (FedAvg + fine-tune) end a phase instead.
+    patience: int = 0
+    min_delta: float = 0.0
 
     def validate(self, prefix: str) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
@@ -89,6 +93,10 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(f"{prefix}.client_fraction must be in (0, 1], got {self.client_fraction}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise ConfigError(f"{prefix}.patience must be an integer >= 0 (0 = off), got {self.patience!r}")
+        if not isinstance(self.min_delta, (int, float)) or not 0 <= self.min_delta < 1:
+            raise ConfigError(f"{prefix}.min_delta must be a number in [0, 1), got {self.min_delta!r}")
 
 
 @dataclass

@@ -43,6 +43,8 @@ class SimulationResult:
     uploads: list[dict[str, Any]] = field(default_factory=list)  # audit: keys, shapes, bytes per upload
     # privacy wrappers' record (ε per round, secure-aggregation rounds, server-step kind); {} without them
     privacy: dict[str, Any] = field(default_factory=dict)
+    # early stopping (`Plateau`): rounds run, the round it converged, phase ends; {} without train.patience
+    convergence: dict[str, Any] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------ round bookkeeping shared by runtimes
@@ -79,6 +81,68 @@ def improves(previous: float | None, score: float, select_metric: str) -> bool:
     return score < previous if select_metric in ("logloss", "loss") else score > previous
 
 
+@dataclass
+class Plateau:
+    """Early stopping on the validation score (mean of ``select_metric`` over the markets of a round).
+
+    ``patience`` = 0 switches it off. A round improves when it beats the best so far by more than
+    ``min_delta``; after ``patience`` evaluated rounds without improvement the run has converged. A strategy
+    with phases (e.g. FedAvg then local fine-tuning) may take the plateau as the end of a phase instead of the
+    run: its ``on_plateau(server_round)`` returns True, and counting starts again. Pure bookkeeping shared by
+    the in-process `Simulator` and the Flower ServerApp, checkpointed as a plain dict.
+    """
+
+    patience: int = 0
+    min_delta: float = 0.0
+    select_metric: str = "auc"
+    best: float | None = None
+    since: int = 0
+    converged_round: int | None = None
+    phase_ends: list[int] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best": self.best,
+            "since": self.since,
+            "converged_round": self.converged_round,
+            "phase_ends": list(self.phase_ends),
+        }
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        for key, value in (state or {}).items():
+            setattr(self, key, list(value) if key == "phase_ends" else value)
+
+    def update(self, server_round: int, history: list[dict[str, Any]], strategy: Any) -> bool:
+        """Record round ``server_round``'s validation rows; True when the run should stop after it."""
+        if self.patience <= 0:
+            return False
+        values = [
+            h[self.select_metric]
+            for h in history
+            if h.get("round") == server_round
+            and h.get("split", "valid") == "valid"
+            and self.select_metric in h
+        ]
+        if not values or np.all(np.isnan(values)):
+            return False  # not an evaluated round (eval.every) or a phase without the metric
+        score = float(np.nanmean(values))
+        lower = self.select_metric in ("logloss", "loss")
+        gain = None if self.best is None else (self.best - score if lower else score - self.best)
+        if gain is None or gain > self.min_delta:
+            self.best, self.since = score, 0
+            return False
+        self.since += 1
+        if self.since < self.patience:
+            return False
+        hook = getattr(strategy, "on_plateau", None)
+        if hook is not None and hook(server_round):
+            self.phase_ends.append(server_round)
+            self.best, self.since = None, 0
+            return False
+        self.converged_round = server_round
+        return True
+
+
 class Simulator:
     def __init__(
         self,
@@ -97,6 +161,8 @@ class Simulator:
         full_ranking: bool = True,
         checkpoint_path: str | Path | None = None,
         progress: bool = True,
+        patience: int = 0,
+        min_delta: float = 0.0,
     ) -> None:
         if not trainers:
             raise FedmarketError("no markets to train")
@@ -121,6 +187,7 @@ class Simulator:
         self.uploads: list[dict[str, Any]] = []
         self.communication = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in trainers}
         self.best: dict[str, dict[str, Any]] = {}
+        self.plateau = Plateau(patience, min_delta, select_metric)
 
     # ----------------------------------------------------------------- state
     def _state(self) -> dict[str, Any]:
@@ -133,6 +200,7 @@ class Simulator:
             "uploads": self.uploads,
             "communication": self.communication,
             "best": self.best,
+            "plateau": self.plateau.state_dict(),
         }
 
     def save_checkpoint(self) -> None:
@@ -161,6 +229,7 @@ class Simulator:
         self.uploads = state.get("uploads", [])
         self.communication = state["communication"]
         self.best = state["best"]
+        self.plateau.load_state_dict(state.get("plateau"))
         return True
 
     # ----------------------------------------------------------------- rounds
@@ -266,12 +335,15 @@ class Simulator:
         )
         stop_before = getattr(self.strategy, "stop_before", None)  # e.g. a privacy budget (target ε)
         for server_round in bar:
+            if self.plateau.converged_round is not None:
+                break  # resumed after convergence
             if stop_before is not None and stop_before(server_round):
                 log.info("stopping before round %d (the strategy's stop condition)", server_round)
                 break
             t0 = time.perf_counter()
             self.run_round(server_round)
             self.round = server_round
+            converged = self.plateau.update(server_round, self.history, self.strategy)
             self.save_checkpoint()
             recent = [
                 h[self.select_metric]
@@ -285,6 +357,14 @@ class Simulator:
                         "s": f"{time.perf_counter() - t0:.1f}",
                     }
                 )
+            if converged:
+                log.info(
+                    "converged: no validation gain > %g for %d rounds; stopping after round %d",
+                    self.plateau.min_delta,
+                    self.plateau.patience,
+                    server_round,
+                )
+                break
         bar.close()
         return self.finish()
 
@@ -308,4 +388,18 @@ class Simulator:
             selected_round=selected,
             uploads=self.uploads,
             privacy=dict(getattr(self.strategy, "privacy_report", dict)()),
+            convergence=convergence_report(self.plateau, self.round),
         )
+
+
+def convergence_report(plateau: Plateau, rounds_run: int) -> dict[str, Any]:
+    """What metrics.json says about early stopping ({} when ``train.patience`` is off)."""
+    if plateau.patience <= 0:
+        return {}
+    return {
+        "patience": plateau.patience,
+        "min_delta": plateau.min_delta,
+        "rounds_run": rounds_run,
+        "converged_round": plateau.converged_round,
+        "phase_ends": list(plateau.phase_ends),
+    }

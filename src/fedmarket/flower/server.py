@@ -45,7 +45,14 @@ from fedmarket.config import ExperimentConfig, load_config
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import Strategy, Update
 from fedmarket.federation.payload import payload_bytes, validate_update
-from fedmarket.federation.runtime import SimulationResult, improves, select_markets, selection_score
+from fedmarket.federation.runtime import (
+    Plateau,
+    SimulationResult,
+    convergence_report,
+    improves,
+    select_markets,
+    selection_score,
+)
 from fedmarket.flower.records import (
     ARRAYS,
     ENVELOPE,
@@ -232,7 +239,11 @@ class FlowerServer:
             state["communication"] = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in self.markets}
         min_markets = min(cfg.train.min_markets, len(self.markets))
         stop_before = getattr(strategy, "stop_before", None)  # e.g. a privacy budget (target ε)
+        plateau = Plateau(cfg.train.patience, cfg.train.min_delta, cfg.eval.select_metric)
+        plateau.load_state_dict(state.get("plateau"))
         for server_round in range(state["round"] + 1, cfg.train.rounds + 1):
+            if plateau.converged_round is not None:
+                break  # resumed after convergence
             if stop_before is not None and stop_before(server_round):
                 log.info("stopping before round %d (the strategy's stop condition)", server_round)
                 break
@@ -243,13 +254,19 @@ class FlowerServer:
                 {"seed": seed, "round": server_round, "stage": "round", "seconds": time.perf_counter() - t0}
             )
             state["round"] = server_round
+            converged = plateau.update(server_round, state["history"], strategy)
+            state["plateau"] = plateau.state_dict()
             self._checkpoint(ckpt, strategy, state)
             _write_json(
                 self.run_dir / "flower_progress.json",
                 {"seed": seed, "round": server_round, "seconds": time.perf_counter() - t0},
             )
+            if converged:
+                log.info("seed %d: converged (train.patience), stopping after round %d", seed, server_round)
+                break
         self.discover(seed, want_initial=False, wait=0.0)
         result = self.finish(seed, state)
+        result.convergence = convergence_report(plateau, state["round"])
         result.privacy = dict(getattr(strategy, "privacy_report", dict)())
         result.privacy["server_step"] = describe_server_step(base_strategy, cfg.train.rounds)
         if cfg.secure_aggregation.enabled:
@@ -265,6 +282,7 @@ class FlowerServer:
             "uploads": [],
             "communication": {},
             "best": {},
+            "plateau": {},
         }
 
     def _checkpoint(self, path: Path, strategy: Strategy, state: dict[str, Any]) -> None:

@@ -73,8 +73,20 @@ class FederatedThenLocal(FedAvg):
         federated = self.federated(server_round)
         return {"upload": federated, "finetune": not federated}
 
+    def on_plateau(self, server_round: int) -> bool:
+        """With ``train.patience``: pre-training converged, fine-tuning starts next round (``federated_rounds``
+        is then the maximum); False when there is no fine-tuning stage or it converged too."""
+        if self.federated_rounds > 0 and server_round <= self.federated_rounds:
+            self.federated_rounds = server_round
+            return True
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "federated_rounds": self.federated_rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
 
 
 @dataclass

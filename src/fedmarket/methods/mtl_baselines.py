@@ -108,6 +108,21 @@ class FedAvgThenLocal(FedAvg):
     def round_options(self, server_round: int) -> dict[str, Any]:
         return {**super().round_options(server_round), "upload": server_round <= self.federated_rounds}
 
+    def on_plateau(self, server_round: int) -> bool:
+        """With ``train.patience``: FedAvg has converged, so fine-tuning starts next round (``federated_rounds``
+        is then the maximum). True = a phase ended, keep going; False = the fine-tuning converged too."""
+        if server_round <= self.federated_rounds:
+            self.federated_rounds = server_round
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "federated_rounds": self.federated_rounds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
+
 
 @dataclass
 class FineTuneOptions(FedAvgOptions):

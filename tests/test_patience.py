@@ -1,0 +1,171 @@
+"""Early stopping (`train.patience`): the pure plateau bookkeeping, the in-process runtime, phased methods
+(FedAvg + fine-tune ends its federated phase on the plateau, then fine-tunes until that converges), resume,
+config errors and the Flower ServerApp doing exactly the same."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmarket.api import run_seed
+from fedmarket.config import config_from_dict
+from fedmarket.data import load_dataset
+from fedmarket.data.mtl import split_impressions
+from fedmarket.errors import ConfigError
+from fedmarket.federation.runtime import Plateau
+
+
+def _rows(r: int, *scores: float) -> list[dict]:
+    return [{"round": r, "split": "valid", "market": f"m{i}", "auc": s} for i, s in enumerate(scores)]
+
+
+def _feed(plateau: Plateau, series: list[float], strategy=None) -> list[bool]:
+    history, out = [], []
+    for r, score in enumerate(series, start=1):
+        history += _rows(r, score, score)
+        out.append(plateau.update(r, history, strategy))
+    return out
+
+
+def test_plateau_stops_after_patience_rounds_without_gain() -> None:
+    p = Plateau(patience=2, select_metric="auc")
+    assert _feed(p, [0.6, 0.7, 0.69, 0.71, 0.70, 0.705]) == [False, False, False, False, False, True]
+    assert p.converged_round == 6 and p.best == pytest.approx(0.71)
+
+
+def test_plateau_min_delta_counts_tiny_gains_as_none() -> None:
+    p = Plateau(patience=2, min_delta=0.01, select_metric="auc")
+    assert _feed(p, [0.6, 0.605, 0.609]) == [False, False, True]
+
+
+def test_plateau_is_off_at_zero_and_lower_is_better_for_losses() -> None:
+    assert _feed(Plateau(patience=0, select_metric="auc"), [0.5] * 10) == [False] * 10
+    p = Plateau(patience=1, select_metric="logloss")
+    history = []
+    for r, v in enumerate([0.7, 0.6, 0.65], start=1):
+        history.append({"round": r, "split": "valid", "logloss": v})
+        stop = p.update(r, history, None)
+    assert stop and p.best == pytest.approx(0.6)
+
+
+def test_plateau_ends_a_phase_first_when_the_strategy_has_one() -> None:
+    class Phased:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def on_plateau(self, r: int) -> bool:
+            self.calls.append(r)
+            return len(self.calls) == 1
+
+    s = Phased()
+    p = Plateau(patience=1, select_metric="auc")
+    # phase 1 plateaus at round 3; counting restarts (a fine-tuned model may score lower than the global one)
+    assert _feed(p, [0.6, 0.7, 0.7, 0.65, 0.66, 0.66], s) == [False, False, False, False, False, True]
+    assert s.calls == [3, 6] and p.phase_ends == [3] and p.converged_round == 6
+    q = Plateau(patience=1, select_metric="auc")
+    q.load_state_dict(p.state_dict())
+    assert q.state_dict() == p.state_dict()
+
+
+def test_unevaluated_rounds_do_not_count() -> None:
+    p = Plateau(patience=1, select_metric="auc")
+    assert not p.update(1, _rows(1, 0.5), None)
+    assert not p.update(2, _rows(1, 0.5), None)  # nothing for round 2
+    assert p.since == 0
+
+
+@pytest.mark.parametrize("bad", [{"patience": -1}, {"patience": 1.5}, {"min_delta": -0.1}, {"min_delta": 2}])
+def test_bad_patience_values_are_config_errors(bad) -> None:
+    key = next(iter(bad))
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        config_from_dict(
+            {
+                "name": "t",
+                "dataset": {"name": "synthetic-mtl"},
+                "method": {"name": "mtl_fedavg"},
+                "model": {"name": "mmoe"},
+                "train": {"rounds": 3, **bad},
+            }
+        )
+
+
+class _Prepared:
+    def __init__(self, splits):
+        self.splits = splits
+
+
+@pytest.fixture(scope="module")
+def splits():
+    markets = load_dataset(
+        "synthetic-mtl",
+        num_markets=3,
+        users_per_market=40,
+        items_per_market=60,
+        interactions_per_user=(8, 15),
+    )
+    return {n: split_impressions(m) for n, m in markets.items()}
+
+
+def _cfg(method: str, options: dict | None = None, **train) -> object:
+    return config_from_dict(
+        {
+            "name": "t",
+            "dataset": {"name": "synthetic-mtl"},
+            "method": {"name": method, "options": options or {}},
+            "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+            "train": {"batch_size": 256, **train},
+            "eval": {"select_metric": "mean_auc"},
+            "progress": False,
+        }
+    )
+
+
+def test_a_run_stops_at_the_plateau(splits) -> None:
+    # min_delta 0.5: no round can gain that much, so round 1 sets the best and round 2 ends the run
+    result = run_seed(
+        _cfg("mtl_fedavg", rounds=10, patience=1, min_delta=0.5), 0, _Prepared(splits), None, False
+    )
+    assert max(h["round"] for h in result.history) == 2
+    assert result.convergence == {
+        "patience": 1,
+        "min_delta": 0.5,
+        "rounds_run": 2,
+        "converged_round": 2,
+        "phase_ends": [],
+    }
+    assert run_seed(_cfg("mtl_fedavg", rounds=3), 0, _Prepared(splits), None, False).convergence == {}
+
+
+def test_fedavg_finetune_fine_tunes_after_the_federated_plateau(splits) -> None:
+    cfg = _cfg("mtl_fedavg_ft", {"federated_rounds": 8}, rounds=10, patience=1, min_delta=0.5)
+    result = run_seed(cfg, 0, _Prepared(splits), None, False)
+    assert result.convergence["phase_ends"] == [2] and result.convergence["converged_round"] == 4
+    per_round = {r: [u["bytes"] for u in result.uploads if u["round"] == r] for r in (1, 2, 3, 4)}
+    assert all(b > 0 for b in per_round[1] + per_round[2])  # federated
+    assert all(b == 0 for b in per_round[3] + per_round[4])  # fine-tuning uploads nothing
+    # the same as a fixed FedAvg + fine-tune schedule of 2 federated rounds and 2 local ones
+    fixed = run_seed(
+        _cfg("mtl_fedavg_ft", {"federated_rounds": 2}, rounds=4), 0, _Prepared(splits), None, False
+    )
+    assert fixed.test == result.test
+
+
+def test_resume_after_convergence_does_not_train_more(splits, tmp_path) -> None:
+    cfg = _cfg("mtl_fedavg", rounds=10, patience=1, min_delta=0.5)
+    ckpt = tmp_path / "ckpt.pt"
+    first = run_seed(cfg, 0, _Prepared(splits), ckpt, False)
+    again = run_seed(cfg, 0, _Prepared(splits), ckpt, True)
+    assert again.convergence == first.convergence and again.test == first.test
+    assert len(again.history) == len(first.history)
+
+
+def test_fecosr_pretraining_ends_at_its_plateau_and_fine_tuning_follows() -> None:
+    from fedmarket.methods.fecosr import FederatedThenLocal
+
+    s = FederatedThenLocal(federated_rounds=10)
+    assert s.on_plateau(4) and s.federated_rounds == 4
+    assert s.round_options(5) == {"upload": False, "finetune": True}
+    assert not s.on_plateau(7)  # the fine-tuning converged: the run stops
+    t = FederatedThenLocal(federated_rounds=10)
+    t.load_state_dict(s.state_dict())
+    assert t.federated_rounds == 4
+    assert not FederatedThenLocal(federated_rounds=0).on_plateau(3)  # no fine-tuning stage: stop
