@@ -160,3 +160,59 @@ def test_ml1m_proxy_age_real(data_dir) -> None:
     assert m.summary()["users"] == 222
     assert 0.32 < m.click.mean() < 0.35  # ≈ 1/3 by construction
     assert 78_000 < m.num_interactions < 84_000  # DATA.md: ~82k impressions
+
+
+def test_proxy_popularity_override_and_its_check() -> None:
+    n_items = 40
+    rated = MarketData(
+        name="pop",
+        users=np.arange(n_items - 1),
+        items=np.arange(1, n_items),
+        timestamps=np.zeros(n_items - 1),
+        ratings=np.full(n_items - 1, 3.0, dtype=np.float32),
+        user_ids=np.arange(n_items - 1),
+        item_ids=np.arange(n_items),
+    )
+    # item 0 is never rated in this market but very popular elsewhere: globally-drawn negatives show it
+    pop = np.r_[1000.0, np.ones(n_items - 1)]
+    m = impressions_from_ratings(rated, seed=1, popularity=pop)
+    assert (m.sparse[m.click == 0, 1] == 0).sum() >= 30
+    with pytest.raises(DataError, match="popularity has 3 entries"):
+        impressions_from_ratings(rated, popularity=np.ones(3))
+
+
+def test_random_impression_split_when_asked() -> None:
+    m = load_dataset("synthetic-mtl", num_markets=2, users_per_market=30, items_per_market=80)["m0"]
+    m.meta["impression_split"] = "random"
+    s = split_impressions(m, seed=3)
+    n = m.num_interactions
+    assert len(s.train_index) + len(s.valid_index) + len(s.test_index) == n
+    assert abs(len(s.test_index) / n - 0.1) < 0.03
+    # not per-user temporal any more: some user has a test impression older than one of their train ones
+    t = m.timestamps.astype(np.float64)
+    assert any(
+        t[np.intersect1d(np.flatnonzero(m.groups == u), s.test_index)].min(initial=np.inf)
+        < t[np.intersect1d(np.flatnonzero(m.groups == u), s.train_index)].max(initial=-np.inf)
+        for u in np.unique(m.groups)
+    )
+
+
+@pytest.mark.parametrize("bad", [{"negatives_from": "world"}, {"split": "future"}])
+def test_ml1m_proxy_rejects_unknown_construction_options(bad, tmp_path) -> None:
+    with pytest.raises(DataError, match=next(iter(bad))):
+        load_dataset("ml1m-proxy-age", data_dir=tmp_path, **bad)
+
+
+@pytest.mark.slow
+def test_ml1m_proxy_global_negatives_and_random_split_real(data_dir) -> None:
+    glob = load_dataset("ml1m-proxy-age", data_dir=data_dir, markets=["age1"])["age1"]
+    own = load_dataset(
+        "ml1m-proxy-age", data_dir=data_dir, markets=["age1"], negatives_from="scenario", split="temporal"
+    )["age1"]
+    assert glob.meta["impression_split"] == "random" and own.meta["impression_split"] == "temporal"
+    np.testing.assert_array_equal(glob.click.sum(), own.click.sum())  # the same rated movies
+    # the under-18s' negatives follow all of ML-1M, not their own taste: a different set of unrated movies
+    neg = lambda m: m.sparse[m.click == 0][:, :2]  # noqa: E731
+    assert not np.array_equal(np.sort(neg(glob)[:, 1]), np.sort(neg(own)[:, 1]))
+    rng_split = split_impressions(glob)
+    assert abs(len(rng_split.test_index) / glob.num_interactions - 0.1) < 0.01

@@ -60,8 +60,18 @@ def _load_synthetic(data_dir, markets, use_cache, **options):
 
 
 def _ml1m_proxy(scenario: str) -> Callable[..., dict[str, Any]]:
-    def load(data_dir, markets, use_cache, negatives_per_positive=2, seed=0):
-        return mtl.load_ml1m_proxy(scenario, data_dir, markets, use_cache, negatives_per_positive, seed)
+    def load(
+        data_dir,
+        markets,
+        use_cache,
+        negatives_per_positive=2,
+        seed=0,
+        negatives_from="global",
+        split="random",
+    ):
+        return mtl.load_ml1m_proxy(
+            scenario, data_dir, markets, use_cache, negatives_per_positive, seed, negatives_from, split
+        )
 
     return load
 
@@ -124,12 +134,12 @@ DATASETS: dict[str, DatasetSpec] = {
     "ml1m-proxy-age": DatasetSpec(
         "ML-1M multi-task PROXY (impressions, click = rated, conversion = 5 stars), scenario = age group (7)",
         _ml1m_proxy("age"),
-        {"negatives_per_positive": 2, "seed": 0},
+        {"negatives_per_positive": 2, "seed": 0, "negatives_from": "global", "split": "random"},
     ),
     "ml1m-proxy-zip": DatasetSpec(
         "ML-1M multi-task PROXY, scenario = first zip digit (10; the homogeneous control)",
         _ml1m_proxy("zip"),
-        {"negatives_per_positive": 2, "seed": 0},
+        {"negatives_per_positive": 2, "seed": 0, "negatives_from": "global", "split": "random"},
     ),
     "aliexpress": DatasetSpec(
         "AliExpress CSV layout (one country = one scenario); default path = the mtl-samples schema fixture",
