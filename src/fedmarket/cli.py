@@ -74,10 +74,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_run(run_dir: Path) -> None:
+    import json
+
     from fedmarket.report import comparison_table
 
     print(f"\nrun folder: {run_dir}")
-    print(comparison_table([run_dir], metric="auc", formatted=True).to_string())
+    average = json.loads((Path(run_dir) / "metrics.json").read_text()).get("average", {})
+    # the run's headline metric: AUC for CTR runs, CTR/CTCVR AUC for multi-task ones, NDCG@10 for sequences
+    shown = [m for m in ("auc", "ctr_auc", "ctcvr_auc", "full_ndcg@10", "ndcg@10") if m in average][:2] or [
+        "auc"
+    ]
+    for metric in shown:
+        print(f"{metric} (test):")
+        print(comparison_table([run_dir], metric=metric, formatted=True).to_string())
 
 
 def run_comparison(config_paths: list[str], out: str | None, overrides: dict) -> Path:
