@@ -175,3 +175,14 @@ def test_invalid_metrics_json_names_the_file(tmp_path: Path) -> None:
     (bad / "metrics.json").write_text(json.dumps({"label": "x"}))
     with pytest.raises(FedmarketError, match="per_market"):
         load_run(bad)
+
+
+def test_runs_table_shows_rounds_run_and_convergence() -> None:
+    from fedmarket.report import _rounds_run
+
+    assert _rounds_run({"config": {"train": {"rounds": 12}}}) == "12"
+    conv = {
+        "0": {"rounds_run": 24, "converged_round": 24, "phase_ends": [20]},
+        "1": {"rounds_run": 40, "converged_round": None, "phase_ends": []},
+    }
+    assert _rounds_run({"convergence": conv}) == "24 (phase 2 from 21), 40*"

@@ -414,10 +414,30 @@ def _runs_overview(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], bas
                 "model": run.get("model") or "–",
                 "seeds": ", ".join(str(s) for s in run.get("seeds", [])) or "–",
                 "private": "yes" if run.get("private", True) else "no",
+                "rounds": _rounds_run(run),
                 "folder": folder,
             }
         )
     return pd.DataFrame(rows).set_index("run")
+
+
+def _rounds_run(run: Mapping[str, Any]) -> str:
+    """Rounds trained per seed: with early stopping (``train.patience``) the rounds each seed ran and, for
+    phased methods, where the first phase ended ("24 (ft from 21)"); otherwise the configured rounds."""
+    conv = run.get("convergence") or {}
+    if conv:
+        parts = []
+        for seed in sorted(conv, key=lambda s: int(s) if str(s).isdigit() else str(s)):
+            c = conv[seed]
+            text = str(c.get("rounds_run", "–"))
+            if c.get("phase_ends"):
+                text += f" (phase 2 from {c['phase_ends'][0] + 1})"
+            if c.get("converged_round") is None:
+                text += "*"  # hit the round limit before the plateau
+            parts.append(text)
+        return ", ".join(parts)
+    rounds = ((run.get("config") or {}).get("train") or {}).get("rounds")
+    return str(rounds) if rounds is not None else "–"
 
 
 def _shorten(text: str, limit: int = 200) -> str:
@@ -501,6 +521,12 @@ def write_report(
     if len(datasets) > 1:
         lines += [f"Note: these runs come from different datasets ({', '.join(datasets)}).", ""]
     lines += ["## Runs", "", _markdown(_runs_overview(runs, labels, out_dir)), ""]
+    if any(r.get("convergence") for r in runs):
+        lines += [
+            "`rounds`: rounds each seed trained, stopped by `train.patience` at its validation plateau "
+            '(`*`: stopped by the round limit first; "phase 2 from N": e.g. local fine-tuning after FedAvg).',
+            "",
+        ]
     lines += _private_note(runs)
 
     missing = []
