@@ -216,7 +216,9 @@ def main() -> None:
     gaps = gap_table(run_dirs)
     if gaps:
         summary += (
-            "\n### Share of the Local -> Central-shared-IDs AUC gap closed on the small markets\n\n" + gaps + "\n"
+            "\n### Share of the Local -> Central-shared-IDs AUC gap closed on the small markets\n\n"
+            + gaps
+            + "\n"
         )
     (out / "summary.md").write_text(
         f"{summary}\nwall time of this comparison: {wall:.0f} s ({args.jobs} jobs)\n"
