@@ -30,6 +30,29 @@ class NoFederation(Strategy):
         pass
 
 
+class FederatedPhase:
+    """Mixin for strategies that federate in rounds 1..``federated_rounds`` and then fine-tune locally (FedAvg +
+    fine-tune, FeCoSR): the phase boundary is checkpointed, and with ``train.patience`` the federated phase
+    ends at its validation plateau (`fedmarket.federation.runtime.Plateau` calls ``on_plateau``)."""
+
+    federated_rounds: int
+
+    def on_plateau(self, server_round: int) -> bool:
+        """True: the federated phase ended here, fine-tuning starts next round (``federated_rounds`` is then
+        the maximum). False: no fine-tuning stage (``federated_rounds`` = 0), or it converged too: stop."""
+        if self.federated_rounds > 0 and server_round <= self.federated_rounds:
+            self.federated_rounds = server_round
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "federated_rounds": self.federated_rounds}  # type: ignore[misc]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # type: ignore[misc]
+        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
+
+
 class FedAvg(Strategy):
     """FedAvg (McMahan et al., AISTATS 2017): every market downloads the global shared parameters and the
     server replaces them with the example-weighted mean of the uploads, θ ← Σ_k (n_k/n) θ_k.

@@ -32,7 +32,7 @@ from typing import Any
 
 from fedmarket.federation.core import Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
-from fedmarket.federation.strategies import FedAvg
+from fedmarket.federation.strategies import FedAvg, FederatedPhase
 from fedmarket.methods.base import Method, register
 from fedmarket.methods.seq_trainer import SeqOptions, seq_clients
 
@@ -43,7 +43,7 @@ TEXT_BACKBONE_UPLOAD = UploadDeclaration(
 )
 
 
-class FederatedThenLocal(FedAvg):
+class FederatedThenLocal(FederatedPhase, FedAvg):
     """FedAvg for rounds 1..F, then local fine-tuning: round F+1 downloads the final global model, later
     rounds download nothing, and from F+1 on markets are told to fine-tune and upload nothing
     (``F = 0``: FedAvg in every round, no fine-tuning)."""
@@ -72,21 +72,6 @@ class FederatedThenLocal(FedAvg):
     def round_options(self, server_round: int) -> dict[str, Any]:
         federated = self.federated(server_round)
         return {"upload": federated, "finetune": not federated}
-
-    def on_plateau(self, server_round: int) -> bool:
-        """With ``train.patience``: pre-training converged, fine-tuning starts next round (``federated_rounds``
-        is then the maximum); False when there is no fine-tuning stage or it converged too."""
-        if self.federated_rounds > 0 and server_round <= self.federated_rounds:
-            self.federated_rounds = server_round
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "federated_rounds": self.federated_rounds}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 from fedmarket.errors import ConfigError
 from fedmarket.federation.core import ClientTrainer, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
-from fedmarket.federation.strategies import FedAvg, NoFederation
+from fedmarket.federation.strategies import FedAvg, FederatedPhase, NoFederation
 from fedmarket.methods.base import FedAvgOptions, FedProxOptions, Method, NoOptions, register
 from fedmarket.methods.mtl_trainer import MTLClient, MTLData
 
@@ -83,7 +83,7 @@ def mtl_clients(
     }
 
 
-class FedAvgThenLocal(FedAvg):
+class FedAvgThenLocal(FederatedPhase, FedAvg):
     """FedAvg for ``federated_rounds`` rounds, then local fine-tuning: in round ``federated_rounds + 1``
     every scenario downloads the final global model once, and from then on trains alone and uploads nothing."""
 
@@ -107,21 +107,6 @@ class FedAvgThenLocal(FedAvg):
 
     def round_options(self, server_round: int) -> dict[str, Any]:
         return {**super().round_options(server_round), "upload": server_round <= self.federated_rounds}
-
-    def on_plateau(self, server_round: int) -> bool:
-        """With ``train.patience``: FedAvg has converged, so fine-tuning starts next round (``federated_rounds``
-        is then the maximum). True = a phase ended, keep going; False = the fine-tuning converged too."""
-        if server_round <= self.federated_rounds:
-            self.federated_rounds = server_round
-            return True
-        return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "federated_rounds": self.federated_rounds}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
 
 
 @dataclass
