@@ -35,6 +35,7 @@ ROWS = [  # (suffix of the config name, label)
     ("pfmsmt_no-conflict", "PF-MSMTrec w/o conflict coordination"),
     ("pfmsmt_no-personalize", "PF-MSMTrec w/o personalised aggregation"),
     ("pfmsmt_no-towers", "PF-MSMTrec w/o tower aggregation"),
+    ("pfmsmt_ft", "PF-MSMTrec + local fine-tune (variant)"),
     ("mtl_centralized", "Centralized (pooled, NOT private)"),
 ]
 METRICS = ("ctr_auc", "ctcvr_auc", "ctr_logloss", "ctcvr_logloss")
@@ -114,6 +115,8 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
         ("pfmsmt", "mtl_centralized", "PF-MSMTrec − Centralized"),
         ("pfmsmt", "mtl_fedavg", "PF-MSMTrec − FedAvg"),
         ("pfmsmt", "mtl_local", "PF-MSMTrec − Local"),
+        ("pfmsmt_ft", "mtl_fedavg_ft", "PF-MSMTrec + fine-tune − FedAvg + fine-tune"),
+        ("pfmsmt_ft", "mtl_centralized", "PF-MSMTrec + fine-tune − Centralized"),
         ("mtl_fedavg_ft", "mtl_fedavg", "FedAvg + fine-tune − FedAvg"),
         ("mtl_local", "mtl_fedavg", "Local − FedAvg"),
     ]
@@ -136,7 +139,12 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
         y = np.arange(len(found))[::-1]
         means = [m["average"][k] for *_, m in found]
         stds = [m["average_std"].get(k, 0.0) for *_, m in found]
-        ax.barh(y, means, xerr=stds, color=["#c44" if s == "pfmsmt" else "#48a" for s, *_ in found])
+        ax.barh(
+            y,
+            means,
+            xerr=stds,
+            color=["#c44" if s.startswith("pfmsmt") and s[6:] in ("", "_ft") else "#48a" for s, *_ in found],
+        )
         ax.set_yticks(y, [lab.replace("**", "") for _, lab, *_ in found] if k == "ctr_auc" else [])
         lo = min(means) - 2 * max(stds + [0.002])
         ax.set_xlim(lo, max(means) + 2 * max(stds + [0.002]))

@@ -4,6 +4,7 @@ config errors and the Flower ServerApp doing exactly the same."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from fedmarket.api import run_seed
@@ -169,3 +170,33 @@ def test_fecosr_pretraining_ends_at_its_plateau_and_fine_tuning_follows() -> Non
     t.load_state_dict(s.state_dict())
     assert t.federated_rounds == 4
     assert not FederatedThenLocal(federated_rounds=0).on_plateau(3)  # no fine-tuning stage: stop
+
+
+def test_pfmsmt_finetune_variant_fine_tunes_after_its_personalised_plateau(splits) -> None:
+    cfg = _cfg("pfmsmt", {"federated_rounds": 8}, rounds=10, patience=1, min_delta=0.5)
+    result = run_seed(cfg, 0, _Prepared(splits), None, False)
+    assert result.convergence["phase_ends"] == [2] and result.convergence["converged_round"] == 4
+    per_round = {r: [u["bytes"] for u in result.uploads if u["round"] == r] for r in (1, 2, 3, 4)}
+    assert all(b > 0 for b in per_round[1] + per_round[2])  # personalised federation
+    assert all(b == 0 for b in per_round[3] + per_round[4])  # fine-tuning uploads nothing
+    fixed = run_seed(_cfg("pfmsmt", {"federated_rounds": 2}, rounds=4), 0, _Prepared(splits), None, False)
+    assert fixed.test == result.test
+    # the default (0) federates every round: no phase to end, the plateau stops the run
+    plain = run_seed(_cfg("pfmsmt", rounds=10, patience=1, min_delta=0.5), 0, _Prepared(splits), None, False)
+    assert plain.convergence["phase_ends"] == [] and plain.convergence["converged_round"] == 2
+
+
+def test_pfmsmt_finetune_rounds_send_nothing_and_resume_the_phase() -> None:
+    from fedmarket.methods.pfmsmt import PersonalizedStrategy
+
+    s = PersonalizedStrategy(federated_rounds=10, mu=0.01)
+    s.initialize({"w": np.zeros(2)})
+    assert s.on_plateau(3) and s.federated_rounds == 3
+    assert s.configure_train(4, ["a"])["a"]  # the personalised model, once
+    assert s.configure_train(5, ["a"]) == {"a": {}}
+    assert s.round_options(3) == {"proximal_mu": 0.01}
+    assert s.round_options(4) == {"proximal_mu": 0.0, "upload": False}
+    t = PersonalizedStrategy(federated_rounds=10)
+    t.load_state_dict(s.state_dict())
+    assert t.federated_rounds == 3
+    assert not PersonalizedStrategy().on_plateau(3)

@@ -22,6 +22,11 @@ and ``configure_train`` returns each scenario its own θ̄_k.
 Ablations (method options): ``template: false`` (no task-/scenario-specific experts: all experts shared),
 ``fedbn: false``, ``conflict: false``, ``personalize: false`` (everyone gets the example-weighted mean of
 the coordinated models), ``towers: false`` (towers stay local: no tower aggregation).
+
+Variant (not part of the paper's method): ``federated_rounds: N`` (> 0) adds a local fine-tuning stage, as in
+"FedAvg + local fine-tune": personalised federation for at most N rounds (with ``train.patience``, until its
+validation plateau), then every scenario downloads its personalised model once and trains alone with plain
+BCE, uploading nothing. 0 (default): federate every round.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from fedmarket.errors import ConfigError
 from fedmarket.federation.core import Strategy, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
 from fedmarket.federation.personalized import personalized_aggregate
+from fedmarket.federation.strategies import FederatedPhase
 from fedmarket.methods.base import Method, register
 from fedmarket.methods.mtl_baselines import mmoe_options, mtl_clients
 
@@ -82,8 +88,13 @@ class PFMSMTOptions:
     num_task_experts: int = 1
     num_scenario_experts: int = 1
     size_weighted: bool = False
+    federated_rounds: int = 0
 
     def validate(self, prefix: str) -> None:
+        if self.federated_rounds < 0:
+            raise ConfigError(
+                f"{prefix}.federated_rounds must be >= 0 (0: no local fine-tuning stage), got {self.federated_rounds}"
+            )
         if self.tau <= 0:
             raise ConfigError(f"{prefix}.tau must be > 0, got {self.tau}")
         if self.mu < 0:
@@ -92,8 +103,10 @@ class PFMSMTOptions:
             raise ConfigError(f"{prefix}.num_task_experts and num_scenario_experts must be >= 0")
 
 
-class PersonalizedStrategy(Strategy):
-    """Server of PF-MSMTrec: one personalised download per scenario (module docstring)."""
+class PersonalizedStrategy(FederatedPhase, Strategy):
+    """Server of PF-MSMTrec: one personalised download per scenario (module docstring). With
+    ``federated_rounds`` > 0, rounds after it are local fine-tuning: round ``federated_rounds + 1`` sends each
+    scenario its personalised model once, later rounds send nothing, and no round after it uploads."""
 
     def __init__(
         self,
@@ -104,7 +117,9 @@ class PersonalizedStrategy(Strategy):
         mu: float = 0.0,
         size_weighted: bool = False,
         seed: int = 0,
+        federated_rounds: int = 0,
     ) -> None:
+        self.federated_rounds = federated_rounds
         self.tau, self.coordinate, self.personalize = tau, coordinate, personalize
         self.mu, self.size_weighted, self.seed = mu, size_weighted, seed
         self.initial: Payload = {}
@@ -117,10 +132,17 @@ class PersonalizedStrategy(Strategy):
     def download(self, market: str) -> Payload:
         return self.personal.get(market, self.initial)
 
+    def federating(self, server_round: int) -> bool:
+        return self.federated_rounds == 0 or server_round <= self.federated_rounds
+
     def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        return {m: self.download(m) for m in markets}
+        if self.federating(server_round - 1):
+            return {m: self.download(m) for m in markets}
+        return {m: {} for m in markets}
 
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        if not self.federating(server_round):
+            return
         markets = [m for m, u in updates.items() if u.payload]
         if not markets:
             return
@@ -140,12 +162,15 @@ class PersonalizedStrategy(Strategy):
             self.personal[m] = payload
 
     def round_options(self, server_round: int) -> dict[str, Any]:
-        return {"proximal_mu": self.mu}
+        if self.federating(server_round):
+            return {"proximal_mu": self.mu}
+        return {"proximal_mu": 0.0, "upload": False}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial, "personal": self.personal}
+        return {"initial": self.initial, "personal": self.personal, "federated_rounds": self.federated_rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
         self.initial = dict(state["initial"])
         self.personal = {m: dict(p) for m, p in state["personal"].items()}
 
@@ -174,6 +199,7 @@ def build_pfmsmt(cfg, opts: PFMSMTOptions, splits, seed):
         mu=opts.mu,
         size_weighted=opts.size_weighted,
         seed=seed,
+        federated_rounds=opts.federated_rounds,
     )
     return clients, strategy
 
