@@ -186,3 +186,44 @@ def test_runs_table_shows_rounds_run_and_convergence() -> None:
         "1": {"rounds_run": 40, "converged_round": None, "phase_ends": []},
     }
     assert _rounds_run({"convergence": conv}) == "24 (phase 2 from 21), 40*"
+
+
+def test_transfer_gain_over_local_shows_negative_transfer_and_the_source(tmp_path: Path) -> None:
+    from fedmarket.report import gain_over_local, transfer_source
+
+    def seq_run(name: str, method: str, ndcg: dict, up: dict) -> Path:
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        metrics = {
+            "name": name,
+            "label": name,
+            "method": method,
+            "dataset": "movielens-age",
+            "seeds": [0],
+            "per_market": {m: {"full_ndcg@10": v} for m, v in ndcg.items()},
+            "communication": {m: {"up_bytes": b, "down_bytes": 0, "rounds": 5} for m, b in up.items()},
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        return run_dir
+
+    none = {"a": 0, "b": 0, "c": 0}
+    local = seq_run("local_text", "seq_local_text", {"a": 0.05, "b": 0.02, "c": 0.03}, none)
+    transfer = seq_run(
+        "transfer", "seq_transfer", {"a": 0.05, "b": 0.03, "c": 0.01}, {"a": 800, "b": 0, "c": 0}
+    )
+    fecosr = seq_run("fecosr", "fecosr", {"a": 0.06, "b": 0.04, "c": 0.04}, {"a": 9, "b": 9, "c": 9})
+    runs = [load_run(d) for d in (local, transfer, fecosr)]
+    assert transfer_source(runs[1]) == "a" and transfer_source(runs[2]) is None
+    gains, ref, source = gain_over_local(runs, ["local_text", "transfer", "fecosr"], "full_ndcg@10")
+    assert ref == "local_text" and source == "a"
+    assert gains.loc["c", "transfer"] == pytest.approx(-0.02)  # negative transfer in target c
+    assert gains.loc["a", "transfer"] == pytest.approx(0.0)  # the source gains nothing
+    assert gains.loc["a", "fecosr"] == pytest.approx(0.01)
+    assert list(gains.columns) == ["transfer", "fecosr"]
+    text = write_report([local, transfer, fecosr], tmp_path / "out", metrics=("full_ndcg@10",)).read_text()
+    assert "## Transfer: gain over local_text (full_ndcg@10)" in text and "`a`" in text
+    _assert_png(tmp_path / "out" / "full_ndcg@10_gain_over_local.png")
+    # without a local reference (or a transfer run) there is no such section
+    assert gain_over_local(runs[1:], ["transfer", "fecosr"], "full_ndcg@10") is None
+    plain = write_report([local, fecosr], tmp_path / "plain", metrics=("full_ndcg@10",)).read_text()
+    assert "gain over" not in plain

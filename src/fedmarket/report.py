@@ -495,6 +495,106 @@ def _private_note(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
 
 
+# one-to-one transfer methods and the local run they are measured against
+TRANSFER_REFERENCE = {"seq_transfer": "seq_local_text", "seq_transfer_id": "seq_local_id"}
+
+
+def transfer_source(run: Mapping[str, Any]) -> str | None:
+    """The source market of a one-to-one transfer run: the only market that uploaded anything (it pre-trains
+    alone and sends its model to the targets). None for other methods or when that is ambiguous."""
+    if run.get("method") not in TRANSFER_REFERENCE:
+        return None
+    uploaders = [m for m, c in (run.get("communication") or {}).items() if c.get("up_bytes", 0) > 0]
+    return uploaders[0] if len(uploaders) == 1 else None
+
+
+def gain_over_local(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str
+) -> tuple[pd.DataFrame, str, str | None] | None:
+    """Per-market gain of every private run over the local reference of the first transfer run
+    (``TRANSFER_REFERENCE``): markets × runs, the reference's label and the source market. A negative
+    gain in a target market is negative transfer; the transfer's gain in its source market against the
+    other methods' gains there shows what the source gets (nothing, or less) from one-to-one transfer.
+    None when no transfer run, no matching local run, or no ``metric``."""
+    transfer = next((r for r in runs if r.get("method") in TRANSFER_REFERENCE), None)
+    if transfer is None:
+        return None
+    ref_i = next(
+        (i for i, r in enumerate(runs) if r.get("method") == TRANSFER_REFERENCE[transfer["method"]]), None
+    )
+    if ref_i is None:
+        return None
+    ref = runs[ref_i]
+    columns = {}
+    for label, run in zip(labels, runs, strict=True):
+        if run is ref or not run.get("private", True) or run.get("dataset") != ref.get("dataset"):
+            continue
+        columns[label] = {
+            m: run["per_market"].get(m, {}).get(metric, np.nan) - v.get(metric, np.nan)
+            for m, v in ref["per_market"].items()
+        }
+    gains = pd.DataFrame(columns)
+    if gains.empty or gains.isna().all().all():
+        return None
+    return gains, labels[ref_i], transfer_source(transfer)
+
+
+def _transfer_section(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metrics: Sequence[str], out_dir: Path
+) -> list[str]:
+    for metric in metrics:
+        found = gain_over_local(runs, labels, metric)
+        if found is not None:
+            break
+    else:
+        return []
+    gains, ref_label, source = found
+    stem = _file_stem(metric)
+    names = [f"{m} (source)" if m == source else m for m in gains.index]
+    n_runs = len(gains.columns)
+    fig = Figure(figsize=(max(6.0, 1.1 * len(gains) * max(1, n_runs) * 0.45 + 2), 4.2))
+    ax = fig.add_subplot()
+    x = np.arange(len(gains))
+    width = 0.8 / max(1, n_runs)
+    for j, col in enumerate(gains.columns):
+        ax.bar(x - 0.4 + width * (j + 0.5), gains[col].to_numpy(dtype=float), width, label=col)
+    ax.axhline(0, color="black", linewidth=0.8)
+    if source in gains.index:
+        at = list(gains.index).index(source)
+        ax.axvspan(at - 0.45, at + 0.45, color="#fdd", zorder=0)
+    ax.set_xticks(x, names, rotation=30 if len(names) > 6 else 0)
+    ax.set_ylabel(f"{metric} − {ref_label}")
+    ax.set_title(
+        f"Gain over {ref_label} per market (below 0: negative transfer; shaded: the transfer's source)"
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _save(fig, out_dir / f"{stem}_gain_over_local.png")
+    table = pd.DataFrame(
+        {
+            "markets below local": (gains < 0).sum(),
+            "mean gain (all markets)": gains.mean(),
+            "gain in the source market" if source else "gain (no source)": gains.loc[source]
+            if source in gains.index
+            else np.nan,
+        }
+    )
+    table.index.name = "run"
+    lines = [
+        f"## Transfer: gain over {ref_label} ({metric})",
+        "",
+        f"Per market, each private run's test {metric} minus {ref_label}'s. Below 0 in a target market is "
+        f"negative transfer; one-to-one transfer's source market is `{source}` (the only market it uploads "
+        "from), where the other rows show what collaboration gives the source and transfer does not.",
+        "",
+        _markdown(table),
+        "",
+        f"![gain over local]({stem}_gain_over_local.png)",
+        "",
+    ]
+    return lines
+
+
 def write_report(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
@@ -543,6 +643,7 @@ def write_report(
         lines += [f"![{metric} vs bytes uploaded]({stem}_vs_bytes.png)", ""]
     if missing:
         lines += [f"No run reports: {', '.join(missing)}.", ""]
+    lines += _transfer_section(runs, labels, metrics, out_dir)
 
     lines += _communication_section(runs)
     lines += _failures_section(runs, labels)
