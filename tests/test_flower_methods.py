@@ -98,6 +98,23 @@ CONFIGS = {
         "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5},
         "eval": {"select_metric": "mean_auc"},
     },
+    # the PF-MSMTrec + local fine-tune variant: personalised federation ends at its plateau, then fine-tuning
+    "pfmsmt_ft_patience": {
+        "dataset": {
+            "name": "synthetic-mtl",
+            "markets": ["m0", "m1", "m2"],
+            "options": {
+                "num_markets": 3,
+                "users_per_market": 40,
+                "items_per_market": 60,
+                "interactions_per_user": [8, 15],
+            },
+        },
+        "method": {"name": "pfmsmt", "options": {"federated_rounds": 4}},
+        "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+        "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5},
+        "eval": {"select_metric": "mean_auc"},
+    },
     "fecosr": {
         "dataset": {
             "name": "synthetic",
