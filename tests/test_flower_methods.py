@@ -42,6 +42,18 @@ FEDMM_FAST = {
     "local_codes": 8,
 }
 
+MTL_DATASET = {
+    "name": "synthetic-mtl",
+    "markets": ["m0", "m1", "m2"],
+    "options": {
+        "num_markets": 3,
+        "users_per_market": 40,
+        "items_per_market": 60,
+        "interactions_per_user": [8, 15],
+    },
+}
+MTL_MODEL = {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4}
+
 CONFIGS = {
     "fedmm": {
         "dataset": {"name": "synthetic", "markets": ["m0", "m1"], "options": SYNTH},
@@ -50,68 +62,32 @@ CONFIGS = {
         "eval": {"full_ranking": False, "candidates": 20},
     },
     "pfmsmt": {
-        "dataset": {
-            "name": "synthetic-mtl",
-            "markets": ["m0", "m1", "m2"],
-            "options": {
-                "num_markets": 3,
-                "users_per_market": 40,
-                "items_per_market": 60,
-                "interactions_per_user": [8, 15],
-            },
-        },
+        "dataset": MTL_DATASET,
         "method": {"name": "pfmsmt"},
-        "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+        "model": MTL_MODEL,
         "train": {"rounds": 3, "batch_size": 256},
         "eval": {"select_metric": "mean_auc"},
     },
     "mtl_fedavg_ft": {
-        "dataset": {
-            "name": "synthetic-mtl",
-            "markets": ["m0", "m1", "m2"],
-            "options": {
-                "num_markets": 3,
-                "users_per_market": 40,
-                "items_per_market": 60,
-                "interactions_per_user": [8, 15],
-            },
-        },
+        "dataset": MTL_DATASET,
         "method": {"name": "mtl_fedavg_ft", "options": {"federated_rounds": 1}},
-        "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+        "model": MTL_MODEL,
         "train": {"rounds": 3, "batch_size": 256},
         "eval": {"select_metric": "mean_auc"},
     },
     # early stopping (train.patience): the federated phase ends at its plateau (round 2), fine-tuning at its own
     "mtl_fedavg_ft_patience": {
-        "dataset": {
-            "name": "synthetic-mtl",
-            "markets": ["m0", "m1", "m2"],
-            "options": {
-                "num_markets": 3,
-                "users_per_market": 40,
-                "items_per_market": 60,
-                "interactions_per_user": [8, 15],
-            },
-        },
+        "dataset": MTL_DATASET,
         "method": {"name": "mtl_fedavg_ft", "options": {"federated_rounds": 4}},
-        "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+        "model": MTL_MODEL,
         "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5},
         "eval": {"select_metric": "mean_auc"},
     },
     # the PF-MSMTrec + local fine-tune variant: personalised federation ends at its plateau, then fine-tuning
     "pfmsmt_ft_patience": {
-        "dataset": {
-            "name": "synthetic-mtl",
-            "markets": ["m0", "m1", "m2"],
-            "options": {
-                "num_markets": 3,
-                "users_per_market": 40,
-                "items_per_market": 60,
-                "interactions_per_user": [8, 15],
-            },
-        },
+        "dataset": MTL_DATASET,
         "method": {"name": "pfmsmt", "options": {"federated_rounds": 4}},
-        "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+        "model": MTL_MODEL,
         "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5},
         "eval": {"select_metric": "mean_auc"},
     },
