@@ -200,3 +200,18 @@ def test_pfmsmt_finetune_rounds_send_nothing_and_resume_the_phase() -> None:
     t.load_state_dict(s.state_dict())
     assert t.federated_rounds == 3
     assert not PersonalizedStrategy().on_plateau(3)
+
+
+def test_transfer_source_phase_ends_at_its_plateau_and_resumes() -> None:
+    from fedmarket.methods.seq_baselines import OneToOneTransfer
+
+    s = OneToOneTransfer("a", source_rounds=20)
+    s.initialize({"w": np.zeros(2)})
+    assert s.round_options(3) == {"active": ["a"], "upload": True}
+    assert s.on_plateau(3) and s.source_rounds == 3  # the source converged: targets take its model next
+    assert s.configure_train(4, ["a", "b"])["b"] and s.configure_train(4, ["a", "b"])["a"] == {}
+    assert s.round_options(4) == {"finetune": True, "upload": False}
+    assert not s.on_plateau(9)  # fine-tuning converged: stop
+    t = OneToOneTransfer("a", source_rounds=20)
+    t.load_state_dict(s.state_dict())
+    assert t.source_rounds == 3

@@ -24,7 +24,7 @@ import numpy as np
 from fedmarket.errors import ConfigError, FedmarketError
 from fedmarket.federation.core import Strategy, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
-from fedmarket.federation.strategies import NoFederation
+from fedmarket.federation.strategies import FederatedPhase, NoFederation
 from fedmarket.methods.base import Method, register
 from fedmarket.methods.fecosr import TEXT_BACKBONE_UPLOAD, FederatedThenLocal
 from fedmarket.methods.seq_trainer import (
@@ -45,15 +45,20 @@ SEQ_POOLED_UPLOAD = UploadDeclaration(
 )
 
 
-class OneToOneTransfer(Strategy):
+class OneToOneTransfer(FederatedPhase, Strategy):
     """Pre-train on one source market for ``source_rounds`` rounds (only it trains; it uploads its shared
     weights so the targets can be evaluated zero-shot), then every other market downloads the source
-    model once and all markets fine-tune locally, uploading nothing."""
+    model once and all markets fine-tune locally, uploading nothing. With ``train.patience`` the source
+    phase ends at the validation plateau (``source_rounds`` is then the maximum), like a federated phase."""
 
     def __init__(self, source: str | None, source_rounds: int) -> None:
         self.source = source
-        self.source_rounds = source_rounds
+        self.federated_rounds = source_rounds
         self.source_payload: Payload = {}
+
+    @property
+    def source_rounds(self) -> int:
+        return self.federated_rounds
 
     def _check(self) -> str:
         if self.source is None:
@@ -89,11 +94,16 @@ class OneToOneTransfer(Strategy):
         return {"finetune": True, "upload": False}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "source_payload": self.source_payload}
+        return {
+            "source": self.source,
+            "source_payload": self.source_payload,
+            "source_rounds": self.source_rounds,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source = state["source"]
         self.source_payload = dict(state["source_payload"])
+        self.federated_rounds = int(state.get("source_rounds", self.federated_rounds))
 
 
 @dataclass
