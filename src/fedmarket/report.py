@@ -280,32 +280,43 @@ def _value_limits(low: np.ndarray, high: np.ndarray) -> tuple[float, float] | No
     return bottom, hi + 0.15 * span
 
 
-def _plot_per_market(mean: pd.DataFrame, std: pd.DataFrame, metric: str, path: Path) -> Path:
-    groups = list(mean.columns)
-    n_runs = len(mean.index)
+def _grouped_bars(
+    values: pd.DataFrame, errors: pd.DataFrame | None = None, ticks: Sequence[str] | None = None
+) -> tuple[Figure, Any]:
+    """One group of bars per column of ``values`` (markets), one bar per row (run), legend on the right."""
+    groups = list(values.columns)
+    n_runs = len(values.index)
     fig = Figure(figsize=(max(6.0, 1.1 * len(groups) * max(1, n_runs) * 0.45 + 2), 4.2))
     ax = fig.add_subplot()
     x = np.arange(len(groups))
     width = 0.8 / max(1, n_runs)
-    for i, label in enumerate(mean.index):
-        err = np.nan_to_num(std.loc[label].to_numpy(dtype=float), nan=0.0)
+    for i, label in enumerate(values.index):
+        err = None
+        if errors is not None:
+            err = np.nan_to_num(errors.loc[label].to_numpy(dtype=float), nan=0.0)
         ax.bar(
             x - 0.4 + width * (i + 0.5),
-            mean.loc[label].to_numpy(dtype=float),
+            values.loc[label].to_numpy(dtype=float),
             width,
             yerr=err,
-            capsize=2,
+            capsize=2 if err is not None else 0,
             label=label,
         )
-    ax.set_xticks(x, groups, rotation=30 if len(groups) > 6 else 0)
+    ticks = list(ticks) if ticks is not None else groups
+    ax.set_xticks(x, ticks, rotation=30 if len(groups) > 6 else 0)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return fig, ax
+
+
+def _plot_per_market(mean: pd.DataFrame, std: pd.DataFrame, metric: str, path: Path) -> Path:
+    fig, ax = _grouped_bars(mean, std)
     values, errors = mean.to_numpy(dtype=float), np.nan_to_num(std.to_numpy(dtype=float), nan=0.0)
     limits = _value_limits(values - errors, values + errors)
     if limits:
         ax.set_ylim(*limits)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} per market (mean ± std over seeds)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)
 
 
@@ -551,24 +562,15 @@ def _transfer_section(
     gains, ref_label, source = found
     stem = _file_stem(metric)
     names = [f"{m} (source)" if m == source else m for m in gains.index]
-    n_runs = len(gains.columns)
-    fig = Figure(figsize=(max(6.0, 1.1 * len(gains) * max(1, n_runs) * 0.45 + 2), 4.2))
-    ax = fig.add_subplot()
-    x = np.arange(len(gains))
-    width = 0.8 / max(1, n_runs)
-    for j, col in enumerate(gains.columns):
-        ax.bar(x - 0.4 + width * (j + 0.5), gains[col].to_numpy(dtype=float), width, label=col)
+    fig, ax = _grouped_bars(gains.T, ticks=names)
     ax.axhline(0, color="black", linewidth=0.8)
     if source in gains.index:
         at = list(gains.index).index(source)
         ax.axvspan(at - 0.45, at + 0.45, color="#fdd", zorder=0)
-    ax.set_xticks(x, names, rotation=30 if len(names) > 6 else 0)
     ax.set_ylabel(f"{metric} − {ref_label}")
     ax.set_title(
         f"Gain over {ref_label} per market (below 0: negative transfer; shaded: the transfer's source)"
     )
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _save(fig, out_dir / f"{stem}_gain_over_local.png")
     table = pd.DataFrame(
         {
