@@ -215,3 +215,19 @@ def test_transfer_source_phase_ends_at_its_plateau_and_resumes() -> None:
     t = OneToOneTransfer("a", source_rounds=20)
     t.load_state_dict(s.state_dict())
     assert t.source_rounds == 3
+
+
+def test_transfer_source_phase_plateau_counts_the_source_market_only() -> None:
+    from fedmarket.methods.seq_baselines import OneToOneTransfer
+
+    s = OneToOneTransfer("m0", source_rounds=20)
+    assert s.plateau_markets(3) == ["m0"] and s.on_plateau(3) and s.plateau_markets(4) is None
+    t = OneToOneTransfer("m0", source_rounds=20)
+    p = Plateau(patience=1, select_metric="auc")
+    # the source (m0) keeps improving while the zero-shot target (m1) is flat and falls: no plateau yet
+    history = []
+    for r, (src, tgt) in enumerate([(0.5, 0.3), (0.6, 0.2), (0.7, 0.1)], start=1):
+        history += [{"round": r, "split": "valid", "market": "m0", "auc": src}]
+        history += [{"round": r, "split": "valid", "market": "m1", "auc": tgt}]
+        assert not p.update(r, history, t)
+    assert t.source_rounds == 20 and p.phase_ends == []

@@ -88,7 +88,9 @@ class Plateau:
     ``patience`` = 0 switches it off. A round improves when it beats the best so far by more than
     ``min_delta``; after ``patience`` evaluated rounds without improvement the run has converged. A strategy
     with phases (e.g. FedAvg then local fine-tuning) may take the plateau as the end of a phase instead of the
-    run: its ``on_plateau(server_round)`` returns True, and counting starts again. Pure bookkeeping shared by
+    run: its ``on_plateau(server_round)`` returns True, and counting starts again; its optional
+    ``plateau_markets(server_round)`` narrows the score to some markets (one-to-one transfer's source phase:
+    the source alone). Pure bookkeeping shared by
     the in-process `Simulator` and the Flower ServerApp, checkpointed as a plain dict.
     """
 
@@ -116,12 +118,15 @@ class Plateau:
         """Record round ``server_round``'s validation rows; True when the run should stop after it."""
         if self.patience <= 0:
             return False
+        scope = getattr(strategy, "plateau_markets", None)
+        markets = scope(server_round) if scope is not None else None
         values = [
             h[self.select_metric]
             for h in history
             if h.get("round") == server_round
             and h.get("split", "valid") == "valid"
             and self.select_metric in h
+            and (markets is None or h.get("market") in markets)
         ]
         if not values or np.all(np.isnan(values)):
             return False  # not an evaluated round (eval.every) or a phase without the metric

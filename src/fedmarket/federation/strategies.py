@@ -45,12 +45,19 @@ class FederatedPhase:
             return True
         return False
 
+    def phase_state(self) -> dict[str, Any]:
+        """The phase boundary, for the checkpoint (strategies with their own ``state_dict`` add it)."""
+        return {"federated_rounds": self.federated_rounds}
+
+    def load_phase_state(self, state: dict[str, Any]) -> None:
+        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
+
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "federated_rounds": self.federated_rounds}  # type: ignore[misc]
+        return {**super().state_dict(), **self.phase_state()}  # type: ignore[misc]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)  # type: ignore[misc]
-        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
+        self.load_phase_state(state)
 
 
 class FedAvg(Strategy):

@@ -167,10 +167,10 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
         return {"proximal_mu": 0.0, "upload": False}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial, "personal": self.personal, "federated_rounds": self.federated_rounds}
+        return {"initial": self.initial, "personal": self.personal, **self.phase_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.federated_rounds = int(state.get("federated_rounds", self.federated_rounds))
+        self.load_phase_state(state)
         self.initial = dict(state["initial"])
         self.personal = {m: dict(p) for m, p in state["personal"].items()}
 

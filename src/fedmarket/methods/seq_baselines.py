@@ -49,7 +49,8 @@ class OneToOneTransfer(FederatedPhase, Strategy):
     """Pre-train on one source market for ``source_rounds`` rounds (only it trains; it uploads its shared
     weights so the targets can be evaluated zero-shot), then every other market downloads the source
     model once and all markets fine-tune locally, uploading nothing. With ``train.patience`` the source
-    phase ends at the validation plateau (``source_rounds`` is then the maximum), like a federated phase."""
+    phase ends at the source market's validation plateau (``source_rounds`` is then the maximum), like a
+    federated phase."""
 
     def __init__(self, source: str | None, source_rounds: int) -> None:
         self.source = source
@@ -94,16 +95,17 @@ class OneToOneTransfer(FederatedPhase, Strategy):
         return {"finetune": True, "upload": False}
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "source_payload": self.source_payload,
-            "source_rounds": self.source_rounds,
-        }
+        return {"source": self.source, "source_payload": self.source_payload, **self.phase_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source = state["source"]
         self.source_payload = dict(state["source_payload"])
-        self.federated_rounds = int(state.get("source_rounds", self.federated_rounds))
+        self.load_phase_state(state)
+
+    def plateau_markets(self, server_round: int) -> list[str] | None:
+        """The source phase converges on the source market's own validation score (the targets only score
+        the source model zero-shot, with untrained ID embeddings in the ID-only row); afterwards, all markets."""
+        return [self._check()] if server_round <= self.source_rounds else None
 
 
 @dataclass
