@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedmarket.report import write_report  # noqa: E402
+from fedmarket.summary import paired, per_seed_average, rounds_text, upload_bytes  # noqa: E402
 
 ROWS = [  # (suffix of the config name, label)
     ("mtl_local", "Local MMoE"),
@@ -41,40 +42,6 @@ ROWS = [  # (suffix of the config name, label)
 METRICS = ("ctr_auc", "ctcvr_auc", "ctr_logloss", "ctcvr_logloss")
 
 
-def per_seed_average(run_dir: Path, metric: str) -> dict[int, float]:
-    out = {}
-    for path in sorted((run_dir / "seeds").glob("seed*.json")):
-        rec = json.loads(path.read_text())
-        values = [v[metric] for v in rec["test"].values() if metric in v]
-        out[int(rec["seed"])] = float(np.mean(values))
-    return out
-
-
-def rounds_text(metrics: dict) -> str:
-    conv = metrics.get("convergence") or {}
-    if not conv:
-        return str(metrics["config"]["train"]["rounds"])
-    runs = [c["rounds_run"] for c in conv.values()]
-    capped = sum(c.get("converged_round") is None for c in conv.values())
-    return f"{np.mean(runs):.0f} ({min(runs)}–{max(runs)})" + (f", {capped} capped" if capped else "")
-
-
-def upload_kb(metrics: dict) -> float:
-    comm = metrics.get("communication") or {}
-    vals = [v["up_bytes"] / v["rounds"] if v.get("rounds") else 0.0 for v in comm.values()]
-    return float(np.mean(vals)) / 1000 if vals else 0.0
-
-
-def paired(a: dict[int, float], b: dict[int, float]) -> str:
-    seeds = sorted(set(a) & set(b))
-    if not seeds:
-        return "no common seeds"
-    d = np.array([a[s] - b[s] for s in seeds])
-    wins = int((d > 0).sum())
-    std = f" ± {d.std(ddof=1):.4f}" if len(d) > 1 else ""
-    return f"{d.mean():+.4f}{std} (wins {wins}/{len(seeds)} seeds)"
-
-
 def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
     found = []
     for suffix, label in ROWS:  # the first folder that holds the row
@@ -92,7 +59,7 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
     ]
     for _, label, _, m in found:
         cells = [f"{m['average'][k]:.4f} ± {m['average_std'].get(k, 0.0):.4f}" for k in METRICS]
-        up = "raw data" if not m.get("private", True) else f"{upload_kb(m):.1f}"
+        up = "raw data" if not m.get("private", True) else f"{upload_bytes(m, per_round=True) / 1000:.1f}"
         lines.append(
             f"| {label} | {len(m['seeds'])} | {rounds_text(m)} | " + " | ".join(cells) + f" | {up} |"
         )

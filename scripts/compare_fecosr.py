@@ -1,0 +1,225 @@
+"""Summarise a FeCoSR comparison: merged run folders (``scripts/run_grid.py`` -> ``OUT/merged``) of the
+sequential datasets -> ``OUT/summary.md`` and one ``OUT/<dataset>/report.md`` per dataset (the standard
+``fedmarket report``: per-market plots, the transfer's gain over local).
+
+``summary.md`` has, per dataset: one row per method (seeds, rounds trained and where pre-training / the source
+phase ended, test full-ranking and 1+99 NDCG@10 / HR@10 ×100 as mean ± std over seeds, MB uploaded per market
+in the whole run), full NDCG@10 per market, the issue's questions as paired per-seed differences (FeCoSR vs
+FedAvg-CE + fine-tune, vs transfer, vs Local text; S²CE vs CE without fine-tuning; the share of the
+Local -> Central gap FeCoSR closes) and the transfer's source market and negative-transfer count;
+``OUT/fecosr_<dataset>.png`` shows full NDCG@10 per row with std error bars.
+
+    python scripts/compare_fecosr.py runs/mlage/merged runs/mlzip/merged runs/xmseq/merged --out runs/fecosr_comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from fedmarket.report import load_run, transfer_source, write_report  # noqa: E402
+from fedmarket.summary import paired, per_seed_average, rounds_text, upload_bytes  # noqa: E402
+
+ROWS = [  # (suffix of the config name, label)
+    ("seq_local_id", "Local ID-SASRec"),
+    ("seq_local_text", "Local text-SASRec"),
+    ("seq_transfer", "One-to-one transfer (text) + fine-tune"),
+    ("seq_fedavg", "FedAvg-CE (no fine-tune)"),
+    ("fecosr_no-ft", "FeCoSR without fine-tune (FedAvg-S²CE)"),
+    ("seq_fedavg_ft", "FedAvg-CE + fine-tune (= FeCoSR with CE)"),
+    ("fecosr_ce", "FeCoSR with CE (config of its own)"),
+    ("fecosr", "**FeCoSR** (S²CE + fine-tune)"),
+    ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
+    ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
+    ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
+]
+METRICS = ("full_ndcg@10", "full_hr@10", "ndcg@10", "hr@10")
+CHECKS = [  # (a, b, text): a − b per seed
+    ("fecosr", "seq_fedavg_ft", "FeCoSR − FedAvg-CE + fine-tune (S²CE vs CE, with fine-tune)"),
+    ("fecosr_no-ft", "seq_fedavg", "FeCoSR w/o fine-tune − FedAvg-CE (S²CE vs CE, no fine-tune)"),
+    ("fecosr", "seq_transfer", "FeCoSR − one-to-one transfer"),
+    ("fecosr", "seq_local_text", "FeCoSR − Local text-SASRec"),
+    ("fecosr", "seq_central_shared_ids", "FeCoSR − Central-shared-IDs †"),
+    ("seq_fedavg_ft", "seq_fedavg", "FedAvg-CE + fine-tune − FedAvg-CE (what fine-tuning adds)"),
+    ("seq_transfer", "seq_local_text", "Transfer − Local text-SASRec"),
+    ("seq_local_text", "seq_local_id", "Local text − Local ID"),
+    ("seq_fedavg_id", "seq_local_id", "FedAvg (IDs) − Local ID"),
+    ("seq_transfer_id", "seq_local_id", "Transfer (IDs) − Local ID"),
+]
+
+
+def find_rows(merged: list[Path], dataset: str) -> list[tuple[str, str, Path, dict]]:
+    found = []
+    for suffix, label in ROWS:  # the first folder that holds the row
+        run_dir = next(
+            (
+                d / f"{dataset}_{suffix}"
+                for d in merged
+                if (d / f"{dataset}_{suffix}" / "metrics.json").is_file()
+            ),
+            None,
+        )
+        if run_dir is not None:
+            found.append((suffix, label, run_dir, load_run(run_dir)))
+    return found
+
+
+def cell(m: dict, key: str) -> str:
+    mean = 100 * m["average"][key]
+    std = 100 * (m.get("average_std") or {}).get(key, 0.0)
+    return f"{mean:.2f} ± {std:.2f}" if len(m["seeds"]) > 1 else f"{mean:.2f}"
+
+
+def gap_closed(by: dict[str, Path], metric: str) -> str | None:
+    """Share of the Local text -> Central gap that FeCoSR closes, per seed (mean over seeds)."""
+    if not all(k in by for k in ("fecosr", "seq_local_text", "seq_central_shared_ids")):
+        return None
+    f, lo, hi = (
+        per_seed_average(by[k], metric) for k in ("fecosr", "seq_local_text", "seq_central_shared_ids")
+    )
+    seeds = sorted(set(f) & set(lo) & set(hi))
+    shares = [(f[s] - lo[s]) / (hi[s] - lo[s]) for s in seeds if hi[s] != lo[s]]
+    if not shares:
+        return None
+    return f"{100 * np.mean(shares):.0f} % of the Local text → Central gap (seeds: {len(shares)})"
+
+
+def transfer_lines(found: list[tuple[str, str, Path, dict]], metric: str) -> list[str]:
+    lines = []
+    by = {s: m for s, _, _, m in found}
+    for transfer, local in (("seq_transfer", "seq_local_text"), ("seq_transfer_id", "seq_local_id")):
+        if transfer not in by or local not in by:
+            continue
+        t, ref = by[transfer], by[local]
+        source = transfer_source(t)
+        gains = {
+            mk: 100 * (t["per_market"][mk][metric] - ref["per_market"][mk][metric]) for mk in t["markets"]
+        }
+        targets = [mk for mk in gains if mk != source]
+        negative = [mk for mk in targets if gains[mk] < 0]
+        text = (
+            f"- `{transfer}` vs `{local}` ({metric}, ×100, mean over seeds): source `{source}` "
+            f"{gains.get(source, float('nan')):+.2f}; negative transfer in {len(negative)} of {len(targets)} "
+            f"targets"
+        )
+        if negative:
+            worst = min(negative, key=gains.get)
+            text += f" (worst `{worst}` {gains[worst]:+.2f})"
+        lines.append(text + ".")
+    return lines
+
+
+def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
+    found = find_rows(merged, dataset)
+    if not found:
+        return []
+    lines = [f"## {dataset}", ""]
+    lines += [
+        "| row | seeds | rounds trained | full NDCG@10 | full HR@10 | NDCG@10 (1+99) | HR@10 (1+99) "
+        "| up MB / market (run) |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for _, label, _, m in found:
+        up = "raw data" if not m.get("private", True) else f"{upload_bytes(m) / 1e6:.2f}"
+        lines.append(
+            f"| {label} | {len(m['seeds'])} | {rounds_text(m)} | "
+            + " | ".join(cell(m, k) for k in METRICS)
+            + f" | {up} |"
+        )
+    lines += [
+        "",
+        "Test metrics ×100 of each seed's best validation round (NDCG@10 on 1+99 candidates); "
+        "mean ± std over seeds; markets averaged unweighted.",
+        "",
+    ]
+    markets = found[0][3]["markets"]
+    lines += [
+        "Full-ranking NDCG@10 ×100 per market (mean over seeds):",
+        "",
+        "| row | " + " | ".join(markets) + " | average |",
+        "|---|" + "---:|" * (len(markets) + 1),
+    ]
+    for _, label, _, m in found:
+        vals = [100 * m["per_market"][mk]["full_ndcg@10"] for mk in markets if mk in m["per_market"]]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(
+                f"{100 * m['per_market'][mk]['full_ndcg@10']:.2f}" if mk in m["per_market"] else "–"
+                for mk in markets
+            )
+            + f" | {np.mean(vals):.2f} |"
+        )
+    lines.append("")
+    by = {suffix: run_dir for suffix, _, run_dir, _ in found}
+    rows = []
+    for a, b, text in CHECKS:
+        if a in by and b in by:
+            cells = [
+                paired(per_seed_average(by[a], k), per_seed_average(by[b], k), scale=100, digits=2)
+                for k in ("full_ndcg@10", "ndcg@10")
+            ]
+            rows.append(f"| {text} | {cells[0]} | {cells[1]} |")
+    if rows:
+        lines += [
+            "Paired differences ×100 (same seed; mean ± std over seeds; wins = seeds where the first row is ahead):",
+            "",
+            "| comparison | full NDCG@10 | NDCG@10 (1+99) |",
+            "|---|---:|---:|",
+            *rows,
+            "",
+        ]
+    gap = gap_closed(by, "full_ndcg@10")
+    if gap:
+        lines += [f"FeCoSR closes {gap} on full NDCG@10.", ""]
+    lines += transfer_lines(found, "full_ndcg@10")
+    lines.append("")
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(found) + 1.5))
+    y = np.arange(len(found))[::-1]
+    means = [100 * m["average"]["full_ndcg@10"] for *_, m in found]
+    stds = [100 * (m.get("average_std") or {}).get("full_ndcg@10", 0.0) for *_, m in found]
+    ax.barh(y, means, xerr=stds, color=["#c44" if s.startswith("fecosr") else "#48a" for s, *_ in found])
+    ax.set_yticks(y, [lab.replace("**", "") for _, lab, *_ in found])
+    ax.set_xlabel("test full-ranking NDCG@10 ×100 (market mean, ± std over seeds)")
+    ax.set_title(dataset, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / f"fecosr_{dataset}.png", dpi=110)
+    plt.close(fig)
+    lines += [f"![{dataset}](fecosr_{dataset}.png)", ""]
+    write_report([d for *_, d, _ in found], out / dataset, metrics=("full_ndcg@10", "ndcg@10"))
+    lines += [f"Per-market plots and tables: [{dataset}/report.md]({dataset}/report.md)", ""]
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("merged", nargs="+", help="folders holding merged run folders named <dataset>_<row>")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--datasets", nargs="+", default=["movielens-age", "movielens-zip", "xmrec"])
+    args = parser.parse_args()
+    merged = [Path(m) for m in args.merged]
+    missing = [str(m) for m in merged if not m.is_dir()]
+    if missing:
+        raise SystemExit(f"not a folder: {', '.join(missing)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = ["# FeCoSR comparison", ""]
+    for dataset in args.datasets:
+        lines += summarise(merged, dataset, out)
+    if len(lines) == 2:
+        raise SystemExit(
+            f"no run folder named <dataset>_<row> for datasets {args.datasets} under {args.merged}"
+        )
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print(out / "summary.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Helpers shared by the comparison summaries (``scripts/compare_*.py``): per-seed market averages read from a
+merged run folder, rounds trained, bytes uploaded (from the dict ``fedmarket.report.load_run`` returns) and
+paired per-seed differences between two rows.
+
+A merged run folder (``fedmarket merge`` / ``scripts/run_grid.py``) holds ``metrics.json`` and
+``seeds/seed<N>.json``; each seed file's ``test`` maps market -> metric -> value.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def per_seed_average(run_dir: str | Path, metric: str, markets: list[str] | None = None) -> dict[int, float]:
+    """Seed -> unweighted mean of ``metric`` over the markets (all of them, or ``markets``) of that seed."""
+    out = {}
+    for path in sorted((Path(run_dir) / "seeds").glob("seed*.json")):
+        rec = json.loads(path.read_text())
+        values = [
+            v[metric] for m, v in rec["test"].items() if metric in v and (markets is None or m in markets)
+        ]
+        if values:
+            out[int(rec["seed"])] = float(np.mean(values))
+    return out
+
+
+def rounds_text(metrics: Mapping[str, Any]) -> str:
+    """Rounds trained over the seeds: mean (range), how many seeds hit the round cap instead of a plateau, and
+    the mean round at which a phased run left its first phase (pre-training / source phase)."""
+    conv = metrics.get("convergence") or {}
+    if not conv:
+        return str(metrics["config"]["train"]["rounds"])
+    runs = [c["rounds_run"] for c in conv.values()]
+    text = f"{np.mean(runs):.0f} ({min(runs)}–{max(runs)})" if len(runs) > 1 else f"{runs[0]}"
+    ends = [c["phase_ends"][0] for c in conv.values() if c.get("phase_ends")]
+    if ends:
+        text += f", phase 1 ended at {np.mean(ends):.0f}"
+    capped = sum(c.get("converged_round") is None for c in conv.values())
+    if capped:
+        text += f", {capped} capped"
+    return text
+
+
+def upload_bytes(metrics: Mapping[str, Any], per_round: bool = False) -> float:
+    """Mean over markets of the bytes each uploaded in the whole run (or per round it took part in)."""
+    comm = metrics.get("communication") or {}
+    if per_round:
+        vals = [v["up_bytes"] / v["rounds"] if v.get("rounds") else 0.0 for v in comm.values()]
+    else:
+        vals = [float(v.get("up_bytes", 0)) for v in comm.values()]
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0, digits: int = 4) -> str:
+    """``a − b`` on the seeds both have: mean ± std (ddof 1) over seeds and in how many seeds ``a`` is ahead (wins)."""
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return "no common seeds"
+    d = np.array([a[s] - b[s] for s in seeds]) * scale
+    wins = int((d > 0).sum())
+    std = f" ± {d.std(ddof=1):.{digits}f}" if len(d) > 1 else ""
+    return f"{d.mean():+.{digits}f}{std} (wins {wins}/{len(seeds)} seeds)"

@@ -1,0 +1,166 @@
+"""The comparison summaries: shared helpers (fedmarket.summary) and scripts/compare_fecosr.py on hand-built
+merged run folders whose numbers are known."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmarket.summary import paired, per_seed_average, rounds_text, upload_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+MARKETS = ["a", "b", "c"]
+
+
+def _merged_run(
+    root: Path,
+    name: str,
+    method: str,
+    per_seed: dict[int, dict[str, float]],
+    up: dict[str, int] | None = None,
+    private: bool = True,
+    conv: dict | None = None,
+) -> Path:
+    """A merged run folder: seeds/seed<N>.json with test full_ndcg@10 and ndcg@10 per market, metrics.json with
+    the mean over seeds."""
+    run_dir = root / name
+    (run_dir / "seeds").mkdir(parents=True)
+    for seed, values in per_seed.items():
+        test = {
+            m: {"full_ndcg@10": v, "ndcg@10": 2 * v, "full_hr@10": v, "hr@10": 2 * v}
+            for m, v in values.items()
+        }
+        (run_dir / "seeds" / f"seed{seed}.json").write_text(json.dumps({"seed": seed, "test": test}))
+    per_market = {
+        m: {
+            k: float(np.mean([f * per_seed[s][m] for s in per_seed]))
+            for k, f in (("full_ndcg@10", 1), ("ndcg@10", 2), ("full_hr@10", 1), ("hr@10", 2))
+        }
+        for m in MARKETS
+    }
+    average = {k: float(np.mean([per_market[m][k] for m in MARKETS])) for k in per_market["a"]}
+    up = up or {}
+    metrics = {
+        "name": name,
+        "label": name,
+        "method": method,
+        "private": private,
+        "seeds": sorted(per_seed),
+        "markets": MARKETS,
+        "per_market": per_market,
+        "average": average,
+        "average_std": {k: 0.0 for k in average},
+        "communication": {m: {"up_bytes": up.get(m, 0), "down_bytes": 0, "rounds": 10} for m in MARKETS},
+        "convergence": conv or {},
+        "config": {"train": {"rounds": 10}},
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    return run_dir
+
+
+def test_per_seed_average_and_paired(tmp_path: Path) -> None:
+    a = _merged_run(
+        tmp_path, "x", "m", {0: {"a": 0.1, "b": 0.2, "c": 0.3}, 1: {"a": 0.4, "b": 0.5, "c": 0.6}}
+    )
+    assert per_seed_average(a, "full_ndcg@10") == pytest.approx({0: 0.2, 1: 0.5})
+    assert per_seed_average(a, "ndcg@10", markets=["a"]) == pytest.approx({0: 0.2, 1: 0.8})
+    # differences +0.1 and -0.3: mean -0.1, std (ddof 1) 0.2828, ahead in 1 of 2
+    assert paired({0: 0.3, 1: 0.2, 2: 9.0}, {0: 0.2, 1: 0.5}) == "-0.1000 ± 0.2828 (wins 1/2 seeds)"
+    assert paired({0: 0.3}, {0: 0.25}, scale=100, digits=2) == "+5.00 (wins 1/1 seeds)"
+    assert paired({0: 0.3}, {1: 0.25}) == "no common seeds"
+
+
+def test_rounds_text_and_upload() -> None:
+    metrics = {
+        "convergence": {
+            "0": {"rounds_run": 30, "converged_round": 30, "phase_ends": [12]},
+            "1": {"rounds_run": 40, "converged_round": None, "phase_ends": [18]},
+        },
+        "communication": {"a": {"up_bytes": 100, "rounds": 10}, "b": {"up_bytes": 0, "rounds": 10}},
+    }
+    assert rounds_text(metrics) == "35 (30–40), phase 1 ended at 15, 1 capped"
+    assert rounds_text({"convergence": {}, "config": {"train": {"rounds": 7}}}) == "7"
+    assert upload_bytes(metrics) == 50.0
+    assert upload_bytes(metrics, per_round=True) == 5.0
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    merged = tmp_path / "merged"
+    ds = "movielens-age"
+    seeds = (0, 1)
+    _merged_run(
+        merged, f"{ds}_seq_local_text", "seq_local_text", {s: {"a": 0.1, "b": 0.1, "c": 0.1} for s in seeds}
+    )
+    _merged_run(
+        merged,
+        f"{ds}_seq_central_shared_ids",
+        "seq_central",
+        {s: {"a": 0.3, "b": 0.3, "c": 0.3} for s in seeds},
+        private=False,
+    )
+    # FeCoSR closes half the gap in seed 0 (0.2) and a quarter in seed 1 (0.15): 38 % on average
+    _merged_run(
+        merged,
+        f"{ds}_fecosr",
+        "fecosr",
+        {0: {"a": 0.2, "b": 0.2, "c": 0.2}, 1: {"a": 0.15, "b": 0.15, "c": 0.15}},
+        up={m: 2_000_000 for m in MARKETS},
+        conv={"0": {"rounds_run": 20, "converged_round": 20, "phase_ends": [10]}},
+    )
+    _merged_run(
+        merged, f"{ds}_seq_fedavg_ft", "seq_fedavg_ft", {s: {"a": 0.16, "b": 0.16, "c": 0.16} for s in seeds}
+    )
+    # transfer from `a` (the only uploader): source +0.05, targets b below local (negative), c above
+    _merged_run(
+        merged,
+        f"{ds}_seq_transfer",
+        "seq_transfer",
+        {s: {"a": 0.15, "b": 0.08, "c": 0.12} for s in seeds},
+        up={"a": 1_000_000},
+    )
+    mod = _load_script("compare_fecosr")
+    out = tmp_path / "out"
+    monkeypatch.setattr(
+        sys, "argv", ["compare_fecosr", str(merged), "--out", str(out), "--datasets", ds, "xmrec"]
+    )
+    mod.main()
+    text = (out / "summary.md").read_text()
+    assert "## movielens-age" in text and "## xmrec" not in text
+    assert "| **FeCoSR** (S²CE + fine-tune) | 2 | 20, phase 1 ended at 10 | 17.50 ± 0.00 |" in text
+    assert "| 2.00 |" in text  # FeCoSR's upload, MB per market
+    assert "raw data" in text  # Central
+    # FeCoSR − FedAvg-CE + FT: +0.04 and -0.01 -> +1.50 ± 3.54, ahead in 1 of 2
+    assert (
+        "| FeCoSR − FedAvg-CE + fine-tune (S²CE vs CE, with fine-tune) | +1.50 ± 3.54 (wins 1/2 seeds) |"
+        in text
+    )
+    assert "FeCoSR closes 38 % of the Local text → Central gap (seeds: 2)" in text
+    assert "source `a` +5.00; negative transfer in 1 of 2 targets (worst `b` -2.00)" in text
+    assert (out / f"fecosr_{ds}.png").stat().st_size > 1000
+    assert (out / ds / "report.md").is_file()
+
+
+def test_compare_fecosr_names_missing_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = _load_script("compare_fecosr")
+    monkeypatch.setattr(sys, "argv", ["compare_fecosr", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="nope"):
+        mod.main()
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(
+        sys, "argv", ["compare_fecosr", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]
+    )
+    with pytest.raises(SystemExit, match="no run folder"):
+        mod.main()
