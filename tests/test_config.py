@@ -62,3 +62,15 @@ def test_every_shipped_config_loads():
     for path in configs:
         cfg = load_config(path)
         get_method(cfg.method.name).parse_options(cfg.method.options)
+
+
+def test_configs_that_say_they_train_to_a_plateau_set_patience():
+    """A config whose comments promise training to the validation plateau must switch early stopping on
+    (train.patience > 0); otherwise `train.rounds`, documented as a cap, silently becomes the budget."""
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    promised = [p for p in configs if "validation plateau" in p.read_text()]
+    assert promised  # the FeCoSR configs, at least
+    without = [p.name for p in promised if load_config(p).train.patience <= 0]
+    assert not without, f"these configs promise a plateau but set no train.patience: {without}"
