@@ -29,6 +29,7 @@ from fedmarket.summary import paired, per_seed_average, rounds_text, upload_byte
 ROWS = [  # (suffix of the config name, label)
     ("seq_local_id", "Local ID-SASRec"),
     ("seq_local_text", "Local text-SASRec"),
+    ("seq_local_text_ft", "Local text-SASRec + local fine-tune (FeCoSR's stages, nothing federated)"),
     ("seq_transfer", "One-to-one transfer (text) + fine-tune"),
     ("seq_fedavg", "FedAvg-CE (no fine-tune)"),
     ("fecosr_no-ft", "FeCoSR without fine-tune (FedAvg-S²CE)"),
@@ -45,6 +46,8 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("fecosr_no-ft", "seq_fedavg", "FeCoSR w/o fine-tune − FedAvg-CE (S²CE vs CE, no fine-tune)"),
     ("fecosr", "seq_transfer", "FeCoSR − one-to-one transfer"),
     ("fecosr", "seq_local_text", "FeCoSR − Local text-SASRec"),
+    ("fecosr", "seq_local_text_ft", "FeCoSR − its two stages with nothing federated (what collaboration gives)"),
+    ("seq_fedavg_ft", "seq_local_text_ft", "FedAvg-CE + fine-tune − the same with nothing federated"),
     ("fecosr", "seq_central_shared_ids", "FeCoSR − Central-shared-IDs †"),
     ("seq_fedavg_ft", "seq_fedavg", "FedAvg-CE + fine-tune − FedAvg-CE (what fine-tuning adds)"),
     ("seq_transfer", "seq_local_text", "Transfer − Local text-SASRec"),

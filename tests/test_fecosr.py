@@ -10,6 +10,7 @@ import torch
 from fedmarket.config import config_from_dict, load_config
 from fedmarket.data.split import leave_one_out
 from fedmarket.data.synthetic import make_synthetic_markets
+from fedmarket.errors import ConfigError
 from fedmarket.federation.runtime import Simulator
 from fedmarket.methods import get_method
 from fedmarket.models.sasrec import LOCAL_PREFIXES
@@ -18,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEQ_METHODS = (
     "fecosr",
     "seq_local_text",
+    "seq_local_text_ft",
     "seq_local_id",
     "seq_fedavg",
     "seq_fedavg_id",
@@ -122,6 +124,30 @@ def test_transfer_trains_only_the_source_then_fine_tunes_everyone(splits):
     assert all(t.finetuning for t in sim.trainers.values())
 
 
+def test_local_text_ft_is_local_text_then_the_market_module_with_nothing_sent(splits):
+    sim, result = simulate("seq_local_text_ft", splits, rounds=4, federated_rounds=2)
+    assert not result.failures
+    assert all(u["bytes"] == 0 and u["keys"] == {} for u in result.uploads)
+    assert all(sim.strategy.configure_train(r, list(splits)) == {m: {} for m in splits} for r in range(1, 5))
+    for trainer in sim.trainers.values():
+        assert trainer.finetuning
+        assert float(trainer.model.id_embedding.weight.detach().abs().sum()) > 0  # the module trained
+    # the first stage is Local text-SASRec: the same validation numbers round by round; then the module
+    _, local = simulate("seq_local_text", splits, rounds=3)
+
+    def valid(res, rounds):
+        return [
+            (h["round"], h["market"], h["ndcg@10"])
+            for h in res.history
+            if h["split"] == "valid" and h["round"] in rounds
+        ]
+
+    assert valid(result, (1, 2)) == valid(local, (1, 2))
+    assert valid(result, (3,)) != valid(local, (3,))
+    with pytest.raises(ConfigError, match="federated_rounds"):
+        get_method("seq_local_text_ft").parse_options({"federated_rounds": 0})
+
+
 def test_central_pools_items_by_their_raw_key(splits):
     cfg = cfg_for("seq_central_shared_ids")
     m = get_method("seq_central_shared_ids")
@@ -162,7 +188,6 @@ def test_same_seed_same_numbers(splits):
 
 
 def test_options_are_validated():
-    from fedmarket.errors import ConfigError
 
     m = get_method("fecosr")
     with pytest.raises(ConfigError, match="lam"):

@@ -2,6 +2,9 @@
 
 What leaves a market (the one place this is declared for these methods):
 - ``seq_local_text`` / ``seq_local_id``: nothing (SASRec on text-based / ID item representations).
+- ``seq_local_text_ft``: nothing. Local text-SASRec, then FeCoSR's fine-tuning stage (local ID embedding +
+  adapter) on the market's own model: FeCoSR's schedule and market module with nothing federated, the control
+  that separates what collaboration gives FeCoSR from what its two stages give.
 - ``seq_fedavg``: FedAvg-CE over the text adaptor + Transformer (``federated_rounds`` > 0 adds local
   fine-tuning, during which nothing leaves).
 - ``seq_transfer``: one-to-one transfer. The source market (largest by train interactions, or
@@ -43,6 +46,18 @@ ID_BACKBONE_UPLOAD = UploadDeclaration(
 SEQ_POOLED_UPLOAD = UploadDeclaration(
     (), "not private: raw train sequences are pooled, items keyed by title; no parameters are exchanged"
 )
+
+
+class LocalThenFinetune(FederatedPhase, NoFederation):
+    """Each market trains alone for rounds 1..F (F = ``federated_rounds``; with ``train.patience`` the first
+    stage ends at its validation plateau, F is then the maximum), then switches to fine-tuning with its
+    market-specific module: FeCoSR's two stages with nothing sent or received in any round."""
+
+    def __init__(self, local_rounds: int) -> None:
+        self.federated_rounds = local_rounds
+
+    def round_options(self, server_round: int) -> dict[str, Any]:
+        return {"upload": False, "finetune": server_round > self.federated_rounds}
 
 
 class OneToOneTransfer(FederatedPhase, Strategy):
@@ -129,6 +144,24 @@ def build_local_text(cfg, opts, splits, seed):
     return seq_clients(cfg, opts, splits, seed, SEQ_LOCAL_UPLOAD, use_text=True), NoFederation()
 
 
+@dataclass
+class LocalFinetuneOptions(SeqOptions):
+    federated_rounds: int = 10  # here: rounds of the first (local text-SASRec) stage, at most
+
+    def validate(self, prefix: str) -> None:
+        super().validate(prefix)
+        if self.federated_rounds < 1:
+            raise ConfigError(
+                f"{prefix}.federated_rounds (rounds before the fine-tuning stage) must be >= 1 for "
+                f"seq_local_text_ft, got {self.federated_rounds}"
+            )
+
+
+def build_local_text_ft(cfg, opts, splits, seed):
+    clients = seq_clients(cfg, opts, splits, seed, SEQ_LOCAL_UPLOAD, use_text=True)
+    return clients, LocalThenFinetune(opts.federated_rounds)
+
+
 def build_local_id(cfg, opts, splits, seed):
     return seq_clients(cfg, opts, splits, seed, SEQ_LOCAL_UPLOAD, use_text=False, use_id=True), NoFederation()
 
@@ -177,6 +210,13 @@ def _register(name, declaration, build, options=SeqOptions, private=True, summar
 
 _register(
     "seq_local_text", SEQ_LOCAL_UPLOAD, build_local_text, summary="Local text-SASRec (MiniLM + adaptor)"
+)
+_register(
+    "seq_local_text_ft",
+    SEQ_LOCAL_UPLOAD,
+    build_local_text_ft,
+    LocalFinetuneOptions,
+    summary="Local text-SASRec, then local fine-tuning with the market module: FeCoSR with nothing federated",
 )
 _register("seq_local_id", SEQ_LOCAL_UPLOAD, build_local_id, summary="Local SASRec on item IDs")
 _register(
