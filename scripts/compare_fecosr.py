@@ -23,8 +23,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmarket.report import load_run, transfer_source, write_report  # noqa: E402
-from fedmarket.summary import paired, per_seed_average, rounds_text, upload_bytes  # noqa: E402
+from fedmarket.report import transfer_source  # noqa: E402
+from fedmarket.summary import (  # noqa: E402
+    find_rows,
+    finish_dataset,
+    paired,
+    per_seed_average,
+    rounds_text,
+    upload_bytes,
+)
 
 ROWS = [  # (suffix of the config name, label)
     ("seq_local_id", "Local ID-SASRec"),
@@ -46,7 +53,11 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("fecosr_no-ft", "seq_fedavg", "FeCoSR w/o fine-tune − FedAvg-CE (S²CE vs CE, no fine-tune)"),
     ("fecosr", "seq_transfer", "FeCoSR − one-to-one transfer"),
     ("fecosr", "seq_local_text", "FeCoSR − Local text-SASRec"),
-    ("fecosr", "seq_local_text_ft", "FeCoSR − its two stages with nothing federated (what collaboration gives)"),
+    (
+        "fecosr",
+        "seq_local_text_ft",
+        "FeCoSR − its two stages with nothing federated (what collaboration gives)",
+    ),
     ("seq_fedavg_ft", "seq_local_text_ft", "FedAvg-CE + fine-tune − the same with nothing federated"),
     ("fecosr", "seq_central_shared_ids", "FeCoSR − Central-shared-IDs †"),
     ("seq_fedavg_ft", "seq_fedavg", "FedAvg-CE + fine-tune − FedAvg-CE (what fine-tuning adds)"),
@@ -55,22 +66,6 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("seq_fedavg_id", "seq_local_id", "FedAvg (IDs) − Local ID"),
     ("seq_transfer_id", "seq_local_id", "Transfer (IDs) − Local ID"),
 ]
-
-
-def find_rows(merged: list[Path], dataset: str) -> list[tuple[str, str, Path, dict]]:
-    found = []
-    for suffix, label in ROWS:  # the first folder that holds the row
-        run_dir = next(
-            (
-                d / f"{dataset}_{suffix}"
-                for d in merged
-                if (d / f"{dataset}_{suffix}" / "metrics.json").is_file()
-            ),
-            None,
-        )
-        if run_dir is not None:
-            found.append((suffix, label, run_dir, load_run(run_dir)))
-    return found
 
 
 def cell(m: dict, key: str) -> str:
@@ -119,7 +114,7 @@ def transfer_lines(found: list[tuple[str, str, Path, dict]], metric: str) -> lis
 
 
 def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
-    found = find_rows(merged, dataset)
+    found = find_rows(merged, dataset, ROWS)
     if not found:
         return []
     lines = [f"## {dataset}", ""]
@@ -190,13 +185,10 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
     ax.set_yticks(y, [lab.replace("**", "") for _, lab, *_ in found])
     ax.set_xlabel("test full-ranking NDCG@10 ×100 (market mean, ± std over seeds)")
     ax.set_title(dataset, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / f"fecosr_{dataset}.png", dpi=110)
-    plt.close(fig)
-    lines += [f"![{dataset}](fecosr_{dataset}.png)", ""]
-    write_report([d for *_, d, _ in found], out / dataset, metrics=("full_ndcg@10", "ndcg@10"))
-    lines += [f"Per-market plots and tables: [{dataset}/report.md]({dataset}/report.md)", ""]
-    return lines
+    run_dirs = [d for *_, d, _ in found]
+    return lines + finish_dataset(
+        fig, out, "fecosr", dataset, run_dirs, ("full_ndcg@10", "ndcg@10"), "market"
+    )
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ error bars), plus the standard per-dataset ``fedmarket report`` (per-scenario pl
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import matplotlib
@@ -19,8 +18,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmarket.report import write_report  # noqa: E402
-from fedmarket.summary import paired, per_seed_average, rounds_text, upload_bytes  # noqa: E402
+from fedmarket.summary import (  # noqa: E402
+    find_rows,
+    finish_dataset,
+    paired,
+    per_seed_average,
+    rounds_text,
+    upload_bytes,
+)
 
 ROWS = [  # (suffix of the config name, label)
     ("mtl_local", "Local MMoE"),
@@ -43,13 +48,7 @@ METRICS = ("ctr_auc", "ctcvr_auc", "ctr_logloss", "ctcvr_logloss")
 
 
 def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
-    found = []
-    for suffix, label in ROWS:  # the first folder that holds the row
-        run_dir = next(
-            (d / f"{dataset}_{suffix}" for d in merged if (d / f"{dataset}_{suffix}").is_dir()), None
-        )
-        if run_dir is not None and (run_dir / "metrics.json").is_file():
-            found.append((suffix, label, run_dir, json.loads((run_dir / "metrics.json").read_text())))
+    found = find_rows(merged, dataset, ROWS)
     if not found:
         return []
     lines = [f"## {dataset}", ""]
@@ -118,13 +117,7 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
         ax.set_title(
             f"{dataset}: test {k.replace('_', ' ').upper()} (scenario mean, ±std over seeds)", fontsize=9
         )
-    fig.tight_layout()
-    fig.savefig(out / f"pfmsmt_{dataset}.png", dpi=110)
-    plt.close(fig)
-    lines += [f"![{dataset}](pfmsmt_{dataset}.png)", ""]
-    write_report([d for *_, d, _ in found], out / dataset, metrics=METRICS)
-    lines += [f"Per-scenario plots and tables: [{dataset}/report.md]({dataset}/report.md)", ""]
-    return lines
+    return lines + finish_dataset(fig, out, "pfmsmt", dataset, [d for *_, d, _ in found], METRICS, "scenario")
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ A merged run folder (``fedmarket merge`` / ``scripts/run_grid.py``) holds ``metr
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,3 +65,40 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0, d
     wins = int((d > 0).sum())
     std = f" ± {d.std(ddof=1):.{digits}f}" if len(d) > 1 else ""
     return f"{d.mean():+.{digits}f}{std} (wins {wins}/{len(seeds)} seeds)"
+
+
+def find_rows(
+    merged: Sequence[Path], dataset: str, rows: Sequence[tuple[str, str]]
+) -> list[tuple[str, str, Path, dict[str, Any]]]:
+    """(suffix, label, run folder, loaded run) for each row whose folder ``<dataset>_<suffix>`` one of the
+    ``merged`` folders holds (the first that does), in the order of ``rows``."""
+    from fedmarket.report import load_run
+
+    found = []
+    for suffix, label in rows:
+        name = f"{dataset}_{suffix}"
+        run_dir = next((d / name for d in merged if (d / name / "metrics.json").is_file()), None)
+        if run_dir is not None:
+            found.append((suffix, label, run_dir, load_run(run_dir)))
+    return found
+
+
+def finish_dataset(
+    fig: Any, out: Path, stem: str, dataset: str, run_dirs: Sequence[Path], metrics: Sequence[str], unit: str
+) -> list[str]:
+    """Save a summary's figure as ``out/<stem>_<dataset>.png``, write the dataset's standard report under
+    ``out/<dataset>/`` and return the markdown lines that link both."""
+    import matplotlib.pyplot as plt
+
+    from fedmarket.report import write_report
+
+    fig.tight_layout()
+    fig.savefig(out / f"{stem}_{dataset}.png", dpi=110)
+    plt.close(fig)
+    write_report(list(run_dirs), out / dataset, metrics=tuple(metrics))
+    return [
+        f"![{dataset}]({stem}_{dataset}.png)",
+        "",
+        f"Per-{unit} plots and tables: [{dataset}/report.md]({dataset}/report.md)",
+        "",
+    ]
