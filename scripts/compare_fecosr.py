@@ -53,6 +53,7 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("fecosr_no-ft", "seq_fedavg", "FeCoSR w/o fine-tune − FedAvg-CE (S²CE vs CE, no fine-tune)"),
     ("fecosr", "seq_transfer", "FeCoSR − one-to-one transfer"),
     ("fecosr", "seq_local_text", "FeCoSR − Local text-SASRec"),
+    ("fecosr", "seq_local_id", "FeCoSR − Local ID-SASRec"),
     (
         "fecosr",
         "seq_local_text_ft",
