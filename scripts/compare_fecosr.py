@@ -23,7 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmarket.report import transfer_source  # noqa: E402
+from fedmarket.report import TRANSFER_REFERENCE, gain_over_local  # noqa: E402
 from fedmarket.summary import (  # noqa: E402
     find_rows,
     finish_dataset,
@@ -90,28 +90,24 @@ def gap_closed(by: dict[str, Path], metric: str) -> str | None:
 
 
 def transfer_lines(found: list[tuple[str, str, Path, dict]], metric: str) -> list[str]:
-    lines = []
-    by = {s: m for s, _, _, m in found}
-    for transfer, local in (("seq_transfer", "seq_local_text"), ("seq_transfer_id", "seq_local_id")):
-        if transfer not in by or local not in by:
-            continue
-        t, ref = by[transfer], by[local]
-        source = transfer_source(t)
-        gains = {
-            mk: 100 * (t["per_market"][mk][metric] - ref["per_market"][mk][metric]) for mk in t["markets"]
-        }
-        targets = [mk for mk in gains if mk != source]
-        negative = [mk for mk in targets if gains[mk] < 0]
-        text = (
-            f"- `{transfer}` vs `{local}` ({metric}, ×100, mean over seeds): source `{source}` "
-            f"{gains.get(source, float('nan')):+.2f}; negative transfer in {len(negative)} of {len(targets)} "
-            f"targets"
-        )
-        if negative:
-            worst = min(negative, key=gains.get)
-            text += f" (worst `{worst}` {gains[worst]:+.2f})"
-        lines.append(text + ".")
-    return lines
+    """The transfer's gain over its local reference (``fedmarket.report.gain_over_local``): the source market's
+    gain and how many targets lose (negative transfer)."""
+    result = gain_over_local([m for *_, m in found], [s for s, *_ in found], metric)
+    if result is None:
+        return []
+    gains, ref, source = result
+    transfer = next(s for s, _, _, m in found if m.get("method") in TRANSFER_REFERENCE)
+    g = {mk: 100 * v for mk, v in gains[transfer].items()}
+    targets = [mk for mk in g if mk != source]
+    negative = [mk for mk in targets if g[mk] < 0]
+    text = (
+        f"- `{transfer}` vs `{ref}` ({metric}, ×100, mean over seeds): source `{source}` "
+        f"{g.get(source, float('nan')):+.2f}; negative transfer in {len(negative)} of {len(targets)} targets"
+    )
+    if negative:
+        worst = min(negative, key=g.get)
+        text += f" (worst `{worst}` {g[worst]:+.2f})"
+    return [text + "."]
 
 
 def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
