@@ -68,7 +68,7 @@ def test_per_seed_average_and_paired(tmp_path: Path) -> None:
         tmp_path, "x", "m", {0: {"a": 0.1, "b": 0.2, "c": 0.3}, 1: {"a": 0.4, "b": 0.5, "c": 0.6}}
     )
     assert per_seed_average(a, "full_ndcg@10") == pytest.approx({0: 0.2, 1: 0.5})
-    assert per_seed_average(a, "ndcg@10", markets=["a"]) == pytest.approx({0: 0.2, 1: 0.8})
+    assert per_seed_average(a, "ndcg@10") == pytest.approx({0: 0.4, 1: 1.0})
     # differences +0.1 and -0.3: mean -0.1, std (ddof 1) 0.2828, ahead in 1 of 2
     assert paired({0: 0.3, 1: 0.2, 2: 9.0}, {0: 0.2, 1: 0.5}) == "-0.1000 ± 0.2828 (wins 1/2 seeds)"
     assert paired({0: 0.3}, {0: 0.25}, scale=100, digits=2) == "+5.00 (wins 1/1 seeds)"

@@ -16,14 +16,12 @@ from typing import Any
 import numpy as np
 
 
-def per_seed_average(run_dir: str | Path, metric: str, markets: list[str] | None = None) -> dict[int, float]:
-    """Seed -> unweighted mean of ``metric`` over the markets (all of them, or ``markets``) of that seed."""
+def per_seed_average(run_dir: str | Path, metric: str) -> dict[int, float]:
+    """Seed -> unweighted mean of ``metric`` over the markets of that seed's test results."""
     out = {}
     for path in sorted((Path(run_dir) / "seeds").glob("seed*.json")):
         rec = json.loads(path.read_text())
-        values = [
-            v[metric] for m, v in rec["test"].items() if metric in v and (markets is None or m in markets)
-        ]
+        values = [v[metric] for v in rec["test"].values() if metric in v]
         if values:
             out[int(rec["seed"])] = float(np.mean(values))
     return out
