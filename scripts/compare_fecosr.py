@@ -107,7 +107,19 @@ def transfer_lines(found: list[tuple[str, str, Path, dict]], metric: str) -> lis
     if negative:
         worst = min(negative, key=g.get)
         text += f" (worst `{worst}` {g[worst]:+.2f})"
-    return [text + "."]
+    lines = [text + "."]
+    run = next(m for s, _, _, m in found if s == transfer or m.get("method") in TRANSFER_REFERENCE)
+    comm = run.get("communication") or {}
+    once = max((float(v.get("down_bytes", 0)) for v in comm.values()), default=0.0)
+    sent = max((float(v.get("up_bytes", 0)) for v in comm.values()), default=0.0)
+    if once > 0 and sent > once:
+        lines.append(
+            f"- The transfer's source uploaded its model {sent / once:.0f} times ({sent / 1e6:.2f} MB), once per "
+            f"source round so that every target could be scored zero-shot each round; a deployment sends it "
+            f"once: {once / 1e6:.2f} MB from the source, {once / len(comm) / 1e6:.2f} MB per market on average "
+            f"(the table's upload column counts the run)."
+        )
+    return lines
 
 
 def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:

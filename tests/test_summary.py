@@ -25,6 +25,7 @@ def _merged_run(
     up: dict[str, int] | None = None,
     private: bool = True,
     conv: dict | None = None,
+    down: dict[str, int] | None = None,
 ) -> Path:
     """A merged run folder: seeds/seed<N>.json with test full_ndcg@10 and ndcg@10 per market, metrics.json with
     the mean over seeds."""
@@ -44,7 +45,7 @@ def _merged_run(
         for m in MARKETS
     }
     average = {k: float(np.mean([per_market[m][k] for m in MARKETS])) for k in per_market["a"]}
-    up = up or {}
+    up, down = up or {}, down or {}
     metrics = {
         "name": name,
         "label": name,
@@ -55,7 +56,9 @@ def _merged_run(
         "per_market": per_market,
         "average": average,
         "average_std": {k: 0.0 for k in average},
-        "communication": {m: {"up_bytes": up.get(m, 0), "down_bytes": 0, "rounds": 10} for m in MARKETS},
+        "communication": {
+            m: {"up_bytes": up.get(m, 0), "down_bytes": down.get(m, 0), "rounds": 10} for m in MARKETS
+        },
         "convergence": conv or {},
         "config": {"train": {"rounds": 10}},
     }
@@ -129,7 +132,8 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         f"{ds}_seq_transfer",
         "seq_transfer",
         {s: {"a": 0.15, "b": 0.08, "c": 0.12} for s in seeds},
-        up={"a": 1_000_000},
+        up={"a": 1_000_000},  # 4 uploads of 0.25 MB, each target downloads the model once
+        down={"b": 250_000, "c": 250_000},
     )
     mod = _load_script("compare_fecosr")
     out = tmp_path / "out"
@@ -149,6 +153,8 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     assert "FeCoSR closes 38 % of the Local text → Central gap (seeds: 2)" in text
     assert "source `a` +5.00; negative transfer in 1 of 2 targets (worst `b` -2.00)" in text
+    assert "uploaded its model 4 times (1.00 MB)" in text
+    assert "once: 0.25 MB from the source, 0.08 MB per market on average" in text
     assert (out / f"fecosr_{ds}.png").stat().st_size > 1000
     assert (out / ds / "report.md").is_file()
 
