@@ -11,7 +11,8 @@ each process uses one thread, ``--jobs`` of them run at once.
 Per-seed run folders land in ``OUT/seed<N>/``; merged ones in ``OUT/merged/<name>``. A job that fails or
 passes ``--timeout`` seconds is reported with its log (``OUT/logs``) and left out of the merge. FedMM runs
 get their analysis-only code-alignment diagnostic (``alignment.json``) before the merge; with
-``--drop-checkpoints`` the round checkpoints are deleted afterwards (they can be large).
+``--drop-checkpoints`` the round checkpoints of the jobs that finished are deleted afterwards (they can be
+large); those of other run folders under ``--out`` are kept.
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ def alignment_command(folder: str) -> list[str]:
     return [sys.executable, "-c", code, folder]
 
 
+def drop_checkpoints(folders: list[Path]) -> None:
+    """Delete the round checkpoints of these finished run folders only: other grids writing into the same
+    ``--out`` (or a killed job that may be resumed) keep theirs."""
+    for folder in folders:
+        shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("configs", nargs="*")
@@ -109,6 +117,7 @@ def main() -> None:
     total = len(pending)
     running: list[tuple[str, dict, subprocess.Popen, float, object]] = []
     started, done, failed = time.perf_counter(), 0, []
+    finished: list[Path] = []  # run folders of the jobs that finished here
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     while pending or running:
         now = time.perf_counter() - started
@@ -152,6 +161,7 @@ def main() -> None:
                 )
                 continue
             done += 1
+            finished.append(Path(folders[-1]))
             print(f"[{done}/{total}] {job['tag']} {elapsed:.0f} s -> {folders[-1]}", flush=True)
             if (Path(folders[-1]) / "checkpoints").exists():
                 method = yaml.safe_load((Path(folders[-1]) / "config.yaml").read_text())["method"]["name"]
@@ -159,8 +169,7 @@ def main() -> None:
                     pending.insert(0, ("alignment", {"folder": folders[-1], "tag": job["tag"]}))
     wall = time.perf_counter() - started
     if args.drop_checkpoints:
-        for ckpt in out.glob("seed*/*/checkpoints"):
-            shutil.rmtree(ckpt, ignore_errors=True)
+        drop_checkpoints(finished)
     from fedmarket.api import merge_grid
 
     merged = out / "merged"

@@ -2,6 +2,7 @@
 seeds; mismatched configs, duplicate seeds and unfinished seeds are refused, and nothing is left behind."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -61,3 +62,22 @@ def test_merge_refuses_bad_inputs_and_leaves_nothing(tmp_path):
     with pytest.raises(FedmarketError, match="already exists"):
         merge_runs([a], a)
     assert not any((tmp_path / n).exists() for n in ("m1", "m2", "m3", "m1.partial", "m3.partial"))
+
+
+def test_run_grid_drops_only_the_checkpoints_of_its_own_finished_jobs(tmp_path: Path) -> None:
+    """Several grids may write into one --out at once; one that finishes must not delete the checkpoints a
+    still-running (or killed, to be resumed) run folder needs."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "run_grid", Path(__file__).resolve().parents[1] / "scripts" / "run_grid.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mine, other = tmp_path / "seed0" / "a-1", tmp_path / "seed0" / "b-2"
+    for folder in (mine, other):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "seed0.pt").write_bytes(b"x")
+    module.drop_checkpoints([mine])
+    assert not (mine / "checkpoints").exists()
+    assert (other / "checkpoints" / "seed0.pt").read_bytes() == b"x"
