@@ -43,6 +43,9 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_fedavg_ft", "FedAvg-CE + fine-tune (= FeCoSR with CE)"),
     ("fecosr_ce", "FeCoSR with CE (config of its own)"),
     ("fecosr", "**FeCoSR** (S²CE + fine-tune)"),
+    ("seq_transfer_long-pt", "One-to-one transfer + fine-tune, source phase ≤ 150 rounds"),
+    ("seq_fedavg_ft_long-pt", "FedAvg-CE + fine-tune, pre-training ≤ 150 rounds"),
+    ("fecosr_long-pt", "**FeCoSR**, pre-training ≤ 150 rounds"),
     ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
     ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
     ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
@@ -52,6 +55,22 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("fecosr", "seq_fedavg_ft", "FeCoSR − FedAvg-CE + fine-tune (S²CE vs CE, with fine-tune)"),
     ("fecosr_no-ft", "seq_fedavg", "FeCoSR w/o fine-tune − FedAvg-CE (S²CE vs CE, no fine-tune)"),
     ("fecosr", "seq_transfer", "FeCoSR − one-to-one transfer"),
+    ("fecosr_long-pt", "fecosr", "FeCoSR, pre-training ≤ 150 rounds − FeCoSR (≤ 40)"),
+    (
+        "fecosr_long-pt",
+        "seq_transfer",
+        "FeCoSR, pre-training ≤ 150 rounds − one-to-one transfer (source ≤ 40)",
+    ),
+    (
+        "fecosr_long-pt",
+        "seq_transfer_long-pt",
+        "FeCoSR − one-to-one transfer, both first phases ≤ 150 rounds",
+    ),
+    (
+        "fecosr_long-pt",
+        "seq_fedavg_ft_long-pt",
+        "FeCoSR − FedAvg-CE + fine-tune, both pre-trainings ≤ 150 rounds",
+    ),
     ("fecosr", "seq_local_text", "FeCoSR − Local text-SASRec"),
     ("fecosr", "seq_local_id", "FeCoSR − Local ID-SASRec"),
     (
