@@ -91,7 +91,9 @@ def finish_dataset(
     from fedmarket.report import write_report
 
     fig.tight_layout()
-    fig.savefig(out / f"{stem}_{dataset}.png", dpi=110)
+    fig.savefig(
+        out / f"{stem}_{dataset}.png", dpi=110, bbox_inches="tight"
+    )  # long row labels must not clip the axis title
     plt.close(fig)
     write_report(list(run_dirs), out / dataset, metrics=tuple(metrics))
     return [
