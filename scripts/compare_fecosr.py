@@ -127,7 +127,7 @@ def transfer_lines(found: list[tuple[str, str, Path, dict]], metric: str) -> lis
         worst = min(negative, key=g.get)
         text += f" (worst `{worst}` {g[worst]:+.2f})"
     lines = [text + "."]
-    run = next(m for s, _, _, m in found if s == transfer or m.get("method") in TRANSFER_REFERENCE)
+    run = next(m for s, _, _, m in found if s == transfer)
     comm = run.get("communication") or {}
     once = max((float(v.get("down_bytes", 0)) for v in comm.values()), default=0.0)
     sent = max((float(v.get("up_bytes", 0)) for v in comm.values()), default=0.0)
