@@ -12,7 +12,11 @@ Per-seed run folders land in ``OUT/seed<N>/``; merged ones in ``OUT/merged/<name
 passes ``--timeout`` seconds is reported with its log (``OUT/logs``) and left out of the merge. FedMM runs
 get their analysis-only code-alignment diagnostic (``alignment.json``) before the merge; with
 ``--drop-checkpoints`` the round checkpoints of the jobs that finished are deleted afterwards (they can be
-large); those of other run folders under ``--out`` are kept.
+large); those of other run folders under ``--out`` are kept. ``--resume`` continues each job's interrupted run
+folder under ``--out`` (same config and overrides, a round checkpoint, the seed unfinished: a grid killed by a
+deadline, a preemption or a reboot) from its last round instead of starting it over:
+
+    python scripts/run_grid.py configs/movielens-age_fecosr.yaml --seeds 0 1 2 --jobs 2 --out runs/mlage --resume
 """
 
 from __future__ import annotations
@@ -58,7 +62,41 @@ def load_jobs(args: argparse.Namespace) -> list[dict]:
     return jobs
 
 
-def command(job: dict, out: Path, threads: int) -> list[str]:
+def job_overrides(job: dict, threads: int) -> dict:
+    return {"seeds": [job["seed"]], "train.threads": threads, "progress": False, **job["set"]}
+
+
+def resumable(job: dict, out: Path, threads: int) -> Path | None:
+    """The newest interrupted run folder of this very job under ``OUT/seed<N>/``: its saved config equals the
+    job's (all but the output folder), it has a round checkpoint and no finished seed; None if there is none."""
+    from fedmarket.api import load_run_config
+    from fedmarket.config import load_config
+
+    def comparable(cfg) -> dict:
+        d = cfg.to_dict()
+        d.pop("output_dir", None)
+        return d
+
+    seed = job["seed"]
+    want = comparable(load_config(job["config"], job_overrides(job, threads)))
+    for folder in sorted((out / f"seed{seed}").glob("*"), key=lambda f: f.stat().st_mtime, reverse=True):
+        if (folder / "seeds" / f"seed{seed}.json").exists() or not (
+            folder / "checkpoints" / f"seed{seed}.pt"
+        ).exists():
+            continue
+        try:
+            if comparable(load_run_config(folder)) == want:
+                return folder
+        except Exception:  # not a run folder of this project's configs: not ours to resume
+            continue
+    return None
+
+
+def command(job: dict, out: Path, threads: int, resume: bool = False) -> list[str]:
+    folder = resumable(job, out, threads) if resume else None
+    if folder is not None:
+        print(f"resuming {job['tag']} from {folder}", flush=True)
+        return [sys.executable, "-m", "fedmarket", "run", "--resume", str(folder), "--no-progress"]
     cmd = [
         sys.executable,
         "-m",
@@ -103,6 +141,11 @@ def main() -> None:
     ap.add_argument("--out", default="runs/grid")
     ap.add_argument("--drop-checkpoints", action="store_true")
     ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each job's interrupted run folder under --out from its last checkpoint",
+    )
+    ap.add_argument(
         "--deadline",
         type=float,
         default=None,
@@ -129,7 +172,11 @@ def main() -> None:
             pending = [(kind, job) for kind, job in pending if kind != "run"]  # diagnostics still run
         while pending and len(running) < args.jobs:
             kind, job = pending.pop(0)
-            cmd = command(job, out, args.threads) if kind == "run" else alignment_command(job["folder"])
+            cmd = (
+                command(job, out, args.threads, args.resume)
+                if kind == "run"
+                else alignment_command(job["folder"])
+            )
             log = (logs / f"{job['tag']}{'' if kind == 'run' else '-alignment'}.log").open("w")
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
             running.append((kind, job, proc, time.perf_counter(), log))

@@ -81,3 +81,70 @@ def test_run_grid_drops_only_the_checkpoints_of_its_own_finished_jobs(tmp_path: 
     module.drop_checkpoints([mine])
     assert not (mine / "checkpoints").exists()
     assert (other / "checkpoints" / "seed0.pt").read_bytes() == b"x"
+
+
+def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_path: Path) -> None:
+    """A grid killed mid-run (deadline, preemption) is re-run with --resume: each job continues its own
+    interrupted folder from its last round checkpoint instead of starting over; a folder of another config
+    (here: other learning rate) or a finished one is not taken."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "grid"
+    base = small(out / "seed0", [0]).to_dict()
+    base["train"]["threads"] = 1
+    # the interruption: a 2-round run of the 3-round job, its results gone, its round-2 checkpoint kept
+    cut = dict(base, train=dict(base["train"], rounds=2))
+    folder = run_experiment(config_from_dict(cut))
+    assert (folder / "checkpoints" / "seed0.pt").exists()
+    for f in ("metrics.json", "seeds/seed0.json", "rounds.csv"):
+        (folder / f).unlink(missing_ok=True)
+    full = dict(base, train=dict(base["train"], rounds=3))
+    (folder / "config.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
+    other = run_experiment(config_from_dict(dict(full, train=dict(full["train"], lr=0.5, rounds=1))))
+    for f in ("metrics.json", "seeds/seed0.json"):  # unfinished, but another config: must not be resumed
+        (other / f).unlink()
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in full.items() if k != "output_dir"}, sort_keys=False))
+
+    spec = importlib_module(root / "scripts" / "run_grid.py")
+    job = {"config": str(config), "seed": 0, "set": {}, "tag": "job-seed0"}
+    assert spec.resumable(job, out, 1) == folder
+    assert spec.resumable(dict(job, set={"train.lr": 0.5}), out, 1) is None  # `other` has 1 round, not 3
+
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(root / "scripts" / "run_grid.py"),
+            str(config),
+            "--seeds",
+            "0",
+            "--jobs",
+            "1",
+            "--out",
+            str(out),
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=root,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"resuming job-seed0 from {folder}" in run.stdout
+    rounds = {line.split(",")[1] for line in (folder / "rounds.csv").read_text().splitlines()[1:]}
+    assert rounds == {"1", "2", "3"}  # rounds 1-2 from the checkpoint's history, round 3 trained now
+    merged = json.loads((out / "merged" / "merge_test" / "metrics.json").read_text())
+    assert merged["seeds"] == [0]
+
+
+def importlib_module(path: Path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
