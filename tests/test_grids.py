@@ -1,0 +1,48 @@
+"""Every grid under scripts/grids/ names configs that exist and overrides that validate, so a grid started on a
+lent many-core machine cannot fail on its first job's config."""
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from fedmarket.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = sorted((ROOT / "scripts" / "grids").glob("*.yaml"))
+
+
+def run_grid_module():
+    spec = importlib.util.spec_from_file_location("run_grid", ROOT / "scripts" / "run_grid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=[g.stem for g in GRIDS])
+def test_grid_jobs_load_and_validate(grid: Path, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)
+    module = run_grid_module()
+    jobs = module.load_jobs(argparse.Namespace(configs=[], seeds=[0], jobs_file=str(grid)))
+    assert jobs
+    tags = [job["tag"] for job in jobs]
+    assert len(set(tags)) == len(tags), f"{grid.name}: two jobs share a tag (their logs would collide)"
+    for job in jobs:
+        cfg = load_config(job["config"], module.job_overrides(job, 1))
+        assert cfg.seeds == [job["seed"]]
+
+
+def test_s2ce_sweep_changes_only_the_loss_settings() -> None:
+    """The sweep compares losses at matched compute: every job runs the same 40 rounds, patience off."""
+    module = run_grid_module()
+    grid = ROOT / "scripts" / "grids" / "fecosr_s2ce_sweep.yaml"
+    jobs = module.load_jobs(argparse.Namespace(configs=[], seeds=[0], jobs_file=str(grid)))
+    cfgs = [load_config(ROOT / job["config"], module.job_overrides(job, 1)).to_dict() for job in jobs]
+    assert {(c["train"]["rounds"], c["train"]["patience"]) for c in cfgs} == {(40, 0)}
+    settings = {
+        (c["method"]["options"]["tau"], c["method"]["options"]["top_k"], c["method"]["options"]["lam"])
+        for c in cfgs[1:]
+    }
+    assert len(settings) == len(cfgs) - 1 and (0.1, 50, 0.5) in settings
+    assert cfgs[0]["method"]["options"]["loss"] == "ce"
