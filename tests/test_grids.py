@@ -34,15 +34,14 @@ def test_grid_jobs_load_and_validate(grid: Path, monkeypatch) -> None:
 
 
 def test_s2ce_sweep_changes_only_the_loss_settings() -> None:
-    """The sweep compares losses at matched compute: every job runs the same 40 rounds, patience off."""
+    """The sweep compares losses at matched compute: every job runs the same 40 rounds, patience off, and no
+    two jobs share a setting."""
     module = run_grid_module()
     grid = ROOT / "scripts" / "grids" / "fecosr_s2ce_sweep.yaml"
     jobs = module.load_jobs(argparse.Namespace(configs=[], seeds=[0], jobs_file=str(grid)))
     cfgs = [load_config(ROOT / job["config"], module.job_overrides(job, 1)).to_dict() for job in jobs]
     assert {(c["train"]["rounds"], c["train"]["patience"]) for c in cfgs} == {(40, 0)}
-    settings = {
-        (c["method"]["options"]["tau"], c["method"]["options"]["top_k"], c["method"]["options"]["lam"])
-        for c in cfgs[1:]
-    }
-    assert len(settings) == len(cfgs) - 1 and (0.1, 50, 0.5) in settings
+    keys = ("tau", "top_k", "lam", "whiten")
+    settings = {tuple(c["method"]["options"].get(k) for k in keys) for c in cfgs[1:]}
+    assert len(settings) == len(cfgs) - 1 and (0.1, 50, 0.5, None) in settings
     assert cfgs[0]["method"]["options"]["loss"] == "ce"
