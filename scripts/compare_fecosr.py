@@ -71,6 +71,13 @@ CHECKS = [  # (a, b, text): a − b per seed
         "seq_fedavg_ft_long-pt",
         "FeCoSR − FedAvg-CE + fine-tune, both pre-trainings ≤ 150 rounds",
     ),
+    (
+        "seq_fedavg_ft_long-pt",
+        "seq_fedavg",
+        "FedAvg-CE + fine-tune, pre-training ≤ 150 rounds − FedAvg-CE (what fine-tuning adds)",
+    ),
+    ("fecosr_long-pt", "fecosr_no-ft", "FeCoSR, pre-training ≤ 150 rounds − FeCoSR w/o fine-tune"),
+    ("fecosr_long-pt", "seq_local_id", "FeCoSR, pre-training ≤ 150 rounds − Local ID-SASRec"),
     ("fecosr", "seq_local_text", "FeCoSR − Local text-SASRec"),
     ("fecosr", "seq_local_id", "FeCoSR − Local ID-SASRec"),
     (
@@ -94,13 +101,11 @@ def cell(m: dict, key: str) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(m["seeds"]) > 1 else f"{mean:.2f}"
 
 
-def gap_closed(by: dict[str, Path], metric: str) -> str | None:
-    """Share of the Local text -> Central gap that FeCoSR closes, per seed (mean over seeds)."""
-    if not all(k in by for k in ("fecosr", "seq_local_text", "seq_central_shared_ids")):
+def gap_closed(by: dict[str, Path], metric: str, row: str = "fecosr") -> str | None:
+    """Share of the Local text -> Central gap that the FeCoSR row ``row`` closes, per seed (mean over seeds)."""
+    if not all(k in by for k in (row, "seq_local_text", "seq_central_shared_ids")):
         return None
-    f, lo, hi = (
-        per_seed_average(by[k], metric) for k in ("fecosr", "seq_local_text", "seq_central_shared_ids")
-    )
+    f, lo, hi = (per_seed_average(by[k], metric) for k in (row, "seq_local_text", "seq_central_shared_ids"))
     seeds = sorted(set(f) & set(lo) & set(hi))
     shares = [(f[s] - lo[s]) / (hi[s] - lo[s]) for s in seeds if hi[s] != lo[s]]
     if not shares:
@@ -200,9 +205,10 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
             *rows,
             "",
         ]
-    gap = gap_closed(by, "full_ndcg@10")
-    if gap:
-        lines += [f"FeCoSR closes {gap} on full NDCG@10.", ""]
+    for row, label in (("fecosr", "FeCoSR"), ("fecosr_long-pt", "FeCoSR with pre-training ≤ 150 rounds")):
+        gap = gap_closed(by, "full_ndcg@10", row)
+        if gap:
+            lines += [f"{label} closes {gap} on full NDCG@10.", ""]
     lines += transfer_lines(found, "full_ndcg@10")
     lines.append("")
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(found) + 1.5))
