@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -286,10 +287,13 @@ def _grouped_bars(
     """One group of bars per column of ``values`` (markets), one bar per row (run), legend on the right."""
     groups = list(values.columns)
     n_runs = len(values.index)
-    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) * max(1, n_runs) * 0.45 + 2), 4.2))
+    # wide enough to tell the bars apart, capped so a many-run comparison stays a readable page width
+    fig = Figure(figsize=(min(16.0, max(6.0, 1.1 * len(groups) * max(1, n_runs) * 0.45 + 2)), 4.2))
     ax = fig.add_subplot()
     x = np.arange(len(groups))
     width = 0.8 / max(1, n_runs)
+    # more runs than the default cycle's 10 colours: 20 distinct ones, so no two runs share a colour
+    colors = matplotlib.colormaps["tab20"].colors if n_runs > 10 else [None] * n_runs
     for i, label in enumerate(values.index):
         err = None
         if errors is not None:
@@ -301,6 +305,7 @@ def _grouped_bars(
             yerr=err,
             capsize=2 if err is not None else 0,
             label=label,
+            color=colors[i % len(colors)],
         )
     ticks = list(ticks) if ticks is not None else groups
     ax.set_xticks(x, ticks, rotation=30 if len(groups) > 6 else 0)
