@@ -220,9 +220,19 @@ def main() -> None:
     from fedmarket.api import merge_grid
 
     merged = out / "merged"
+    # the previous merge steps aside (outside OUT, where the merge does not look) and comes back if this one fails
+    previous = out.parent / f".{out.name}.merged-previous"
+    shutil.rmtree(previous, ignore_errors=True)
     if merged.exists():
-        shutil.rmtree(merged)
-    folders = merge_grid(out, merged)
+        merged.rename(previous)
+    try:
+        folders = merge_grid(out, merged)
+    except Exception as exc:
+        shutil.rmtree(merged, ignore_errors=True)
+        if previous.exists():
+            previous.rename(merged)
+        raise SystemExit(f"merge failed; {merged} left as it was before: {exc}") from exc
+    shutil.rmtree(previous, ignore_errors=True)
     print(
         f"{done}/{total} jobs finished in {wall:.0f} s wall ({args.jobs} at a time); failed: {failed or 'none'}"
     )

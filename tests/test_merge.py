@@ -148,3 +148,48 @@ def importlib_module(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_merge_ignores_how_a_run_displayed_itself(tmp_path: Path) -> None:
+    """One seed run with progress bars, another without: the same computation, so they merge."""
+    a = run_experiment(small(tmp_path / "a", [0]))
+    b = run_experiment(small(tmp_path / "b", [1], progress=True))
+    merged = merge_runs([a, b], tmp_path / "merged")
+    assert json.loads((merged / "metrics.json").read_text())["seeds"] == [0, 1]
+
+
+def test_run_grid_failed_merge_keeps_the_previous_merged_folder(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "grid"
+    run_experiment(small(out / "seed0", [0]))
+    other = run_experiment(small(out / "seed1", [1], train={"rounds": 1, "batch_size": 256}))
+    (out / "merged" / "earlier").mkdir(parents=True)
+    (out / "merged" / "earlier" / "report.md").write_text("kept")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, str(root / "scripts" / "run_grid.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert run.returncode != 0
+    assert "merge failed" in run.stderr and "differ in ['train']" in run.stderr
+    assert (out / "merged" / "earlier" / "report.md").read_text() == "kept"
+    assert sorted(p.name for p in (out / "merged").iterdir()) == ["earlier"]
+    assert not any(p.name.startswith(".grid.merged") for p in tmp_path.iterdir())
+    # the conflict resolved, the merge replaces the folder
+    import shutil
+
+    shutil.rmtree(other)
+    run = subprocess.run(
+        [sys.executable, str(root / "scripts" / "run_grid.py"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (out / "merged").iterdir()) == ["merge_test"]

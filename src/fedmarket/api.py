@@ -380,7 +380,8 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """Combine run folders of the SAME config that ran different seeds (e.g. one process or machine per
     seed) into one run folder with every seed, as if one ``fedmarket run`` had run them all.
 
-    The configs must agree on everything but ``seeds`` and ``output_dir``; a seed present twice, a missing
+    The configs must agree on everything but ``seeds``, ``output_dir`` and ``progress`` (how a run displays
+    itself, not what it computes); a seed present twice, a missing
     ``seeds/seed<N>.json`` or a different config is an error naming the folder. Nothing is written before
     every input is checked; the output is assembled in a temporary folder and renamed into place.
     FedMM's analysis-only ``alignment.json`` files are merged as well."""
@@ -396,8 +397,8 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
 
     def comparable(cfg: ExperimentConfig) -> dict[str, Any]:
         d = cfg.to_dict()
-        d.pop("seeds", None)
-        d.pop("output_dir", None)
+        for key in ("seeds", "output_dir", "progress"):
+            d.pop(key, None)
         return d
 
     base = comparable(cfgs[0])
