@@ -87,9 +87,6 @@ def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_pa
     """A grid killed mid-run (deadline, preemption) is re-run with --resume: each job continues its own
     interrupted folder from its last round checkpoint instead of starting over; a folder of another config
     (here: other learning rate) or a finished one is not taken."""
-    import subprocess
-    import sys
-
     import yaml
 
     root = Path(__file__).resolve().parents[1]
@@ -115,24 +112,7 @@ def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_pa
     assert spec.resumable(job, out, 1) == folder
     assert spec.resumable(dict(job, set={"train.lr": 0.5}), out, 1) is None  # `other` has 1 round, not 3
 
-    run = subprocess.run(
-        [
-            sys.executable,
-            str(root / "scripts" / "run_grid.py"),
-            str(config),
-            "--seeds",
-            "0",
-            "--jobs",
-            "1",
-            "--out",
-            str(out),
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=root,
-    )
+    run = run_grid_cli(str(config), "--seeds", "0", "--jobs", "1", "--out", str(out), "--resume")
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"resuming job-seed0 from {folder}" in run.stdout
     rounds = {line.split(",")[1] for line in (folder / "rounds.csv").read_text().splitlines()[1:]}
@@ -159,22 +139,13 @@ def test_merge_ignores_how_a_run_displayed_itself(tmp_path: Path) -> None:
 
 
 def test_run_grid_failed_merge_keeps_the_previous_merged_folder(tmp_path: Path) -> None:
-    import subprocess
-    import sys
 
     out = tmp_path / "grid"
     run_experiment(small(out / "seed0", [0]))
     other = run_experiment(small(out / "seed1", [1], train={"rounds": 1, "batch_size": 256}))
     (out / "merged" / "earlier").mkdir(parents=True)
     (out / "merged" / "earlier" / "report.md").write_text("kept")
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run(
-        [sys.executable, str(root / "scripts" / "run_grid.py"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=root,
-    )
+    run = run_grid_cli("--out", str(out))
     assert run.returncode != 0
     assert "merge failed" in run.stderr and "differ in ['train']" in run.stderr
     assert (out / "merged" / "earlier" / "report.md").read_text() == "kept"
@@ -184,12 +155,17 @@ def test_run_grid_failed_merge_keeps_the_previous_merged_folder(tmp_path: Path) 
     import shutil
 
     shutil.rmtree(other)
-    run = subprocess.run(
-        [sys.executable, str(root / "scripts" / "run_grid.py"), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=root,
-    )
+    run = run_grid_cli("--out", str(out))
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in (out / "merged").iterdir()) == ["merge_test"]
+
+
+def run_grid_cli(*args: str):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = str(root / "scripts" / "run_grid.py")
+    return subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, timeout=600, cwd=root
+    )
