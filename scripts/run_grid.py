@@ -63,29 +63,24 @@ def load_jobs(args: argparse.Namespace) -> list[dict]:
 
 
 def job_overrides(job: dict, threads: int) -> dict:
-    return {"seeds": [job["seed"]], "train.threads": threads, "progress": False, **job["set"]}
+    return {"seeds": [job["seed"]], "train.threads": threads, **job["set"]}
 
 
 def resumable(job: dict, out: Path, threads: int) -> Path | None:
     """The newest interrupted run folder of this very job under ``OUT/seed<N>/``: its saved config equals the
-    job's (all but the output folder), it has a round checkpoint and no finished seed; None if there is none."""
-    from fedmarket.api import load_run_config
+    job's (``fedmarket.api.same_run_config``), it has a round checkpoint and no finished seed; None if there is none."""
+    from fedmarket.api import load_run_config, same_run_config
     from fedmarket.config import load_config
 
-    def comparable(cfg) -> dict:
-        d = cfg.to_dict()
-        d.pop("output_dir", None)
-        return d
-
     seed = job["seed"]
-    want = comparable(load_config(job["config"], job_overrides(job, threads)))
+    want = same_run_config(load_config(job["config"], job_overrides(job, threads)))
     for folder in sorted((out / f"seed{seed}").glob("*"), key=lambda f: f.stat().st_mtime, reverse=True):
         if (folder / "seeds" / f"seed{seed}.json").exists() or not (
             folder / "checkpoints" / f"seed{seed}.pt"
         ).exists():
             continue
         try:
-            if comparable(load_run_config(folder)) == want:
+            if same_run_config(load_run_config(folder)) == want:
                 return folder
         except Exception:  # not a run folder of this project's configs: not ours to resume
             continue

@@ -376,6 +376,15 @@ def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     return config_from_dict(yaml.safe_load(path.read_text()))
 
 
+def same_run_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What makes two runs the same experiment: the config without ``seeds``, ``output_dir`` and ``progress``
+    (which seeds ran, where the folder is, how it displayed itself). Used to merge seeds and to resume."""
+    d = cfg.to_dict()
+    for key in ("seeds", "output_dir", "progress"):
+        d.pop(key, None)
+    return d
+
+
 def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """Combine run folders of the SAME config that ran different seeds (e.g. one process or machine per
     seed) into one run folder with every seed, as if one ``fedmarket run`` had run them all.
@@ -395,17 +404,11 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
         raise FedmarketError(f"merge output {out_dir} already exists; choose a new folder")
     cfgs = [load_run_config(d) for d in folders]
 
-    def comparable(cfg: ExperimentConfig) -> dict[str, Any]:
-        d = cfg.to_dict()
-        for key in ("seeds", "output_dir", "progress"):
-            d.pop(key, None)
-        return d
-
-    base = comparable(cfgs[0])
+    base = same_run_config(cfgs[0])
     records: dict[int, tuple[Path, dict[str, Any]]] = {}
     seconds = 0.0
     for folder, cfg in zip(folders, cfgs, strict=True):
-        other = comparable(cfg)
+        other = same_run_config(cfg)
         if other != base:
             diff = sorted(
                 k
