@@ -7,6 +7,8 @@ phase ended, test full-ranking and 1+99 NDCG@10 / HR@10 ×100 as mean ± std ove
 in the whole run), full NDCG@10 per market, the issue's questions as paired per-seed differences (FeCoSR vs
 FedAvg-CE + fine-tune, vs transfer, vs Local text; S²CE vs CE without fine-tuning; the share of the
 Local -> Central gap FeCoSR closes) and the transfer's source market and negative-transfer count;
+the phased long-pre-training rows' first phases (pre-trained model without fine-tuning, zero-shot transfer)
+are derived from the test metrics their runs recorded at the phase end (``OUT/phase1/``, no extra training);
 ``OUT/fecosr_<dataset>.png`` shows full NDCG@10 per row with std error bars.
 
     python scripts/compare_fecosr.py runs/mlage/merged runs/mlzip/merged runs/xmseq/merged --out runs/fecosr_comparison
@@ -46,6 +48,9 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_transfer_long-pt", "One-to-one transfer + fine-tune, source phase ≤ 150 rounds"),
     ("seq_fedavg_ft_long-pt", "FedAvg-CE + fine-tune, pre-training ≤ 150 rounds"),
     ("fecosr_long-pt", "**FeCoSR**, pre-training ≤ 150 rounds"),
+    ("seq_transfer_long-pt_phase1", "One-to-one transfer, zero-shot (source phase ≤ 150 rounds, no fine-tune)"),
+    ("seq_fedavg_ft_long-pt_phase1", "FedAvg-CE without fine-tune (pre-training ≤ 150 rounds, at its plateau)"),
+    ("fecosr_long-pt_phase1", "FeCoSR without fine-tune (pre-training ≤ 150 rounds, at its plateau)"),
     ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
     ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
     ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
@@ -72,6 +77,16 @@ CHECKS = [  # (a, b, text): a − b per seed
         "FeCoSR − FedAvg-CE + fine-tune, both pre-trainings ≤ 150 rounds",
     ),
     (
+        "fecosr_long-pt_phase1",
+        "seq_fedavg_ft_long-pt_phase1",
+        "FeCoSR w/o fine-tune − FedAvg-CE, both pre-trained to their plateau (S²CE vs CE, no fine-tune)",
+    ),
+    (
+        "fecosr_long-pt",
+        "fecosr_long-pt_phase1",
+        "FeCoSR, pre-training ≤ 150 rounds − its pre-trained model (what fine-tuning adds)",
+    ),
+    (
         "seq_fedavg_ft_long-pt",
         "seq_fedavg",
         "FedAvg-CE + fine-tune, pre-training ≤ 150 rounds − FedAvg-CE (what fine-tuning adds)",
@@ -93,6 +108,37 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("seq_fedavg_id", "seq_local_id", "FedAvg (IDs) − Local ID"),
     ("seq_transfer_id", "seq_local_id", "Transfer (IDs) − Local ID"),
 ]
+
+
+PHASED = ("fecosr_long-pt", "seq_fedavg_ft_long-pt", "seq_transfer_long-pt")
+
+
+def derive_first_phases(merged: list[Path], datasets: list[str], out: Path) -> list[str]:
+    """``OUT/phase1/<dataset>_<row>_phase1``: the first phase of each phased long-pre-training row, from the
+    test metrics its runs recorded where pre-training (the source phase) ended (`fedmarket.api.first_phase_run`;
+    seeds run before fedmarket recorded them are left out). Returns what was derived or skipped, for the log."""
+    import shutil
+
+    from fedmarket.api import first_phase_run
+    from fedmarket.errors import FedmarketError
+
+    root = out / "phase1"
+    if root.exists():
+        shutil.rmtree(root)
+    log = []
+    for dataset in datasets:
+        for suffix in PHASED:
+            name = f"{dataset}_{suffix}"
+            run_dir = next((d / name for d in merged if (d / name / "metrics.json").is_file()), None)
+            if run_dir is None:
+                continue
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                first_phase_run(run_dir, root / f"{name}_phase1", skip_missing=True)
+                log.append(f"{name}: first phase derived")
+            except FedmarketError as exc:
+                log.append(f"{name}: no first phase ({exc})")
+    return log
 
 
 def cell(m: dict, key: str) -> str:
@@ -239,6 +285,10 @@ def main() -> None:
         raise SystemExit(f"not a folder: {', '.join(missing)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    for line in derive_first_phases(merged, args.datasets, out):
+        print(line)
+    if (out / "phase1").is_dir():
+        merged.append(out / "phase1")
     lines = ["# FeCoSR comparison", ""]
     for dataset in args.datasets:
         lines += summarise(merged, dataset, out)

@@ -231,3 +231,31 @@ def test_xmarket_metadata_text_plugs_into_the_text_model(tmp_path, splits):
     trainers, _ = m.build(cfg, m.parse_options(cfg.method.options), {"m2": split}, 0)
     metrics = trainers["m2"].evaluate(None, "valid")["m2"]
     assert 0 <= metrics["ndcg@10"] <= 1
+
+
+def test_pretraining_tested_at_its_plateau_is_fecosr_without_fine_tuning(splits):
+    """The phase end of FeCoSR records the pre-trained model's test metrics: exactly FeCoSR without
+    fine-tuning (federated_rounds 0) run to the same plateau, so that row costs no extra run."""
+
+    def run(federated_rounds):
+        cfg = cfg_for("fecosr", 10, federated_rounds=federated_rounds)
+        m = get_method("fecosr")
+        trainers, strategy = m.build(cfg, m.parse_options(cfg.method.options), splits, 0)
+        sim = Simulator(
+            trainers,
+            strategy,
+            m.declaration,
+            rounds=10,
+            seed=0,
+            select_metric="ndcg@10",
+            progress=False,
+            patience=1,
+            min_delta=0.5,
+        )
+        return sim.run()
+
+    phased, alone = run(10), run(0)
+    assert phased.convergence["phase_ends"] == [2] and alone.convergence["converged_round"] == 2
+    assert [p["round"] for p in phased.phase_tests] == [2]
+    assert phased.phase_tests[0]["test"] == alone.test
+    assert alone.phase_tests == []

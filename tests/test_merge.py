@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedmarket.api import merge_grid, merge_runs, run_experiment
+from fedmarket.api import first_phase_run, merge_grid, merge_runs, run_experiment
 from fedmarket.config import config_from_dict
 from fedmarket.errors import FedmarketError
 
@@ -169,3 +169,75 @@ def run_grid_cli(*args: str):
     return subprocess.run(
         [sys.executable, script, *args], capture_output=True, text=True, timeout=600, cwd=root
     )
+
+
+def mtl(tmp_path, method, federated_rounds=None, **train):
+    options = {"federated_rounds": federated_rounds} if federated_rounds is not None else {}
+    return config_from_dict(
+        {
+            "name": method,
+            "dataset": {
+                "name": "synthetic-mtl",
+                "options": {"num_markets": 3, "users_per_market": 40, "items_per_market": 60},
+                "use_cache": False,
+            },
+            "method": {"name": method, "options": options},
+            "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+            "train": {"batch_size": 256, **train},
+            "eval": {"select_metric": "mean_auc"},
+            "output_dir": str(tmp_path),
+            "progress": False,
+            "seeds": [0, 1],
+        }
+    )
+
+
+def test_first_phase_run_is_the_run_without_its_second_phase(tmp_path):
+    """FedAvg + fine-tune's first phase as a run folder equals FedAvg alone run to the same plateau: test
+    metrics, rounds, uploads — the "without fine-tuning" row without a run of its own."""
+    plateau = {"rounds": 10, "patience": 1, "min_delta": 0.5}
+    phased = run_experiment(mtl(tmp_path / "p", "mtl_fedavg_ft", 8, **plateau))
+    alone = run_experiment(mtl(tmp_path / "a", "mtl_fedavg", **plateau))
+    out = first_phase_run(phased, tmp_path / "first")
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (out, alone))
+    assert got["name"] == "mtl_fedavg_ft_phase1" and got["seeds"] == [0, 1]
+    assert got["per_market"] == want["per_market"] and got["average_std"] == want["average_std"]
+    assert got["selected_round"] == want["selected_round"]
+    assert got["communication"] == want["communication"]
+    assert {c["rounds_run"] for c in got["convergence"].values()} == {2}
+    assert (out / "rounds.csv").read_text() == (alone / "rounds.csv").read_text()
+    full = json.loads((phased / "metrics.json").read_text())
+    assert full["per_market"] != got["per_market"]  # the phased run itself reports the fine-tuned model
+    # merged seeds keep their phase tests
+    merged = merge_runs([phased], tmp_path / "merged")
+    again = first_phase_run(merged, tmp_path / "first2")
+    assert json.loads((again / "metrics.json").read_text())["per_market"] == got["per_market"]
+    # a seed from before phase tests were recorded: refused, or left out on request
+    rec = json.loads((phased / "seeds" / "seed1.json").read_text())
+    rec["phase_tests"] = []
+    (phased / "seeds" / "seed1.json").write_text(json.dumps(rec))
+    with pytest.raises(FedmarketError, match="seed1.json records no phase end"):
+        first_phase_run(phased, tmp_path / "first3")
+    some = first_phase_run(phased, tmp_path / "first3", skip_missing=True)
+    assert json.loads((some / "metrics.json").read_text())["seeds"] == [0]
+    from fedmarket.cli import main
+
+    assert main(["first-phase", str(phased), "--out", str(tmp_path / "cli"), "--skip-missing"]) == 0
+    assert (
+        json.loads((tmp_path / "cli" / "metrics.json").read_text())["per_market"]
+        == json.loads((some / "metrics.json").read_text())["per_market"]
+    )
+
+
+def test_first_phase_run_refuses_runs_without_a_phase_end(tmp_path):
+    no_plateau = run_experiment(mtl(tmp_path / "n", "mtl_fedavg_ft", 2, rounds=3))
+    with pytest.raises(FedmarketError, match="seed0.json records no phase end"):
+        first_phase_run(no_plateau, tmp_path / "x")
+    with pytest.raises(FedmarketError, match="already exists"):
+        first_phase_run(no_plateau, no_plateau)
+    with pytest.raises(FedmarketError, match="no seed of .* records a phase end"):
+        first_phase_run(no_plateau, tmp_path / "x", skip_missing=True)
+    (no_plateau / "seeds" / "seed0.json").unlink()
+    with pytest.raises(FedmarketError, match="seed0.json is missing"):
+        first_phase_run(no_plateau, tmp_path / "y")
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "x.partial", "y.partial"))

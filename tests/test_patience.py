@@ -231,3 +231,31 @@ def test_transfer_source_phase_plateau_counts_the_source_market_only() -> None:
         history += [{"round": r, "split": "valid", "market": "m1", "auc": tgt}]
         assert not p.update(r, history, t)
     assert t.source_rounds == 20 and p.phase_ends == []
+
+
+def test_a_phase_end_records_the_test_metrics_of_the_run_stopped_there(splits) -> None:
+    """Phase 1 of FedAvg + fine-tune, tested where it ends, is FedAvg alone run to the same plateau (the
+    "without fine-tuning" row for free), and recording it leaves the fine-tuning that follows unchanged."""
+    cfg = _cfg("mtl_fedavg_ft", {"federated_rounds": 8}, rounds=10, patience=1, min_delta=0.5)
+    result = run_seed(cfg, 0, _Prepared(splits), None, False)
+    assert [p["round"] for p in result.phase_tests] == [2]
+    alone = run_seed(
+        _cfg("mtl_fedavg", rounds=10, patience=1, min_delta=0.5), 0, _Prepared(splits), None, False
+    )
+    assert alone.convergence["converged_round"] == 2
+    assert result.phase_tests[0]["test"] == alone.test
+    assert result.phase_tests[0]["selected_round"] == alone.selected_round
+    assert result.test != alone.test  # the final test is the fine-tuned model's
+    fixed = run_seed(
+        _cfg("mtl_fedavg_ft", {"federated_rounds": 2}, rounds=4), 0, _Prepared(splits), None, False
+    )
+    assert fixed.test == result.test and fixed.phase_tests == []  # no plateau, no phase end recorded
+    assert alone.phase_tests == []
+
+
+def test_phase_tests_survive_a_resume(splits, tmp_path) -> None:
+    cfg = _cfg("mtl_fedavg_ft", {"federated_rounds": 8}, rounds=10, patience=1, min_delta=0.5)
+    ckpt = tmp_path / "ckpt.pt"
+    first = run_seed(cfg, 0, _Prepared(splits), ckpt, False)
+    again = run_seed(cfg, 0, _Prepared(splits), ckpt, True)
+    assert again.phase_tests == first.phase_tests and len(first.phase_tests) == 1

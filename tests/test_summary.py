@@ -170,3 +170,46 @@ def test_compare_fecosr_names_missing_input(tmp_path: Path, monkeypatch: pytest.
     )
     with pytest.raises(SystemExit, match="no run folder"):
         mod.main()
+
+
+def test_compare_fecosr_derives_the_first_phase_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A phased run that recorded its phase end gives the "without fine-tune" row with no run of its own; a
+    folder that did not (hand-built here, or run before phase tests were recorded) is skipped and said so."""
+    from fedmarket.api import run_experiment
+    from fedmarket.config import config_from_dict
+
+    ds = "movielens-age"
+    cfg = config_from_dict(
+        {
+            "name": f"{ds}_fecosr_long-pt",  # a small MTL FedAvg + fine-tune stands in for the phased row
+            "dataset": {
+                "name": "synthetic-mtl",
+                "options": {"num_markets": 2, "users_per_market": 30, "items_per_market": 40},
+                "use_cache": False,
+            },
+            "method": {"name": "mtl_fedavg_ft", "options": {"federated_rounds": 8}},
+            "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+            "train": {"batch_size": 256, "rounds": 10, "patience": 1, "min_delta": 0.5},
+            "eval": {"select_metric": "mean_auc"},
+            "output_dir": str(tmp_path / "runs"),
+            "progress": False,
+            "seeds": [0],
+        }
+    )
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    run_experiment(cfg).rename(merged / f"{ds}_fecosr_long-pt")
+    _merged_run(merged, f"{ds}_seq_fedavg_ft_long-pt", "seq_fedavg_ft", {0: {"a": 0.1, "b": 0.1, "c": 0.1}})
+    mod = _load_script("compare_fecosr")
+    out = tmp_path / "out"
+    log = mod.derive_first_phases([merged], [ds], out)
+    assert log[0] == f"{ds}_fecosr_long-pt: first phase derived"
+    assert (
+        log[1].startswith(f"{ds}_seq_fedavg_ft_long-pt: no first phase")
+        and "config.yaml is missing" in log[1]
+    )
+    first = json.loads((out / "phase1" / f"{ds}_fecosr_long-pt_phase1" / "metrics.json").read_text())
+    seed0 = json.loads((merged / f"{ds}_fecosr_long-pt" / "seeds" / "seed0.json").read_text())
+    assert first["per_market"] == seed0["phase_tests"][0]["test"]
+    assert rounds_text(first) == "2"
+    assert not (out / "phase1" / f"{ds}_seq_fedavg_ft_long-pt_phase1").exists()

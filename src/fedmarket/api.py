@@ -252,6 +252,7 @@ def seed_record(seed: int, result: SimulationResult, seconds: float) -> dict[str
         "uploads": result.uploads,
         "privacy": result.privacy,
         "convergence": result.convergence,
+        "phase_tests": result.phase_tests,
         "seconds": seconds,
     }
 
@@ -461,6 +462,93 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
                 )
             _write_json(tmp / "alignment.json", merged)
         write_results(cfg, tmp, per_seed, seconds, data=data, markets=markets)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool = False) -> Path:
+    """A run folder for the first phase of a phased run (FeCoSR / FedAvg + fine-tune: the pre-trained model
+    without fine-tuning; one-to-one transfer: zero-shot transfer), as if the run had stopped where its first
+    phase ended: each seed's test metrics are those the in-process runtime recorded at that phase end
+    (``phase_tests``: each market's best validation round so far), its history and uploads end there.
+
+    Compute is matched by construction: the first phase ran to its own validation plateau, the same rule a
+    run without fine-tuning stops at. A seed without a recorded phase end (no ``train.patience``, a run from
+    before phase tests were recorded, or the Flower runtime) is an error naming the file; nothing is written
+    before every seed is checked, and the output appears whole or not at all. ``skip_missing=True`` keeps the
+    seeds that recorded one instead (an error only if none did)."""
+    import shutil
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists():
+        raise FedmarketError(f"output {out_dir} already exists; choose a new folder")
+    cfg = load_run_config(run_dir)
+    per_seed = []
+    for seed in cfg.seeds:
+        path = run_dir / "seeds" / f"seed{seed}.json"
+        if not path.exists():
+            raise FedmarketError(f"{path} is missing: seed {seed} of {run_dir} did not finish")
+        rec = json.loads(path.read_text())
+        phases = rec.get("phase_tests") or []
+        if not phases:
+            if skip_missing:
+                continue
+            raise FedmarketError(
+                f"{path} records no phase end with test metrics (needs a phased method, train.patience > 0 "
+                "and the in-process runtime of a fedmarket that records phase_tests)"
+            )
+        end = int(phases[0]["round"])
+        first = {
+            **rec,
+            "test": phases[0]["test"],
+            "selected_round": phases[0]["selected_round"],
+            "history": [h for h in rec["history"] if int(h["round"]) <= end],
+            "uploads": [u for u in rec["uploads"] if int(u["round"]) <= end],
+            "phase_tests": [],
+            "convergence": {
+                **(rec.get("convergence") or {}),
+                "rounds_run": end,
+                "converged_round": end,
+                "phase_ends": [],
+            },
+        }
+        comm = {m: dict(c) for m, c in rec["communication"].items()}
+        for m, c in comm.items():
+            ups = [u for u in first["uploads"] if u["market"] == m]
+            c["up_bytes"], c["rounds"] = int(sum(u["bytes"] for u in ups)), len(ups)
+            if all(
+                "down_bytes" in u for u in ups
+            ):  # older runs did not log downloads per round: keep the total
+                c["down_bytes"] = int(sum(u["down_bytes"] for u in ups))
+        first["communication"] = comm
+        per_seed.append(first)
+    if not per_seed:
+        raise FedmarketError(f"no seed of {run_dir} records a phase end with test metrics")
+    cfg.seeds = [int(rec["seed"]) for rec in per_seed]
+    cfg.name = f"{cfg.name}_phase1"
+    cfg.output_dir = str(out_dir.parent)
+    markets = list(per_seed[0]["communication"]) or list(per_seed[0]["test"])
+    method = get_method(cfg.method.name)
+    data = None if method.private else prepare_data(cfg)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "seeds").mkdir(parents=True)
+    try:
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        for rec in per_seed:
+            _write_json(tmp / "seeds" / f"seed{rec['seed']}.json", rec)
+        seconds = sum(float(rec.get("seconds", 0.0)) for rec in per_seed)
+        write_results(cfg, tmp, per_seed, seconds, data=data, markets=None if data is not None else markets)
+        metrics = json.loads((tmp / "metrics.json").read_text())
+        metrics["notes"].append(
+            f"first phase of {run_dir}: test at each market's best validation round up to the phase end "
+            "(no fine-tuning); seconds are the whole run's"
+        )
+        _write_json(tmp / "metrics.json", metrics)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ fedmarket compare CONFIG.yaml... [--out DIR] [--seeds N]
 fedmarket data info DATASET [--data-dir DIR]
 fedmarket report RUN_DIR... [--out DIR]
 fedmarket merge RUN_DIR... --out DIR | fedmarket merge --grid ROOT --out DIR
+fedmarket first-phase RUN_DIR --out DIR [--skip-missing]
 fedmarket methods
 fedmarket demo
 fedmarket flower simulate|deploy CONFIG.yaml [--tls] [--resume RUN_DIR]   (also: fedmarket deploy CONFIG.yaml)
@@ -195,6 +196,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_first_phase(args: argparse.Namespace) -> int:
+    from fedmarket.api import first_phase_run
+
+    print(first_phase_run(args.run_dir, args.out, skip_missing=args.skip_missing))
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from fedmarket.methods import METHODS, get_method
 
@@ -307,6 +315,20 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--grid", metavar="ROOT", help="merge every finished run under ROOT by config name")
     mg.add_argument("--out", required=True, help="new folder (with --grid: one sub-folder per config)")
     mg.set_defaults(func=cmd_merge)
+
+    fp = sub.add_parser(
+        "first-phase",
+        help="a phased run (FedAvg/FeCoSR + fine-tune, one-to-one transfer) as if it had stopped where its "
+        "first phase ended at its plateau: the pre-trained model without fine-tuning, no extra training",
+    )
+    fp.add_argument("run_dir")
+    fp.add_argument("--out", required=True, help="new run folder")
+    fp.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="keep the seeds that recorded the phase end, drop the others",
+    )
+    fp.set_defaults(func=cmd_first_phase)
 
     m = sub.add_parser("methods", help="list methods and what each lets leave a market")
     m.set_defaults(func=cmd_methods)

@@ -45,6 +45,11 @@ class SimulationResult:
     privacy: dict[str, Any] = field(default_factory=dict)
     # early stopping (`Plateau`): rounds run, the round it converged, phase ends; {} without train.patience
     convergence: dict[str, Any] = field(default_factory=dict)
+    # phased strategies: at each phase end, the test metrics of each market's best round so far (the run
+    # stopped there): phase 1 of FeCoSR / FedAvg + fine-tune is the pre-trained model without fine-tuning.
+    # [{"round": r, "test": market -> metric -> value, "selected_round": market -> round}]; the Flower
+    # runtime does not record them ([]).
+    phase_tests: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------ round bookkeeping shared by runtimes
@@ -193,6 +198,7 @@ class Simulator:
         self.communication = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in trainers}
         self.best: dict[str, dict[str, Any]] = {}
         self.plateau = Plateau(patience, min_delta, select_metric)
+        self.phase_tests: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- state
     def _state(self) -> dict[str, Any]:
@@ -206,6 +212,7 @@ class Simulator:
             "communication": self.communication,
             "best": self.best,
             "plateau": self.plateau.state_dict(),
+            "phase_tests": self.phase_tests,
         }
 
     def save_checkpoint(self) -> None:
@@ -235,6 +242,7 @@ class Simulator:
         self.communication = state["communication"]
         self.best = state["best"]
         self.plateau.load_state_dict(state.get("plateau"))
+        self.phase_tests = state.get("phase_tests", [])
         return True
 
     # ----------------------------------------------------------------- rounds
@@ -282,6 +290,7 @@ class Simulator:
                     "round": server_round,
                     "market": market,
                     "bytes": up,
+                    "down_bytes": payload_bytes(down),
                     "keys": {k: list(np.shape(v)) for k, v in update.payload.items()},
                 }
             )
@@ -348,7 +357,10 @@ class Simulator:
             t0 = time.perf_counter()
             self.run_round(server_round)
             self.round = server_round
+            ends = len(self.plateau.phase_ends)
             converged = self.plateau.update(server_round, self.history, self.strategy)
+            if len(self.plateau.phase_ends) > ends:
+                self.phase_tests.append(self.test_best(server_round))
             self.save_checkpoint()
             recent = [
                 h[self.select_metric]
@@ -373,7 +385,8 @@ class Simulator:
         bar.close()
         return self.finish()
 
-    def finish(self) -> SimulationResult:
+    def _test_selected(self, server_round: int) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+        """Load each market's best state and evaluate it on test (the trainers keep the best states)."""
         test: dict[str, dict[str, float]] = {}
         selected: dict[str, int] = {}
         for name, trainer in self.trainers.items():
@@ -384,7 +397,23 @@ class Simulator:
             try:
                 test.update(trainer.evaluate(None, "test", full_ranking=self.full_ranking))
             except Exception as exc:
-                self._fail(self.round, name, "test", exc)
+                self._fail(server_round, name, "test", exc)
+        return test, selected
+
+    def test_best(self, server_round: int) -> dict[str, Any]:
+        """What the run would report had it stopped after ``server_round`` (a phase end): each market's best
+        round so far on test. The trainers' current states are restored afterwards, so training continues
+        exactly as without this evaluation."""
+        current = {name: copy.deepcopy(t.state_dict()) for name, t in self.trainers.items()}
+        try:
+            test, selected = self._test_selected(server_round)
+        finally:
+            for name, trainer in self.trainers.items():
+                trainer.load_state_dict(current[name])
+        return {"round": server_round, "test": test, "selected_round": selected}
+
+    def finish(self) -> SimulationResult:
+        test, selected = self._test_selected(self.round)
         return SimulationResult(
             test=test,
             history=self.history,
@@ -394,6 +423,7 @@ class Simulator:
             uploads=self.uploads,
             privacy=dict(getattr(self.strategy, "privacy_report", dict)()),
             convergence=convergence_report(self.plateau, self.round),
+            phase_tests=self.phase_tests,
         )
 
 

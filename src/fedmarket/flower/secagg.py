@@ -295,6 +295,7 @@ def run_secure_round(
                     "round": server_round,
                     "market": market,
                     "bytes": up,
+                    "down_bytes": payload_bytes(downloads.get(market, {})),
                     "keys": {k: list(np.shape(v)) for k, v in aggregate.items()},
                 }
             )

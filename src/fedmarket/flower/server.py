@@ -380,6 +380,7 @@ class FlowerServer:
                     "round": server_round,
                     "market": market,
                     "bytes": up,
+                    "down_bytes": payload_bytes(down),
                     "keys": {k: list(np.shape(v)) for k, v in upload.items()},
                 }
             )
