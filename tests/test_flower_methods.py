@@ -161,6 +161,12 @@ def test_method_over_flower_equals_in_process(tmp_path, method):
     inproc_dir = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("eq_"))
     assert (run_dir / "rounds.csv").read_text() == (inproc_dir / "rounds.csv").read_text()
     assert (run_dir / "uploads.csv").read_text() == (inproc_dir / "uploads.csv").read_text()
+    # a phase end's test of the run stopped there (the "without fine-tuning" row), recorded by both runtimes
+    phases = [
+        json.loads((d / "seeds" / "seed0.json").read_text())["phase_tests"] for d in (run_dir, inproc_dir)
+    ]
+    assert phases[0] == phases[1]
+    assert [p["round"] for p in phases[0]] == ([2] if cfg_dict["train"].get("patience") else [])
 
 
 def test_privacy_secagg_and_attack_configs_run_on_flower(tmp_path):

@@ -476,8 +476,8 @@ def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool
     (``phase_tests``: each market's best validation round so far), its history and uploads end there.
 
     Compute is matched by construction: the first phase ran to its own validation plateau, the same rule a
-    run without fine-tuning stops at. A seed without a recorded phase end (no ``train.patience``, a run from
-    before phase tests were recorded, or the Flower runtime) is an error naming the file; nothing is written
+    run without fine-tuning stops at. A seed without a recorded phase end (no ``train.patience``, or a run from
+    before phase tests were recorded) is an error naming the file; nothing is written
     before every seed is checked, and the output appears whole or not at all. ``skip_missing=True`` keeps the
     seeds that recorded one instead (an error only if none did)."""
     import shutil
@@ -498,7 +498,7 @@ def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool
                 continue
             raise FedmarketError(
                 f"{path} records no phase end with test metrics (needs a phased method, train.patience > 0 "
-                "and the in-process runtime of a fedmarket that records phase_tests)"
+                "and a fedmarket that records phase_tests)"
             )
         end = int(phases[0]["round"])
         first = {

@@ -47,8 +47,7 @@ class SimulationResult:
     convergence: dict[str, Any] = field(default_factory=dict)
     # phased strategies: at each phase end, the test metrics of each market's best round so far (the run
     # stopped there): phase 1 of FeCoSR / FedAvg + fine-tune is the pre-trained model without fine-tuning.
-    # [{"round": r, "test": market -> metric -> value, "selected_round": market -> round}]; the Flower
-    # runtime does not record them ([]).
+    # [{"round": r, "test": market -> metric -> value, "selected_round": market -> round}] (both runtimes)
     phase_tests: list[dict[str, Any]] = field(default_factory=list)
 
 

@@ -254,7 +254,11 @@ class FlowerServer:
                 {"seed": seed, "round": server_round, "stage": "round", "seconds": time.perf_counter() - t0}
             )
             state["round"] = server_round
+            ends = len(plateau.phase_ends)
             converged = plateau.update(server_round, state["history"], strategy)
+            if len(plateau.phase_ends) > ends:  # a phase ended: test the run as if it stopped here
+                test, selected = self._test_best(seed, state, server_round)
+                state["phase_tests"].append({"round": server_round, "test": test, "selected_round": selected})
             state["plateau"] = plateau.state_dict()
             self._checkpoint(ckpt, strategy, state)
             _write_json(
@@ -283,6 +287,7 @@ class FlowerServer:
             "communication": {},
             "best": {},
             "plateau": {},
+            "phase_tests": [],
         }
 
     def _checkpoint(self, path: Path, strategy: Strategy, state: dict[str, Any]) -> None:
@@ -427,7 +432,11 @@ class FlowerServer:
             ):
                 state["best"][name] = {"score": score, "round": server_round}
 
-    def finish(self, seed: int, state: dict) -> SimulationResult:
+    def _test_best(
+        self, seed: int, state: dict, server_round: int
+    ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+        """Each market tests its best round so far (the market restores that round's saved state for this
+        message only: its next ``train`` loads its latest state again, so a mid-run test changes nothing)."""
         requests = {}
         for market in self.markets:
             best = state["best"].get(market)
@@ -437,18 +446,23 @@ class FlowerServer:
                 "full_ranking": self.cfg.eval.full_ranking,
             }
             requests[market] = (fields, {})
-        replies = self._send(seed, state["round"], "evaluate", requests, state, "test")
+        replies = self._send(seed, server_round, "evaluate", requests, state, "test")
         test: dict[str, dict[str, float]] = {}
         for market in self.markets:
             if market in replies:
                 test.update(open_envelope(replies[market].content[ENVELOPE])["metrics"])
+        return test, {m: b["round"] for m, b in state["best"].items()}
+
+    def finish(self, seed: int, state: dict) -> SimulationResult:
+        test, selected = self._test_best(seed, state, state["round"])
         return SimulationResult(
             test=test,
             history=state["history"],
             communication=state["communication"],
             failures=state["failures"],
-            selected_round={m: b["round"] for m, b in state["best"].items()},
+            selected_round=selected,
             uploads=state["uploads"],
+            phase_tests=state["phase_tests"],
         )
 
     # ----------------------------------------------------------------------------- every seed
