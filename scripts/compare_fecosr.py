@@ -48,8 +48,14 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_transfer_long-pt", "One-to-one transfer + fine-tune, source phase ≤ 150 rounds"),
     ("seq_fedavg_ft_long-pt", "FedAvg-CE + fine-tune, pre-training ≤ 150 rounds"),
     ("fecosr_long-pt", "**FeCoSR**, pre-training ≤ 150 rounds"),
-    ("seq_transfer_long-pt_phase1", "One-to-one transfer, zero-shot (source phase ≤ 150 rounds, no fine-tune)"),
-    ("seq_fedavg_ft_long-pt_phase1", "FedAvg-CE without fine-tune (pre-training ≤ 150 rounds, at its plateau)"),
+    (
+        "seq_transfer_long-pt_phase1",
+        "One-to-one transfer, zero-shot (source phase ≤ 150 rounds, no fine-tune)",
+    ),
+    (
+        "seq_fedavg_ft_long-pt_phase1",
+        "FedAvg-CE without fine-tune (pre-training ≤ 150 rounds, at its plateau)",
+    ),
     ("fecosr_long-pt_phase1", "FeCoSR without fine-tune (pre-training ≤ 150 rounds, at its plateau)"),
     ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
     ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
@@ -61,6 +67,7 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("fecosr_no-ft", "seq_fedavg", "FeCoSR w/o fine-tune − FedAvg-CE (S²CE vs CE, no fine-tune)"),
     ("fecosr", "seq_transfer", "FeCoSR − one-to-one transfer"),
     ("fecosr_long-pt", "fecosr", "FeCoSR, pre-training ≤ 150 rounds − FeCoSR (≤ 40)"),
+    ("seq_transfer_long-pt", "seq_transfer", "One-to-one transfer, source phase ≤ 150 rounds − source ≤ 40"),
     (
         "fecosr_long-pt",
         "seq_transfer",
