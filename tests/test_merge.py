@@ -35,7 +35,17 @@ def test_merge_equals_one_run_of_all_seeds(tmp_path):
     both = run_experiment(small(tmp_path / "both", [0, 1]))
     a = run_experiment(small(tmp_path / "a", [0]))
     b = run_experiment(small(tmp_path / "b", [1]))
+    # FedMM's analysis-only alignment files merge too (mean over the seeds)
+    (a / "alignment.json").write_text(
+        json.dumps({"note": "n", "seeds": {"0": {"same_code": 0.2, "chance": 0.1}}})
+    )
+    (b / "alignment.json").write_text(
+        json.dumps({"note": "n", "seeds": {"1": {"same_code": 0.4, "chance": 0.1}}})
+    )
     merged = merge_runs([a, b], tmp_path / "merged")
+    alignment = json.loads((merged / "alignment.json").read_text())
+    assert sorted(alignment["seeds"]) == ["0", "1"] and alignment["note"] == "n"
+    assert abs(alignment["same_code"] - 0.3) < 1e-12 and abs(alignment["lift"] - 3.0) < 1e-9
     m1 = json.loads((both / "metrics.json").read_text())
     m2 = json.loads((merged / "metrics.json").read_text())
     assert m2["seeds"] == [0, 1]

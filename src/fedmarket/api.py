@@ -395,7 +395,6 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     ``seeds/seed<N>.json`` or a different config is an error naming the folder. Nothing is written before
     every input is checked; the output is assembled in a temporary folder and renamed into place.
     FedMM's analysis-only ``alignment.json`` files are merged as well."""
-    import shutil
 
     folders = [Path(d) for d in run_dirs]
     if not folders:
@@ -432,9 +431,40 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     cfg = cfgs[0]
     cfg.seeds = sorted(records)
     cfg.output_dir = str(out_dir.parent)
+    per_seed = [records[s][1] for s in cfg.seeds]
+    extra: dict[str, Any] = {}
+    alignments = [
+        json.loads((f / "alignment.json").read_text()) for f in folders if (f / "alignment.json").exists()
+    ]
+    if alignments:
+        import numpy as np
+
+        merged: dict[str, Any] = {"note": alignments[0].get("note", ""), "seeds": {}}
+        for a in alignments:
+            merged["seeds"].update(a.get("seeds", {}))
+        values = list(merged["seeds"].values())
+        if values:
+            merged["same_code"] = float(np.mean([v["same_code"] for v in values]))
+            merged["chance"] = float(np.mean([v["chance"] for v in values]))
+            merged["lift"] = merged["same_code"] / merged["chance"] if merged["chance"] > 0 else float("nan")
+        extra["alignment.json"] = merged
+    return _write_run_folder(cfg, out_dir, per_seed, seconds, extra_files=extra)
+
+
+def _write_run_folder(
+    cfg: ExperimentConfig,
+    out_dir: Path,
+    per_seed: list[dict[str, Any]],
+    seconds: float,
+    extra_files: dict[str, Any] | None = None,
+    note: str | None = None,
+) -> Path:
+    """A run folder from finished per-seed records (config, seeds/, extra JSON files, metrics, report),
+    assembled in ``<out_dir>.partial`` and renamed into place: it appears whole or not at all."""
+    import shutil
+
     method = get_method(cfg.method.name)
     data = None if method.private else prepare_data(cfg)
-    per_seed = [records[s][1] for s in cfg.seeds]
     markets = None if data is not None else list(per_seed[0]["communication"]) or list(per_seed[0]["test"])
     tmp = out_dir.with_name(out_dir.name + ".partial")
     if tmp.exists():
@@ -442,26 +472,15 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     (tmp / "seeds").mkdir(parents=True)
     try:
         (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        for seed, (_, rec) in sorted(records.items()):
-            _write_json(tmp / "seeds" / f"seed{seed}.json", rec)
-        alignments = [
-            json.loads((f / "alignment.json").read_text()) for f in folders if (f / "alignment.json").exists()
-        ]
-        if alignments:
-            import numpy as np
-
-            merged: dict[str, Any] = {"note": alignments[0].get("note", ""), "seeds": {}}
-            for a in alignments:
-                merged["seeds"].update(a.get("seeds", {}))
-            values = list(merged["seeds"].values())
-            if values:
-                merged["same_code"] = float(np.mean([v["same_code"] for v in values]))
-                merged["chance"] = float(np.mean([v["chance"] for v in values]))
-                merged["lift"] = (
-                    merged["same_code"] / merged["chance"] if merged["chance"] > 0 else float("nan")
-                )
-            _write_json(tmp / "alignment.json", merged)
+        for rec in per_seed:
+            _write_json(tmp / "seeds" / f"seed{rec['seed']}.json", rec)
+        for name, obj in (extra_files or {}).items():
+            _write_json(tmp / name, obj)
         write_results(cfg, tmp, per_seed, seconds, data=data, markets=markets)
+        if note:
+            metrics = json.loads((tmp / "metrics.json").read_text())
+            metrics["notes"].append(note)
+            _write_json(tmp / "metrics.json", metrics)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -480,7 +499,6 @@ def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool
     before phase tests were recorded) is an error naming the file; nothing is written
     before every seed is checked, and the output appears whole or not at all. ``skip_missing=True`` keeps the
     seeds that recorded one instead (an error only if none did)."""
-    import shutil
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists():
@@ -530,30 +548,12 @@ def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool
     cfg.seeds = [int(rec["seed"]) for rec in per_seed]
     cfg.name = f"{cfg.name}_phase1"
     cfg.output_dir = str(out_dir.parent)
-    markets = list(per_seed[0]["communication"]) or list(per_seed[0]["test"])
-    method = get_method(cfg.method.name)
-    data = None if method.private else prepare_data(cfg)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "seeds").mkdir(parents=True)
-    try:
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        for rec in per_seed:
-            _write_json(tmp / "seeds" / f"seed{rec['seed']}.json", rec)
-        seconds = sum(float(rec.get("seconds", 0.0)) for rec in per_seed)
-        write_results(cfg, tmp, per_seed, seconds, data=data, markets=None if data is not None else markets)
-        metrics = json.loads((tmp / "metrics.json").read_text())
-        metrics["notes"].append(
-            f"first phase of {run_dir}: test at each market's best validation round up to the phase end "
-            "(no fine-tuning); seconds are the whole run's"
-        )
-        _write_json(tmp / "metrics.json", metrics)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    seconds = sum(float(rec.get("seconds", 0.0)) for rec in per_seed)
+    note = (
+        f"first phase of {run_dir}: test at each market's best validation round up to the phase end "
+        "(no fine-tuning); seconds are the whole run's"
+    )
+    return _write_run_folder(cfg, out_dir, per_seed, seconds, note=note)
 
 
 def merge_grid(root: str | Path, out_dir: str | Path) -> list[Path]:
