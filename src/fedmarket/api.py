@@ -491,7 +491,7 @@ def _write_run_folder(
 def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool = False) -> Path:
     """A run folder for the first phase of a phased run (FeCoSR / FedAvg + fine-tune: the pre-trained model
     without fine-tuning; one-to-one transfer: zero-shot transfer), as if the run had stopped where its first
-    phase ended: each seed's test metrics are those the in-process runtime recorded at that phase end
+    phase ended: each seed's test metrics are those the runtime recorded at that phase end
     (``phase_tests``: each market's best validation round so far), its history and uploads end there.
 
     Compute is matched by construction: the first phase ran to its own validation plateau, the same rule a
@@ -537,9 +537,8 @@ def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool
         for m, c in comm.items():
             ups = [u for u in first["uploads"] if u["market"] == m]
             c["up_bytes"], c["rounds"] = int(sum(u["bytes"] for u in ups)), len(ups)
-            if all(
-                "down_bytes" in u for u in ups
-            ):  # older runs did not log downloads per round: keep the total
+            # older runs did not log downloads per round: they keep the run's total
+            if ups and all("down_bytes" in u for u in ups):
                 c["down_bytes"] = int(sum(u["down_bytes"] for u in ups))
         first["communication"] = comm
         per_seed.append(first)
