@@ -83,6 +83,14 @@ CONFIGS = {
         "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5},
         "eval": {"select_metric": "mean_auc"},
     },
+    # train.phase_patience 0: the federated phase runs all its rounds (3), fine-tuning stops at its plateau
+    "mtl_fedavg_ft_fixed_pretraining": {
+        "dataset": MTL_DATASET,
+        "method": {"name": "mtl_fedavg_ft", "options": {"federated_rounds": 3}},
+        "model": MTL_MODEL,
+        "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5, "phase_patience": 0},
+        "eval": {"select_metric": "mean_auc"},
+    },
     # the PF-MSMTrec + local fine-tune variant: personalised federation ends at its plateau, then fine-tuning
     "pfmsmt_ft_patience": {
         "dataset": MTL_DATASET,
@@ -137,6 +145,14 @@ def experiment(tmp_path: Path, method: str) -> dict:
 pytestmark = pytest.mark.usefixtures("fresh_flower_client")
 
 
+# (first phase's end, converged round) of the configs with train.patience
+PHASES = {
+    "mtl_fedavg_ft_patience": (2, 4),
+    "pfmsmt_ft_patience": (2, 4),
+    "mtl_fedavg_ft_fixed_pretraining": (3, 5),
+}
+
+
 @pytest.mark.parametrize("method", list(CONFIGS))
 def test_method_over_flower_equals_in_process(tmp_path, method):
     cfg_dict = experiment(tmp_path, method)
@@ -153,9 +169,10 @@ def test_method_over_flower_equals_in_process(tmp_path, method):
     assert got["communication"] == expected["communication"]
     assert got["selected_round"] == expected["selected_round"]
     assert got["convergence"] == expected["convergence"]
+    phase_end, converged = PHASES.get(method, (None, None))
     if cfg_dict["train"].get("patience"):
-        assert expected["convergence"]["0"]["phase_ends"] == [2]
-        assert expected["convergence"]["0"]["converged_round"] == 4
+        assert expected["convergence"]["0"]["phase_ends"] == [phase_end]
+        assert expected["convergence"]["0"]["converged_round"] == converged
     assert set(got["per_market"]) == set(markets)
     # the validation history of every round (every phase of a multi-stage schedule) too
     inproc_dir = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("eq_"))
@@ -166,7 +183,7 @@ def test_method_over_flower_equals_in_process(tmp_path, method):
         json.loads((d / "seeds" / "seed0.json").read_text())["phase_tests"] for d in (run_dir, inproc_dir)
     ]
     assert phases[0] == phases[1]
-    assert [p["round"] for p in phases[0]] == ([2] if cfg_dict["train"].get("patience") else [])
+    assert [p["round"] for p in phases[0]] == ([phase_end] if phase_end else [])
 
 
 def test_privacy_secagg_and_attack_configs_run_on_flower(tmp_path):

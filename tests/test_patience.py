@@ -259,3 +259,65 @@ def test_phase_tests_survive_a_resume(splits, tmp_path) -> None:
     first = run_seed(cfg, 0, _Prepared(splits), ckpt, False)
     again = run_seed(cfg, 0, _Prepared(splits), ckpt, True)
     assert again.phase_tests == first.phase_tests and len(first.phase_tests) == 1
+
+
+class _TwoPhase:
+    """A phased strategy as the runtime sees it: first phase rounds 1..federated_rounds (`FederatedPhase`)."""
+
+    def __init__(self, federated_rounds: int) -> None:
+        from fedmarket.federation.strategies import FederatedPhase
+
+        self.phase = type("P", (FederatedPhase,), {})()
+        self.phase.federated_rounds = federated_rounds
+
+    def __getattr__(self, name):
+        return getattr(self.phase, name)
+
+
+def test_phase_patience_zero_runs_the_first_phase_to_its_last_round() -> None:
+    s = _TwoPhase(4)
+    p = Plateau(patience=1, select_metric="auc", phase_patience=0)
+    # flat scores would end phase 1 at round 2 with patience 1; with phase_patience 0 it runs to round 4,
+    # that round is recorded as the phase end, then patience 1 ends fine-tuning
+    assert _feed(p, [0.6, 0.6, 0.6, 0.6, 0.7, 0.7], s) == [False] * 5 + [True]
+    assert p.phase_ends == [4] and p.converged_round == 6 and s.federated_rounds == 4
+
+
+def test_phase_patience_replaces_patience_in_the_first_phase_only() -> None:
+    s = _TwoPhase(20)
+    p = Plateau(patience=1, select_metric="auc", phase_patience=3)
+    series = [0.6, 0.7, 0.69, 0.69, 0.69, 0.8, 0.79]
+    assert _feed(p, series, s) == [False] * 6 + [True]
+    assert p.phase_ends == [5] and s.federated_rounds == 5 and p.converged_round == 7
+    default = Plateau(patience=1, select_metric="auc")  # phase_patience None = patience
+    assert _feed(default, series[:3], _TwoPhase(20)) == [False] * 3 and default.phase_ends == [3]
+
+
+def test_a_first_phase_that_reaches_its_maximum_records_its_end() -> None:
+    p = Plateau(patience=2, select_metric="auc")
+    assert _feed(p, [0.5, 0.6, 0.7, 0.8, 0.79, 0.78], _TwoPhase(3)) == [False] * 5 + [True]
+    assert p.phase_ends == [3] and p.converged_round == 6
+    assert "phase_patience" not in p.state_dict()  # configuration, not run state
+
+
+def test_a_fixed_pretraining_budget_is_the_fixed_schedule_and_records_its_end(splits) -> None:
+    """phase_patience 0: the federated phase runs all `federated_rounds` (matched pre-training compute), its
+    end is recorded with the test of FedAvg alone at that budget, and fine-tuning then stops at its plateau."""
+    opts = {"federated_rounds": 3}
+    cfg = _cfg("mtl_fedavg_ft", opts, rounds=10, patience=1, min_delta=0.5, phase_patience=0)
+    result = run_seed(cfg, 0, _Prepared(splits), None, False)
+    assert result.convergence["phase_ends"] == [3] and result.convergence["converged_round"] == 5
+    assert result.convergence["phase_patience"] == 0
+    assert all(u["bytes"] > 0 for u in result.uploads if u["round"] <= 3)
+    assert all(u["bytes"] == 0 for u in result.uploads if u["round"] > 3)
+    fixed = run_seed(_cfg("mtl_fedavg_ft", opts, rounds=5), 0, _Prepared(splits), None, False)
+    assert fixed.test == result.test
+    alone = run_seed(_cfg("mtl_fedavg", rounds=3), 0, _Prepared(splits), None, False)
+    assert [p["round"] for p in result.phase_tests] == [3]
+    assert result.phase_tests[0]["test"] == alone.test
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "3"])
+def test_bad_phase_patience_is_a_config_error(bad) -> None:
+    with pytest.raises(ConfigError, match="train.phase_patience"):
+        _cfg("mtl_fedavg_ft", {"federated_rounds": 3}, rounds=5, patience=1, phase_patience=bad)

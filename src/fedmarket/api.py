@@ -120,6 +120,7 @@ def run_seed(
         progress=cfg.progress,
         patience=cfg.train.patience,
         min_delta=cfg.train.min_delta,
+        phase_patience=cfg.train.phase_patience,
     )
     result = sim.run(resume=resume)
     result.privacy["server_step"] = describe_server_step(base_strategy, rounds)

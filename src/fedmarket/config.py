@@ -84,6 +84,10 @@ class TrainConfig:
     # `rounds` is then the maximum). Phased methods (FedAvg + fine-tune) end a phase instead.
     patience: int = 0
     min_delta: float = 0.0
+    # patience of a phased method's first phase (pre-training, transfer's source phase); None = `patience`,
+    # 0 = the first phase runs all its rounds (a fixed pre-training budget, e.g. to match two methods' compute).
+    # The first phase ends at its plateau or at its maximum; either way the end is recorded (phase_ends).
+    phase_patience: int | None = None
 
     def validate(self, prefix: str) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
@@ -95,6 +99,12 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.client_fraction must be in (0, 1], got {self.client_fraction}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
             raise ConfigError(f"{prefix}.patience must be an integer >= 0 (0 = off), got {self.patience!r}")
+        pp = self.phase_patience
+        if pp is not None and (isinstance(pp, bool) or not isinstance(pp, int) or pp < 0):
+            raise ConfigError(
+                f"{prefix}.phase_patience must be null (= patience) or an integer >= 0 "
+                f"(0 = the first phase runs all its rounds), got {pp!r}"
+            )
         if not isinstance(self.min_delta, (int, float)) or not 0 <= self.min_delta < 1:
             raise ConfigError(f"{prefix}.min_delta must be a number in [0, 1), got {self.min_delta!r}")
 

@@ -94,7 +94,10 @@ class Plateau:
     with phases (e.g. FedAvg then local fine-tuning) may take the plateau as the end of a phase instead of the
     run: its ``on_plateau(server_round)`` returns True, and counting starts again; its optional
     ``plateau_markets(server_round)`` narrows the score to some markets (one-to-one transfer's source phase:
-    the source alone). Pure bookkeeping shared by
+    the source alone). While the strategy's ``in_first_phase(server_round)`` is true, ``phase_patience``
+    (when not None) replaces ``patience``: 0 runs the first phase to its last round. The first phase's last
+    round (its maximum, ``federated_rounds``) ends the phase as a plateau does, so every phased run records
+    where its first phase ended. Pure bookkeeping shared by
     the in-process `Simulator` and the Flower ServerApp, checkpointed as a plain dict.
     """
 
@@ -105,6 +108,7 @@ class Plateau:
     since: int = 0
     converged_round: int | None = None
     phase_ends: list[int] = field(default_factory=list)
+    phase_patience: int | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +126,9 @@ class Plateau:
         """Record round ``server_round``'s validation rows; True when the run should stop after it."""
         if self.patience <= 0:
             return False
+        phase = getattr(strategy, "in_first_phase", None)
+        first = bool(phase is not None and phase(server_round))
+        limit = self.phase_patience if first and self.phase_patience is not None else self.patience
         scope = getattr(strategy, "plateau_markets", None)
         markets = scope(server_round) if scope is not None else None
         values = [
@@ -132,16 +139,18 @@ class Plateau:
             and self.select_metric in h
             and (markets is None or h.get("market") in markets)
         ]
-        if not values or np.all(np.isnan(values)):
-            return False  # not an evaluated round (eval.every) or a phase without the metric
-        score = float(np.nanmean(values))
-        lower = self.select_metric in ("logloss", "loss")
-        gain = None if self.best is None else (self.best - score if lower else score - self.best)
-        if gain is None or gain > self.min_delta:
-            self.best, self.since = score, 0
-            return False
-        self.since += 1
-        if self.since < self.patience:
+        # not an evaluated round (eval.every) or a phase without the metric: nothing to count
+        evaluated = bool(values) and not np.all(np.isnan(values))
+        if evaluated:
+            score = float(np.nanmean(values))
+            lower = self.select_metric in ("logloss", "loss")
+            gain = None if self.best is None else (self.best - score if lower else score - self.best)
+            if gain is None or gain > self.min_delta:
+                self.best, self.since = score, 0
+            else:
+                self.since += 1
+        last_of_phase = first and server_round >= strategy.federated_rounds
+        if not last_of_phase and (not evaluated or limit <= 0 or self.since < limit):
             return False
         hook = getattr(strategy, "on_plateau", None)
         if hook is not None and hook(server_round):
@@ -172,6 +181,7 @@ class Simulator:
         progress: bool = True,
         patience: int = 0,
         min_delta: float = 0.0,
+        phase_patience: int | None = None,
     ) -> None:
         if not trainers:
             raise FedmarketError("no markets to train")
@@ -196,7 +206,7 @@ class Simulator:
         self.uploads: list[dict[str, Any]] = []
         self.communication = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in trainers}
         self.best: dict[str, dict[str, Any]] = {}
-        self.plateau = Plateau(patience, min_delta, select_metric)
+        self.plateau = Plateau(patience, min_delta, select_metric, phase_patience=phase_patience)
         self.phase_tests: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- state
@@ -436,4 +446,5 @@ def convergence_report(plateau: Plateau, rounds_run: int) -> dict[str, Any]:
         "rounds_run": rounds_run,
         "converged_round": plateau.converged_round,
         "phase_ends": list(plateau.phase_ends),
+        **({} if plateau.phase_patience is None else {"phase_patience": plateau.phase_patience}),
     }

@@ -37,10 +37,14 @@ class FederatedPhase:
 
     federated_rounds: int
 
+    def in_first_phase(self, server_round: int) -> bool:
+        """Round ``server_round`` belongs to the federated (or source) phase that a plateau may end."""
+        return 0 < server_round <= self.federated_rounds
+
     def on_plateau(self, server_round: int) -> bool:
         """True: the federated phase ended here, fine-tuning starts next round (``federated_rounds`` is then
         the maximum). False: no fine-tuning stage (``federated_rounds`` = 0), or it converged too: stop."""
-        if self.federated_rounds > 0 and server_round <= self.federated_rounds:
+        if self.in_first_phase(server_round):
             self.federated_rounds = server_round
             return True
         return False

@@ -239,7 +239,12 @@ class FlowerServer:
             state["communication"] = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in self.markets}
         min_markets = min(cfg.train.min_markets, len(self.markets))
         stop_before = getattr(strategy, "stop_before", None)  # e.g. a privacy budget (target ε)
-        plateau = Plateau(cfg.train.patience, cfg.train.min_delta, cfg.eval.select_metric)
+        plateau = Plateau(
+            cfg.train.patience,
+            cfg.train.min_delta,
+            cfg.eval.select_metric,
+            phase_patience=cfg.train.phase_patience,
+        )
         plateau.load_state_dict(state.get("plateau"))
         for server_round in range(state["round"] + 1, cfg.train.rounds + 1):
             if plateau.converged_round is not None:
