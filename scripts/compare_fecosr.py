@@ -32,6 +32,7 @@ from fedmarket.summary import (  # noqa: E402
     paired,
     per_seed_average,
     rounds_text,
+    stop_slopes,
     upload_bytes,
 )
 
@@ -57,6 +58,10 @@ ROWS = [  # (suffix of the config name, label)
         "FedAvg-CE without fine-tune (pre-training ≤ 150 rounds, at its plateau)",
     ),
     ("fecosr_long-pt_phase1", "FeCoSR without fine-tune (pre-training ≤ 150 rounds, at its plateau)"),
+    ("seq_fedavg_ft_fixed-pt", "FedAvg-CE + fine-tune, pre-training 150 rounds (fixed, matched)"),
+    ("fecosr_fixed-pt", "**FeCoSR**, pre-training 150 rounds (fixed, matched)"),
+    ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
+    ("fecosr_fixed-pt_phase1", "FeCoSR without fine-tune (150 rounds, fixed)"),
     ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
     ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
     ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
@@ -89,6 +94,31 @@ CHECKS = [  # (a, b, text): a − b per seed
         "FeCoSR w/o fine-tune − FedAvg-CE, both pre-trained to their plateau (S²CE vs CE, no fine-tune)",
     ),
     (
+        "fecosr_fixed-pt",
+        "seq_fedavg_ft_fixed-pt",
+        "FeCoSR − FedAvg-CE + fine-tune, both pre-trained 150 rounds (S²CE vs CE at matched compute)",
+    ),
+    (
+        "fecosr_fixed-pt_phase1",
+        "seq_fedavg_ft_fixed-pt_phase1",
+        "FeCoSR w/o fine-tune − FedAvg-CE, 150 pre-training rounds each (S²CE vs CE, no fine-tune)",
+    ),
+    (
+        "fecosr_fixed-pt",
+        "seq_transfer_long-pt",
+        "FeCoSR, 150 pre-training rounds − one-to-one transfer (source ≤ 150)",
+    ),
+    (
+        "seq_fedavg_ft_fixed-pt",
+        "seq_fedavg_ft_long-pt",
+        "FedAvg-CE + fine-tune: 150 pre-training rounds − pre-training stopped by patience",
+    ),
+    (
+        "fecosr_fixed-pt",
+        "fecosr_long-pt",
+        "FeCoSR: 150 pre-training rounds − pre-training stopped by patience",
+    ),
+    (
         "fecosr_long-pt",
         "fecosr_long-pt_phase1",
         "FeCoSR, pre-training ≤ 150 rounds − its pre-trained model (what fine-tuning adds)",
@@ -117,7 +147,13 @@ CHECKS = [  # (a, b, text): a − b per seed
 ]
 
 
-PHASED = ("fecosr_long-pt", "seq_fedavg_ft_long-pt", "seq_transfer_long-pt")
+PHASED = (
+    "fecosr_long-pt",
+    "seq_fedavg_ft_long-pt",
+    "seq_transfer_long-pt",
+    "fecosr_fixed-pt",
+    "seq_fedavg_ft_fixed-pt",
+)
 
 
 def derive_first_phases(merged: list[Path], datasets: list[str], out: Path) -> list[str]:
@@ -199,6 +235,37 @@ def transfer_lines(found: list[tuple[str, str, Path, dict]], metric: str) -> lis
     return lines
 
 
+def stop_lines(found: list[tuple[str, str, Path, dict]], window: int = 20) -> list[str]:
+    """Where early stopping stopped each row with ``train.patience`` (phase ends and convergence, mean over
+    seeds) and the validation slope over the last ``window`` rounds before: still rising = not a plateau."""
+    rows = []
+    for suffix, label, run_dir, _ in found:
+        if suffix.endswith("_phase1"):
+            continue  # the same stops as the run it is derived from
+        by_kind: dict[str, list[dict]] = {}
+        for r in stop_slopes(run_dir, "ndcg@10", window):
+            by_kind.setdefault(r["kind"], []).append(r)
+        for kind, rs in by_kind.items():
+            rounds = ", ".join(str(r["round"]) for r in rs)
+            slopes = [1000 * r["slope"] for r in rs]
+            rows.append(
+                f"| {label} | {kind} | {rounds} | {np.mean([100 * r['score'] for r in rs]):.2f} | "
+                f"{np.mean(slopes):+.2f} ({min(slopes):+.2f} … {max(slopes):+.2f}) |"
+            )
+    if not rows:
+        return []
+    return [
+        f"Where early stopping stopped (validation NDCG@10 on 1+99, mean over markets; slope of a line fitted to "
+        f"the last {window} rounds of the phase, ×10⁻³ per round, mean (range) over seeds). A slope well above 0 "
+        "means the patience rule fired on noise while the score was still rising: not a plateau.",
+        "",
+        "| row | stop | rounds (per seed) | val NDCG@10 ×100 | slope ×10⁻³ / round |",
+        "|---|---|---|---:|---:|",
+        *rows,
+        "",
+    ]
+
+
 def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
     found = find_rows(merged, dataset, ROWS)
     if not found:
@@ -258,6 +325,7 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
             *rows,
             "",
         ]
+    lines += stop_lines(found)
     for row, label in (("fecosr", "FeCoSR"), ("fecosr_long-pt", "FeCoSR with pre-training ≤ 150 rounds")):
         gap = gap_closed(by, "full_ndcg@10", row)
         if gap:

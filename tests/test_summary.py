@@ -199,6 +199,16 @@ def test_compare_fecosr_derives_the_first_phase_rows(tmp_path: Path, monkeypatch
     merged = tmp_path / "merged"
     merged.mkdir()
     run_experiment(cfg).rename(merged / f"{ds}_fecosr_long-pt")
+    # the fixed pre-training budget (train.phase_patience 0): its first phase ends at its last round
+    fixed = config_from_dict(
+        {
+            **cfg.to_dict(),
+            "name": f"{ds}_fecosr_fixed-pt",
+            "method": {"name": "mtl_fedavg_ft", "options": {"federated_rounds": 3}},
+            "train": {**cfg.to_dict()["train"], "phase_patience": 0},
+        }
+    )
+    run_experiment(fixed).rename(merged / f"{ds}_fecosr_fixed-pt")
     _merged_run(merged, f"{ds}_seq_fedavg_ft_long-pt", "seq_fedavg_ft", {0: {"a": 0.1, "b": 0.1, "c": 0.1}})
     mod = _load_script("compare_fecosr")
     out = tmp_path / "out"
@@ -213,3 +223,34 @@ def test_compare_fecosr_derives_the_first_phase_rows(tmp_path: Path, monkeypatch
     assert first["per_market"] == seed0["phase_tests"][0]["test"]
     assert rounds_text(first) == "2"
     assert not (out / "phase1" / f"{ds}_seq_fedavg_ft_long-pt_phase1").exists()
+    assert f"{ds}_fecosr_fixed-pt: first phase derived" in log
+    fixed_first = json.loads((out / "phase1" / f"{ds}_fecosr_fixed-pt_phase1" / "metrics.json").read_text())
+    assert rounds_text(fixed_first) == "3"
+
+
+def test_stop_slopes_tell_a_plateau_from_a_stop_on_noise(tmp_path: Path) -> None:
+    """Phase 1 stops at round 30 while its score still rises 0.002 per round; phase 2 stops flat at 45."""
+    from fedmarket.summary import stop_slopes
+
+    rng = np.random.default_rng(0)
+    history = []
+    for r in range(1, 46):
+        level = 0.3 + 0.002 * r if r <= 30 else 0.5
+        for m, noise in zip(("a", "b"), rng.normal(0, 0.0005, 2), strict=True):
+            history.append({"round": r, "market": m, "split": "valid", "ndcg@10": level + noise})
+        history.append({"round": r, "market": "a", "split": "test", "ndcg@10": 9.0})  # not validation
+    run = tmp_path / "run"
+    (run / "seeds").mkdir(parents=True)
+    conv = {"patience": 3, "min_delta": 0.0005, "rounds_run": 45, "converged_round": 45, "phase_ends": [30]}
+    (run / "seeds" / "seed0.json").write_text(
+        json.dumps({"seed": 0, "test": {}, "history": history, "convergence": conv})
+    )
+    (run / "seeds" / "seed1.json").write_text(json.dumps({"seed": 1, "test": {}, "history": history}))
+    rows = stop_slopes(run, "ndcg@10", window=20)
+    assert [(r["seed"], r["round"], r["kind"], r["rounds_fitted"]) for r in rows] == [
+        (0, 30, "phase end", 15),  # window 20, at most the second half of the phase
+        (0, 45, "converged", 7),  # inside its phase: the second half of a 15-round phase
+    ]
+    assert rows[0]["slope"] == pytest.approx(0.002, abs=1e-4)
+    assert abs(rows[1]["slope"]) < 1e-4
+    assert rows[0]["score"] == pytest.approx(0.36, abs=1e-3)

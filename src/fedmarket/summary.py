@@ -102,3 +102,41 @@ def finish_dataset(
         f"Per-{unit} plots and tables: [{dataset}/report.md]({dataset}/report.md)",
         "",
     ]
+
+
+def stop_slopes(run_dir: str | Path, metric: str, window: int = 20) -> list[dict[str, Any]]:
+    """Where early stopping (``train.patience``) stopped each seed of a run, and whether that was a plateau.
+
+    One row per stop (a phase end, then the run's convergence): the round, the validation score there (mean of
+    ``metric`` over the markets) and the slope of that score per round, a least-squares line over the last
+    ``window`` evaluated rounds of the same phase (its second half when shorter, to leave out its first rise). A patience rule can fire on noise while the score still rises:
+    a clearly positive slope says the stop was not a plateau. Runs without early stopping give no rows."""
+    rows = []
+    for path in sorted((Path(run_dir) / "seeds").glob("seed*.json")):
+        rec = json.loads(path.read_text())
+        conv = rec.get("convergence") or {}
+        stops = [(r, "phase end") for r in conv.get("phase_ends") or []]
+        if conv.get("converged_round") is not None:
+            stops.append((conv["converged_round"], "converged"))
+        by_round: dict[int, list[float]] = {}
+        for h in rec.get("history", []):
+            if h.get("split") == "valid" and metric in h and h[metric] is not None:
+                by_round.setdefault(int(h["round"]), []).append(float(h[metric]))
+        score = {r: float(np.nanmean(v)) for r, v in by_round.items()}
+        start = 0
+        for stop, kind in stops:
+            phase = [r for r in sorted(score) if start < r <= stop]
+            xs = phase[-min(window, max(3, len(phase) // 2)) :]  # past the phase's first rise
+            slope = float(np.polyfit(xs, [score[r] for r in xs], 1)[0]) if len(xs) >= 3 else float("nan")
+            rows.append(
+                {
+                    "seed": int(rec["seed"]),
+                    "round": int(stop),
+                    "kind": kind,
+                    "score": score.get(stop, float("nan")),
+                    "slope": slope,
+                    "rounds_fitted": len(xs),
+                }
+            )
+            start = stop
+    return rows
