@@ -188,6 +188,37 @@ def test_runs_table_shows_rounds_run_and_convergence() -> None:
     assert _rounds_run({"convergence": conv}) == "24 (phase 2 from 21), 40*"
 
 
+def test_runs_table_shows_the_slope_at_the_stop(tmp_path: Path) -> None:
+    """A run stopped by patience while its validation still rose shows a clearly positive slope; a run
+    without early stopping shows none."""
+    from fedmarket.report import _runs_overview, load_run
+
+    def run(name: str, conv: dict | None, step: float) -> dict:
+        run_dir = tmp_path / name
+        (run_dir / "seeds").mkdir(parents=True)
+        history = [
+            {"round": r, "market": "a", "split": "valid", "auc": 0.6 + step * r} for r in range(1, 31)
+        ]
+        seed = {"seed": 0, "test": {}, "history": history, "convergence": conv or {}}
+        (run_dir / "seeds" / "seed0.json").write_text(json.dumps(seed))
+        metrics = {
+            "name": name,
+            "per_market": {"a": {"auc": 0.7}},
+            "config": {"eval": {"select_metric": "auc"}, "train": {"rounds": 30}},
+            "seeds": [0],
+            **({"convergence": {"0": conv}} if conv else {}),
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+        return load_run(run_dir)
+
+    conv = {"rounds_run": 30, "converged_round": 30, "phase_ends": []}
+    runs = [run("rising", conv, 0.002), run("fixed", None, 0.002)]
+    table = _runs_overview(runs, ["rising", "fixed"], tmp_path)
+    assert table.loc["rising", "slope at stop"] == "+2.00"
+    assert table.loc["fixed", "slope at stop"] == "–"
+    assert "slope at stop" not in _runs_overview(runs[1:], ["fixed"], tmp_path).columns
+
+
 def test_transfer_gain_over_local_shows_negative_transfer_and_the_source(tmp_path: Path) -> None:
     from fedmarket.report import gain_over_local, transfer_source
 

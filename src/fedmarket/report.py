@@ -417,6 +417,7 @@ def _plot_per_round(rounds: pd.DataFrame, metric: str, path: Path) -> Path:
 
 def _runs_overview(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], base: Path) -> pd.DataFrame:
     rows = []
+    stops = any(r.get("convergence") for r in runs)
     for label, run in zip(labels, runs, strict=True):
         # relative to the report, so the table stays valid when results are moved together
         folder = (
@@ -431,6 +432,7 @@ def _runs_overview(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], bas
                 "seeds": ", ".join(str(s) for s in run.get("seeds", [])) or "–",
                 "private": "yes" if run.get("private", True) else "no",
                 "rounds": _rounds_run(run),
+                **({"slope at stop": _stop_slope(run) if run.get("convergence") else "–"} if stops else {}),
                 "folder": folder,
             }
         )
@@ -454,6 +456,19 @@ def _rounds_run(run: Mapping[str, Any]) -> str:
         return ", ".join(parts)
     rounds = ((run.get("config") or {}).get("train") or {}).get("rounds")
     return str(rounds) if rounds is not None else "–"
+
+
+def _stop_slope(run: Mapping[str, Any]) -> str:
+    """The validation score's slope per round just before each seed's final early stop (×10⁻³, see
+    `fedmarket.summary.stop_slopes`): near 0 at a plateau; clearly positive when patience fired on noise."""
+    from fedmarket.summary import stop_slopes
+
+    metric = ((run.get("config") or {}).get("eval") or {}).get("select_metric")
+    if not metric or not run.get("run_dir"):
+        return "–"
+    final = [r for r in stop_slopes(run["run_dir"], metric) if r["kind"] == "converged"]
+    slopes = [1000 * r["slope"] for r in final if np.isfinite(r["slope"])]
+    return ", ".join(f"{v:+.2f}" for v in slopes) or "–"
 
 
 def _shorten(text: str, limit: int = 200) -> str:
@@ -630,8 +645,11 @@ def write_report(
     lines += ["## Runs", "", _markdown(_runs_overview(runs, labels, out_dir)), ""]
     if any(r.get("convergence") for r in runs):
         lines += [
-            "`rounds`: rounds each seed trained, stopped by `train.patience` at its validation plateau "
-            '(`*`: stopped by the round limit first; "phase 2 from N": e.g. local fine-tuning after FedAvg).',
+            "`rounds`: rounds each seed trained, stopped by `train.patience` "
+            '(`*`: stopped by the round limit first; "phase 2 from N": e.g. local fine-tuning after FedAvg). '
+            "`slope at stop`: per seed, the validation score's slope (×10⁻³ per round) over the last rounds "
+            "before the stop; clearly above 0 means it was still rising (a longer `train.patience` would "
+            "have trained on).",
             "",
         ]
     lines += _private_note(runs)
