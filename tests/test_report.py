@@ -196,9 +196,7 @@ def test_runs_table_shows_the_slope_at_the_stop(tmp_path: Path) -> None:
     def run(name: str, conv: dict | None, step: float) -> dict:
         run_dir = tmp_path / name
         (run_dir / "seeds").mkdir(parents=True)
-        history = [
-            {"round": r, "market": "a", "split": "valid", "auc": 0.6 + step * r} for r in range(1, 31)
-        ]
+        history = [{"round": r, "market": "a", "split": "valid", "auc": 0.6 + step * r} for r in range(1, 31)]
         seed = {"seed": 0, "test": {}, "history": history, "convergence": conv or {}}
         (run_dir / "seeds" / "seed0.json").write_text(json.dumps(seed))
         metrics = {

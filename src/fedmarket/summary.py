@@ -109,8 +109,9 @@ def stop_slopes(run_dir: str | Path, metric: str, window: int = 20) -> list[dict
 
     One row per stop (a phase end, then the run's convergence): the round, the validation score there (mean of
     ``metric`` over the markets) and the slope of that score per round, a least-squares line over the last
-    ``window`` evaluated rounds of the same phase (its second half when shorter, to leave out its first rise). A patience rule can fire on noise while the score still rises:
-    a clearly positive slope says the stop was not a plateau. Runs without early stopping give no rows."""
+    ``window`` evaluated rounds of the same phase (its second half when shorter, to leave out its first
+    rise). A patience rule can fire on noise while the score still rises: a clearly positive slope says the
+    stop was not a plateau. Runs without early stopping give no rows."""
     rows = []
     for path in sorted((Path(run_dir) / "seeds").glob("seed*.json")):
         rec = json.loads(path.read_text())

@@ -149,7 +149,8 @@ class Plateau:
                 self.best, self.since = score, 0
             else:
                 self.since += 1
-        last_of_phase = first and server_round >= strategy.federated_rounds
+        maximum = getattr(strategy, "federated_rounds", None)
+        last_of_phase = first and maximum is not None and server_round >= maximum
         if not last_of_phase and (not evaluated or limit <= 0 or self.since < limit):
             return False
         hook = getattr(strategy, "on_plateau", None)
