@@ -55,9 +55,12 @@ ROWS = [  # (suffix of the config name, label)
     ),
     (
         "seq_fedavg_ft_long-pt_phase1",
-        "FedAvg-CE without fine-tune (pre-training ≤ 150 rounds, at its plateau)",
+        "FedAvg-CE without fine-tune (pre-training ≤ 150 rounds, at its patience-3 stop)",
     ),
-    ("fecosr_long-pt_phase1", "FeCoSR without fine-tune (pre-training ≤ 150 rounds, at its plateau)"),
+    (
+        "fecosr_long-pt_phase1",
+        "FeCoSR without fine-tune (pre-training ≤ 150 rounds, at its patience-3 stop)",
+    ),
     ("seq_fedavg_ft_fixed-pt", "FedAvg-CE + fine-tune, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_fixed-pt", "**FeCoSR**, pre-training 150 rounds (fixed, matched)"),
     ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
@@ -247,7 +250,7 @@ def stop_lines(found: list[tuple[str, str, Path, dict]], window: int = 20) -> li
             by_kind.setdefault(r["kind"], []).append(r)
         for kind, rs in by_kind.items():
             rounds = ", ".join(str(r["round"]) for r in rs)
-            slopes = [1000 * r["slope"] for r in rs]
+            slopes = [1000 * r["slope"] for r in rs if np.isfinite(r["slope"])] or [float("nan")]
             rows.append(
                 f"| {label} | {kind} | {rounds} | {np.mean([100 * r['score'] for r in rs]):.2f} | "
                 f"{np.mean(slopes):+.2f} ({min(slopes):+.2f} … {max(slopes):+.2f}) |"
@@ -256,7 +259,7 @@ def stop_lines(found: list[tuple[str, str, Path, dict]], window: int = 20) -> li
         return []
     return [
         f"Where early stopping stopped (validation NDCG@10 on 1+99, mean over markets; slope of a line fitted to "
-        f"the last {window} rounds of the phase, ×10⁻³ per round, mean (range) over seeds). A slope well above 0 "
+        f"the last ≤ {window} rounds of the phase (its second half when shorter), ×10⁻³ per round, mean (range) over seeds). A slope well above 0 "
         "means the patience rule fired on noise while the score was still rising: not a plateau.",
         "",
         "| row | stop | rounds (per seed) | val NDCG@10 ×100 | slope ×10⁻³ / round |",
