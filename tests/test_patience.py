@@ -321,3 +321,74 @@ def test_a_fixed_pretraining_budget_is_the_fixed_schedule_and_records_its_end(sp
 def test_bad_phase_patience_is_a_config_error(bad) -> None:
     with pytest.raises(ConfigError, match="train.phase_patience"):
         _cfg("mtl_fedavg_ft", {"federated_rounds": 3}, rounds=5, patience=1, phase_patience=bad)
+
+
+def test_stop_slope_keeps_a_rising_noisy_curve_going_until_it_flattens() -> None:
+    """The failure the guard is for: +1e-3 per round with ±2e-3 noise runs out of patience 3 early; with
+    stop_slope 1e-4 over 10 rounds it stops only once the curve is flat."""
+    rng = np.random.default_rng(0)
+    rising = [0.3 + 1e-3 * r + rng.uniform(-2e-3, 2e-3) for r in range(60)]
+    flat = [rising[-1] + rng.uniform(-2e-3, 2e-3) for _ in range(40)]
+
+    def first_stop(plateau: Plateau) -> int | None:
+        history = []
+        for r, score in enumerate(rising + flat, start=1):
+            history += _rows(r, score, score)
+            if plateau.update(r, history, None):
+                return r
+        return None
+
+    plain = Plateau(patience=3, min_delta=0.0005, select_metric="auc")
+    assert first_stop(plain) < 60  # stopped while rising
+    guarded = Plateau(patience=3, min_delta=0.0005, select_metric="auc", stop_slope=1e-4, slope_window=10)
+    stop = first_stop(guarded)
+    assert stop is not None and 60 < stop <= 100 and guarded.converged_round == stop
+    window = np.asarray(guarded.scores[-10:])
+    assert len(guarded.scores) == guarded.converged_round
+    assert np.polyfit(window[:, 0], window[:, 1], 1)[0] <= 1e-4 == guarded.stop_slope
+    assert guarded.slope() == pytest.approx(np.polyfit(window[:, 0], window[:, 1], 1)[0])
+
+
+def test_stop_slope_needs_a_full_window_flips_for_losses_and_resets_per_phase() -> None:
+    p = Plateau(patience=1, select_metric="auc", stop_slope=0.0, slope_window=4)
+    assert _feed(p, [0.5, 0.5, 0.5, 0.5]) == [False, False, False, True]  # flat: stops at the 4th score
+    assert p.slope() == pytest.approx(0.0)
+    q = Plateau(patience=1, select_metric="logloss", stop_slope=0.0, slope_window=3)
+    history, out = [], []
+    for r, v in enumerate([0.7, 0.69, 0.68, 0.66, 0.665, 0.67], start=1):
+        history.append({"round": r, "split": "valid", "logloss": v})
+        out.append(q.update(r, history, None))
+    # round 5 runs out of patience, but the loss fell over rounds 3-5 (improving after the flip); round 6's
+    # window rises
+    assert out == [False] * 5 + [True]
+    s = _TwoPhase(50)
+    r = Plateau(patience=1, select_metric="auc", stop_slope=1e-9, slope_window=3)  # flat: polyfit's ~1e-17
+    assert _feed(r, [0.6, 0.6, 0.6, 0.7, 0.7, 0.7], s) == [False] * 5 + [True]
+    assert r.phase_ends == [3] and r.converged_round == 6 and len(r.scores) == 3
+    t = Plateau(patience=1, select_metric="auc", stop_slope=1e-9, slope_window=3)
+    t.load_state_dict(r.state_dict())
+    assert t.scores == r.scores and t.state_dict() == r.state_dict()
+
+
+def test_a_run_with_the_slope_guard_reports_it(splits) -> None:
+    cfg = _cfg("mtl_fedavg", rounds=4, patience=1, min_delta=0.5, stop_slope=1.0, slope_window=3)
+    result = run_seed(cfg, 0, _Prepared(splits), None, False)
+    # min_delta 0.5: round 2 runs out of patience; the window of 3 is full at round 3, any slope <= 1.0
+    assert result.convergence["converged_round"] == 3
+    assert result.convergence["stop_slope"] == 1.0 and result.convergence["slope_window"] == 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"patience": 1, "stop_slope": float("nan")},
+        {"patience": 1, "stop_slope": "x"},
+        {"patience": 0, "stop_slope": 1e-4},
+        {"patience": 1, "slope_window": 1},
+        {"patience": 1, "slope_window": 2.5},
+    ],
+)
+def test_bad_slope_guard_values_are_config_errors(bad) -> None:
+    key = "stop_slope" if "stop_slope" in bad else "slope_window"
+    with pytest.raises(ConfigError, match=f"train.{key}"):
+        _cfg("mtl_fedavg", rounds=5, **bad)

@@ -121,6 +121,8 @@ def run_seed(
         patience=cfg.train.patience,
         min_delta=cfg.train.min_delta,
         phase_patience=cfg.train.phase_patience,
+        stop_slope=cfg.train.stop_slope,
+        slope_window=cfg.train.slope_window,
     )
     result = sim.run(resume=resume)
     result.privacy["server_step"] = describe_server_step(base_strategy, rounds)

@@ -8,6 +8,7 @@ the method itself (`fedmarket.methods`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -88,6 +89,12 @@ class TrainConfig:
     # 0 = the first phase runs all its rounds (a fixed pre-training budget, e.g. to match two methods' compute).
     # The first phase ends at its plateau or at its maximum; either way the end is recorded (phase_ends).
     phase_patience: int | None = None
+    # slope guard on early stopping: with a value, running out of patience stops only when the validation
+    # score's least-squares slope over the phase's last `slope_window` evaluated rounds is <= stop_slope
+    # (per round, improvement positive). None = patience alone. Guards against stopping on round-to-round
+    # noise while the score still rises (e.g. stop_slope 1e-4 with slope_window 20).
+    stop_slope: float | None = None
+    slope_window: int = 20
 
     def validate(self, prefix: str) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
@@ -107,6 +114,16 @@ class TrainConfig:
             )
         if not isinstance(self.min_delta, (int, float)) or not 0 <= self.min_delta < 1:
             raise ConfigError(f"{prefix}.min_delta must be a number in [0, 1), got {self.min_delta!r}")
+        ss = self.stop_slope
+        if ss is not None and (
+            isinstance(ss, bool) or not isinstance(ss, (int, float)) or not math.isfinite(ss)
+        ):
+            raise ConfigError(f"{prefix}.stop_slope must be null (off) or a finite number, got {ss!r}")
+        sw = self.slope_window
+        if isinstance(sw, bool) or not isinstance(sw, int) or sw < 2:
+            raise ConfigError(f"{prefix}.slope_window must be an integer >= 2, got {sw!r}")
+        if ss is not None and self.patience <= 0:
+            raise ConfigError(f"{prefix}.stop_slope needs early stopping on (train.patience > 0)")
 
 
 @dataclass

@@ -97,8 +97,11 @@ class Plateau:
     the source alone). While the strategy's ``in_first_phase(server_round)`` is true, ``phase_patience``
     (when not None) replaces ``patience``: 0 runs the first phase to its last round. The first phase's last
     round (its maximum, ``federated_rounds``) ends the phase as a plateau does, so every phased run records
-    where its first phase ended. Pure bookkeeping shared by
-    the in-process `Simulator` and the Flower ServerApp, checkpointed as a plain dict.
+    where its first phase ended. ``stop_slope`` (when not None) guards against stopping on noise while the
+    score still rises: patience alone no longer stops; the least-squares slope of the phase's last
+    ``slope_window`` validation scores (per round, signed so that improvement is positive) must also be at
+    most ``stop_slope``, and the phase must have at least ``slope_window`` evaluated rounds. Pure bookkeeping
+    shared by the in-process `Simulator` and the Flower ServerApp, checkpointed as a plain dict.
     """
 
     patience: int = 0
@@ -109,6 +112,10 @@ class Plateau:
     converged_round: int | None = None
     phase_ends: list[int] = field(default_factory=list)
     phase_patience: int | None = None
+    stop_slope: float | None = None
+    slope_window: int = 20
+    # (round, score) of the current phase's evaluated rounds, for the slope guard
+    scores: list[tuple[int, float]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -116,11 +123,24 @@ class Plateau:
             "since": self.since,
             "converged_round": self.converged_round,
             "phase_ends": list(self.phase_ends),
+            "scores": [list(x) for x in self.scores],
         }
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         for key, value in (state or {}).items():
-            setattr(self, key, list(value) if key == "phase_ends" else value)
+            if key == "phase_ends":
+                value = list(value)
+            elif key == "scores":
+                value = [(int(r), float(v)) for r, v in value]
+            setattr(self, key, value)
+
+    def slope(self) -> float | None:
+        """Improvement per round over the phase's last ``slope_window`` evaluated rounds (None: too few)."""
+        if len(self.scores) < max(2, self.slope_window):
+            return None
+        window = np.asarray(self.scores[-self.slope_window :], dtype=float)
+        slope = float(np.polyfit(window[:, 0], window[:, 1], 1)[0])
+        return -slope if self.select_metric in ("logloss", "loss") else slope
 
     def update(self, server_round: int, history: list[dict[str, Any]], strategy: Any) -> bool:
         """Record round ``server_round``'s validation rows; True when the run should stop after it."""
@@ -149,14 +169,19 @@ class Plateau:
                 self.best, self.since = score, 0
             else:
                 self.since += 1
+            self.scores.append((server_round, score))
         maximum = getattr(strategy, "federated_rounds", None)
         last_of_phase = first and maximum is not None and server_round >= maximum
         if not last_of_phase and (not evaluated or limit <= 0 or self.since < limit):
             return False
+        if not last_of_phase and self.stop_slope is not None:
+            slope = self.slope()
+            if slope is None or slope > self.stop_slope:
+                return False  # patience ran out, but the score is still rising (or too few rounds to tell)
         hook = getattr(strategy, "on_plateau", None)
         if hook is not None and hook(server_round):
             self.phase_ends.append(server_round)
-            self.best, self.since = None, 0
+            self.best, self.since, self.scores = None, 0, []
             return False
         self.converged_round = server_round
         return True
@@ -183,6 +208,8 @@ class Simulator:
         patience: int = 0,
         min_delta: float = 0.0,
         phase_patience: int | None = None,
+        stop_slope: float | None = None,
+        slope_window: int = 20,
     ) -> None:
         if not trainers:
             raise FedmarketError("no markets to train")
@@ -207,7 +234,14 @@ class Simulator:
         self.uploads: list[dict[str, Any]] = []
         self.communication = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in trainers}
         self.best: dict[str, dict[str, Any]] = {}
-        self.plateau = Plateau(patience, min_delta, select_metric, phase_patience=phase_patience)
+        self.plateau = Plateau(
+            patience,
+            min_delta,
+            select_metric,
+            phase_patience=phase_patience,
+            stop_slope=stop_slope,
+            slope_window=slope_window,
+        )
         self.phase_tests: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------- state
@@ -448,4 +482,9 @@ def convergence_report(plateau: Plateau, rounds_run: int) -> dict[str, Any]:
         "converged_round": plateau.converged_round,
         "phase_ends": list(plateau.phase_ends),
         **({} if plateau.phase_patience is None else {"phase_patience": plateau.phase_patience}),
+        **(
+            {}
+            if plateau.stop_slope is None
+            else {"stop_slope": plateau.stop_slope, "slope_window": plateau.slope_window}
+        ),
     }

@@ -244,6 +244,8 @@ class FlowerServer:
             cfg.train.min_delta,
             cfg.eval.select_metric,
             phase_patience=cfg.train.phase_patience,
+            stop_slope=cfg.train.stop_slope,
+            slope_window=cfg.train.slope_window,
         )
         plateau.load_state_dict(state.get("plateau"))
         for server_round in range(state["round"] + 1, cfg.train.rounds + 1):
