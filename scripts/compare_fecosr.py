@@ -29,6 +29,7 @@ from fedmarket.report import TRANSFER_REFERENCE, gain_over_local  # noqa: E402
 from fedmarket.summary import (  # noqa: E402
     find_rows,
     finish_dataset,
+    matched_rounds,
     paired,
     per_seed_average,
     rounds_text,
@@ -269,6 +270,53 @@ def stop_lines(found: list[tuple[str, str, Path, dict]], window: int = 20) -> li
     ]
 
 
+MATCHED = [  # (S²CE row, CE row, pre-training budget): first phases compared round by round
+    ("fecosr", "seq_fedavg_ft", "≤ 40 rounds"),
+    ("fecosr_long-pt", "seq_fedavg_ft_long-pt", "≤ 150, each to its patience-3 stop"),
+    ("fecosr_fixed-pt", "seq_fedavg_ft_fixed-pt", "150 rounds, fixed"),
+]
+
+
+def matched_lines(by: dict[str, Path], out: Path, dataset: str) -> list[str]:
+    """FedAvg-S²CE against FedAvg-CE pre-training round by round (the same compute), per seed; the curves
+    are plotted to ``out/fecosr_matched_<dataset>.png``."""
+    rows = []
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (a, b, budget) in enumerate(MATCHED):
+        if a not in by or b not in by:
+            continue
+        for j, r in enumerate(matched_rounds(by[a], by[b], "ndcg@10")):
+            rows.append(
+                f"| {budget} | {r['seed']} | 1–{r['last_round']} | {r['a_ahead']} of {r['rounds']} | "
+                f"{1000 * r['mean_diff']:+.1f} | {1000 * r['last_diff']:+.1f} |"
+            )
+            color = f"C{i}"
+            for curve, style, loss in ((r["curve_b"], "-", "CE"), (r["curve_a"], "--", "S²CE")):
+                label = f"{loss}, {budget}" if j == 0 else None  # one legend entry per pair and loss
+                ax.plot(list(curve), list(curve.values()), style, color=color, lw=1, label=label)
+    if not rows:
+        plt.close(fig)
+        return []
+    ax.set_xlabel("pre-training round (FedAvg)")
+    ax.set_ylabel("validation NDCG@10 (1+99), market mean")
+    ax.set_title(f"{dataset}: FedAvg-CE (solid) vs FedAvg-S²CE (dashed), every seed", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / f"fecosr_matched_{dataset}.png", dpi=110)
+    plt.close(fig)
+    return [
+        "S²CE vs CE pre-training at matched rounds (FedAvg-S²CE − FedAvg-CE, validation NDCG@10 on 1+99, mean "
+        "over markets, ×10⁻³; every round both pre-trainings reached, so the same compute):",
+        "",
+        "| pre-training | seed | rounds | S²CE ahead | mean difference | at the last common round |",
+        "|---|---:|---|---:|---:|---:|",
+        *rows,
+        "",
+        f"![S²CE vs CE at matched rounds, {dataset}](fecosr_matched_{dataset}.png)",
+        "",
+    ]
+
+
 def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
     found = find_rows(merged, dataset, ROWS)
     if not found:
@@ -329,6 +377,7 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
             "",
         ]
     lines += stop_lines(found)
+    lines += matched_lines(by, out, dataset)
     for row, label in (("fecosr", "FeCoSR"), ("fecosr_long-pt", "FeCoSR with pre-training ≤ 150 rounds")):
         gap = gap_closed(by, "full_ndcg@10", row)
         if gap:

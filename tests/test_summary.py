@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from fedmarket.summary import paired, per_seed_average, rounds_text, upload_bytes
 
@@ -135,6 +136,16 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         up={"a": 1_000_000},  # 4 uploads of 0.25 MB, each target downloads the model once
         down={"b": 250_000, "c": 250_000},
     )
+    # validation curves for the matched-round table: S²CE behind CE by 0.002 in rounds 1-3 of seed 0
+    for name, level in (("fecosr", 0.298), ("seq_fedavg_ft", 0.3)):
+        path = merged / f"{ds}_{name}" / "seeds" / "seed0.json"
+        rec = json.loads(path.read_text())
+        rec["history"] = [
+            {"round": r, "market": m, "split": "valid", "ndcg@10": level + 0.01 * r}
+            for r in (1, 2, 3)
+            for m in MARKETS
+        ]
+        path.write_text(json.dumps(rec))
     mod = _load_script("compare_fecosr")
     out = tmp_path / "out"
     monkeypatch.setattr(
@@ -142,6 +153,8 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     )
     mod.main()
     text = (out / "summary.md").read_text()
+    assert "| ≤ 40 rounds | 0 | 1–3 | 0 of 3 | -2.0 | -2.0 |" in text
+    assert (out / f"fecosr_matched_{ds}.png").stat().st_size > 1000
     assert "## movielens-age" in text and "## xmrec" not in text
     assert "| **FeCoSR** (S²CE + fine-tune) | 2 | 20, phase 1 ended at 10 | 17.50 ± 0.00 |" in text
     assert "| 2.00 |" in text  # FeCoSR's upload, MB per market
@@ -254,3 +267,37 @@ def test_stop_slopes_tell_a_plateau_from_a_stop_on_noise(tmp_path: Path) -> None
     assert rows[0]["slope"] == pytest.approx(0.002, abs=1e-4)
     assert abs(rows[1]["slope"]) < 1e-4
     assert rows[0]["score"] == pytest.approx(0.36, abs=1e-3)
+
+
+def test_matched_rounds_compares_first_phases_round_by_round(tmp_path: Path) -> None:
+    from fedmarket.summary import matched_rounds
+
+    def write(name: str, seed: int, level, phase_end: int | None, rounds: int) -> Path:
+        run = tmp_path / name
+        (run / "seeds").mkdir(parents=True, exist_ok=True)
+        history = [
+            {"round": r, "market": m, "split": split, "ndcg@10": level(r) + (5.0 if split == "test" else 0.0)}
+            for r in range(1, rounds + 1)
+            for m in ("a", "b")
+            for split in ("valid", "test")
+        ]
+        conv = {"phase_ends": [phase_end]} if phase_end else {}
+        (run / "seeds" / f"seed{seed}.json").write_text(
+            json.dumps({"seed": seed, "history": history, "convergence": conv})
+        )
+        return run
+
+    # a: ahead by 0.01 until round 5, behind by 0.02 after; its phase ends at 8 (fine-tuning after it jumps);
+    # b: phase ends at 12. Seed 1 only in a: left out.
+    a = write("a", 0, lambda r: 0.3 + 0.01 * r + (0.01 if r <= 5 else -0.02) + (1.0 if r > 8 else 0), 8, 20)
+    b = write("b", 0, lambda r: 0.3 + 0.01 * r, 12, 15)
+    write("a", 1, lambda r: 0.0, None, 3)
+    (row,) = matched_rounds(a, b, "ndcg@10")
+    assert (row["seed"], row["rounds"], row["last_round"], row["a_ahead"]) == (0, 8, 8, 5)
+    assert row["mean_diff"] == pytest.approx((5 * 0.01 - 3 * 0.02) / 8)
+    assert row["last_diff"] == pytest.approx(-0.02)
+    # a run made before a first phase's maximum counted as its end: its config's federated_rounds caps it
+    (b / "config.yaml").write_text(yaml.safe_dump({"method": {"options": {"federated_rounds": 6}}}))
+    (row,) = matched_rounds(a, b, "ndcg@10")
+    assert (row["rounds"], row["last_round"], row["a_ahead"]) == (6, 6, 5)
+    assert row["mean_diff"] == pytest.approx((5 * 0.01 - 0.02) / 6)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 
 def per_seed_average(run_dir: str | Path, metric: str) -> dict[int, float]:
@@ -140,4 +141,65 @@ def stop_slopes(run_dir: str | Path, metric: str, window: int = 20) -> list[dict
                 }
             )
             start = stop
+    return rows
+
+
+def first_phase_curve(rec: dict[str, Any], metric: str, max_round: int | None = None) -> dict[int, float]:
+    """Validation score per round (mean of ``metric`` over markets) of a seed record's first phase: rounds up
+    to its first recorded phase end, and at most ``max_round`` (the method's ``federated_rounds``: runs made
+    before a first phase's maximum was recorded as its end); all rounds when neither is known."""
+    ends = (rec.get("convergence") or {}).get("phase_ends") or []
+    candidates = [int(e) for e in ends[:1]] + ([int(max_round)] if max_round else [])
+    end = min(candidates) if candidates else None
+    by_round: dict[int, list[float]] = {}
+    for h in rec.get("history", []):
+        if h.get("split") != "valid" or h.get(metric) is None:
+            continue
+        r = int(h["round"])
+        if end is None or r <= end:
+            by_round.setdefault(r, []).append(float(h[metric]))
+    return {r: float(np.nanmean(v)) for r, v in sorted(by_round.items())}
+
+
+def _federated_rounds(run_dir: Path) -> int | None:
+    """``method.options.federated_rounds`` of a run folder's config.yaml (None when absent)."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text()) or {}
+    value = ((cfg.get("method") or {}).get("options") or {}).get("federated_rounds")
+    return int(value) if value else None
+
+
+def matched_rounds(run_a: str | Path, run_b: str | Path, metric: str) -> list[dict[str, Any]]:
+    """Two runs' first phases compared round by round (the same compute), per seed both have: the rounds
+    both reached, in how many ``a`` was ahead, the mean difference a − b, and the difference at the last
+    round both reached (``curve_a``/``curve_b``: the two curves over those rounds). Separates "trains faster per
+    round" from "stopped later"."""
+    rows = []
+    limit = {run: _federated_rounds(Path(run)) for run in (run_a, run_b)}
+    seeds_a = {p.name: p for p in (Path(run_a) / "seeds").glob("seed*.json")}
+    for name in sorted(seeds_a):
+        other = Path(run_b) / "seeds" / name
+        if not other.is_file():
+            continue
+        rec_a, rec_b = json.loads(seeds_a[name].read_text()), json.loads(other.read_text())
+        ca = first_phase_curve(rec_a, metric, limit[run_a])
+        cb = first_phase_curve(rec_b, metric, limit[run_b])
+        common = sorted(set(ca) & set(cb))
+        if not common:
+            continue
+        diff = np.array([ca[r] - cb[r] for r in common])
+        rows.append(
+            {
+                "seed": int(rec_a["seed"]),
+                "rounds": len(common),
+                "last_round": common[-1],
+                "a_ahead": int((diff > 0).sum()),
+                "mean_diff": float(diff.mean()),
+                "last_diff": float(diff[-1]),
+                "curve_a": {r: ca[r] for r in common},
+                "curve_b": {r: cb[r] for r in common},
+            }
+        )
     return rows
