@@ -301,3 +301,39 @@ def test_matched_rounds_compares_first_phases_round_by_round(tmp_path: Path) -> 
     (row,) = matched_rounds(a, b, "ndcg@10")
     assert (row["rounds"], row["last_round"], row["a_ahead"]) == (6, 6, 5)
     assert row["mean_diff"] == pytest.approx((5 * 0.01 - 0.02) / 6)
+
+
+def test_compare_s2ce_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(name: str, level: float, options: dict, rounds: int, phase_end: int | None = None) -> Path:
+        folder = tmp_path / "sweep" / name if name.startswith("s2ce") else tmp_path / name
+        (folder / "seeds").mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"method": {"options": options}}))
+        history = [
+            {"round": r, "market": m, "split": "valid", "ndcg@10": level + 0.01 * r}
+            for r in range(1, rounds + 1)
+            for m in MARKETS
+        ]
+        conv = {"phase_ends": [phase_end]} if phase_end else {}
+        (folder / "seeds" / "seed0.json").write_text(
+            json.dumps({"seed": 0, "history": history, "convergence": conv})
+        )
+        return folder
+
+    ce = run("ce", 0.30, {"loss": "ce", "federated_rounds": 100}, 10)
+    default = run("default", 0.29, {"tau": 0.1, "top_k": 50, "lam": 0.5, "federated_rounds": 100}, 10)
+    run("s2ce_sweep_lam0.25", 0.303, {"tau": 0.1, "top_k": 50, "lam": 0.25, "federated_rounds": 0}, 4)
+    mod = _load_script("compare_s2ce_sweep")
+    out = tmp_path / "out" / "summary.md"
+    argv = ["x", str(tmp_path / "sweep"), "--ce", str(ce), "--default", str(default), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    text = out.read_text()
+    assert "| default | tau 0.1, top_k 50, lam 0.5 | 0 | 1–10 | 0 of 10 | -10.0 | -10.0 | – | – |" in text
+    assert (
+        "| s2ce_sweep_lam0.25 | tau 0.1, top_k 50, lam 0.25 | 0 | 1–4 | 4 of 4 | +3.0 | +3.0 | 4 of 4 | +13.0 |"
+        in text
+    )
+    assert out.with_suffix(".png").stat().st_size > 1000
+    monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "nope"), "--ce", str(ce), "--out", str(out)])
+    with pytest.raises(SystemExit, match="nope"):
+        mod.main()
