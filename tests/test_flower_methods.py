@@ -84,11 +84,21 @@ CONFIGS = {
         "eval": {"select_metric": "mean_auc"},
     },
     # train.phase_patience 0: the federated phase runs all its rounds (3), fine-tuning stops at its plateau
+    # (with the slope guard on: a window of 2 fine-tuning rounds, any slope <= 1 passes; the server must pass
+    # it on, or metrics.json's convergence differs)
     "mtl_fedavg_ft_fixed_pretraining": {
         "dataset": MTL_DATASET,
         "method": {"name": "mtl_fedavg_ft", "options": {"federated_rounds": 3}},
         "model": MTL_MODEL,
-        "train": {"rounds": 6, "batch_size": 256, "patience": 1, "min_delta": 0.5, "phase_patience": 0},
+        "train": {
+            "rounds": 6,
+            "batch_size": 256,
+            "patience": 1,
+            "min_delta": 0.5,
+            "phase_patience": 0,
+            "stop_slope": 1.0,
+            "slope_window": 2,
+        },
         "eval": {"select_metric": "mean_auc"},
     },
     # the PF-MSMTrec + local fine-tune variant: personalised federation ends at its plateau, then fine-tuning
@@ -170,6 +180,8 @@ def test_method_over_flower_equals_in_process(tmp_path, method):
     assert got["selected_round"] == expected["selected_round"]
     assert got["convergence"] == expected["convergence"]
     phase_end, converged = PHASES.get(method, (None, None))
+    if cfg_dict["train"].get("stop_slope") is not None:
+        assert got["convergence"]["0"]["stop_slope"] == cfg_dict["train"]["stop_slope"]
     if cfg_dict["train"].get("patience"):
         assert expected["convergence"]["0"]["phase_ends"] == [phase_end]
         assert expected["convergence"]["0"]["converged_round"] == converged
