@@ -83,3 +83,13 @@ def test_whitened_vectors_are_unit_norm_and_decorrelated():
     x = rng.normal(size=(200, 8)) @ rng.normal(size=(8, 8)) + 3.0
     w = whiten_vectors(x.astype(np.float32))
     np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 3])
+def test_target_mass_is_the_mean_weight_on_the_true_item(vectors, top_k):
+    soft = SoftTargets.build(vectors, tau=0.1, top_k=top_k)
+    q = soft.dense(torch.arange(len(TEXTS)))
+    assert soft.target_mass() == pytest.approx(float(q.diagonal().mean()))
+    assert 1 / len(TEXTS) < soft.target_mass() < 1
+    # a smaller τ keeps more mass on the target
+    assert SoftTargets.build(vectors, tau=0.02, top_k=top_k).target_mass() > soft.target_mass()

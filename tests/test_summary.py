@@ -337,3 +337,60 @@ def test_compare_s2ce_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "nope"), "--ce", str(ce), "--out", str(out)])
     with pytest.raises(SystemExit, match="nope"):
         mod.main()
+
+
+def test_s2ce_target_mass_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Per setting of a jobs file: the soft target's mass on the true item, from the framework's own data."""
+    from fedmarket.api import prepare_data
+    from fedmarket.config import load_config
+    from fedmarket.methods.s2ce import SoftTargets
+    from fedmarket.methods.seq_trainer import market_text_vectors
+
+    config = tmp_path / "fecosr.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "t_fecosr",
+                "dataset": {
+                    "name": "synthetic",
+                    "options": {
+                        "num_markets": 2,
+                        "users_per_market": 20,
+                        "items_per_market": 30,
+                        "with_text": True,
+                    },
+                    "use_cache": False,
+                },
+                "method": {"name": "fecosr", "options": {"text_encoder": "hashing", "tau": 0.1, "top_k": 10}},
+                "model": {"name": "sasrec"},
+                "eval": {"candidates": 5},
+            }
+        )
+    )
+    jobs = tmp_path / "jobs.yaml"
+    jobs.write_text(
+        yaml.safe_dump(
+            [
+                {"config": str(config), "set": {"name": "soft"}},
+                {
+                    "config": str(config),
+                    "set": {"name": "sharp", "method.options.tau": 0.01, "method.options.lam": 0.25},
+                },
+            ]
+        )
+    )
+    mod = _load_script("s2ce_target_mass")
+    monkeypatch.setattr(sys, "argv", ["x", "--jobs-file", str(jobs)])
+    mod.main()
+    table = capsys.readouterr().out.splitlines()
+    soft, sharp = (line.split(" | ") for line in table[2:4])
+    assert soft[0] == "| soft" and sharp[0] == "| sharp"
+    cfg = load_config(config)
+    vectors = [market_text_vectors(s, "hashing") for s in prepare_data(cfg).splits.values()]
+    expected = np.mean([SoftTargets.build(v, 0.1, 10).target_mass() for v in vectors])
+    assert float(soft[2]) == pytest.approx(expected, abs=1e-3)
+    assert float(soft[3]) == pytest.approx(0.5 + 0.5 * expected, abs=1e-3)
+    assert float(sharp[2]) > float(soft[2])  # a smaller τ keeps more on the target
+    monkeypatch.setattr(sys, "argv", ["x", "--config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(SystemExit, match="missing.yaml"):
+        mod.main()

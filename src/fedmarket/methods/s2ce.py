@@ -89,6 +89,15 @@ class SoftTargets:
         q = torch.zeros(len(targets), n, dtype=self.weights.dtype)
         return q.scatter_(1, self.indices[targets], self.weights[targets])
 
+    def target_mass(self) -> float:
+        """Mean over target items of q(target): how much of the soft target stays on the true item (the
+        mixed target of the loss keeps (1 − λ) + λ·this)."""
+        n = len(self.weights)
+        if self.indices is None:
+            return float(self.weights.diagonal().mean())
+        hit = self.indices == torch.arange(n).unsqueeze(1)
+        return float((self.weights * hit).sum(1).mean())
+
     def soft_ce(self, log_probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean over rows of −Σ_j q_j log p_j."""
         if self.indices is None:
