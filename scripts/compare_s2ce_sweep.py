@@ -5,7 +5,8 @@ only their first phase (pre-training). Writes a markdown table and a plot of the
 
     python scripts/compare_s2ce_sweep.py runs/s2ce_sweep/merged \\
         --ce runs/mlage_pt/merged/movielens-age_seq_fedavg_ft_long-pt \\
-        --default runs/mlage_pt/merged/movielens-age_fecosr_long-pt --out runs/s2ce_sweep/summary.md
+        --default runs/mlage_pt/merged/movielens-age_fecosr_long-pt --max-round 40 \\
+        --out runs/s2ce_sweep/summary.md
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--ce", required=True, help="run folder of FedAvg-CE (its first phase counts)")
     parser.add_argument("--default", help="run folder of FedAvg-S²CE at the default setting")
     parser.add_argument("--metric", default="ndcg@10")
+    parser.add_argument(
+        "--max-round", type=int, help="compare rounds up to this one only (the sweep's budget, e.g. 40)"
+    )
     parser.add_argument("--out", required=True, help="markdown file to write (a .png beside it)")
     args = parser.parse_args()
     sweep = Path(args.sweep)
@@ -67,9 +71,9 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     plotted_ce = False
     for i, run in enumerate(runs):
-        vs_ce = matched_rounds(run, refs["CE"], args.metric)
+        vs_ce = matched_rounds(run, refs["CE"], args.metric, args.max_round)
         vs_default = (
-            {r["seed"]: r for r in matched_rounds(run, refs["default S²CE"], args.metric)}
+            {r["seed"]: r for r in matched_rounds(run, refs["default S²CE"], args.metric, args.max_round)}
             if args.default and run != refs["default S²CE"]
             else {}
         )

@@ -334,6 +334,12 @@ def test_compare_s2ce_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         in text
     )
     assert out.with_suffix(".png").stat().st_size > 1000
+    monkeypatch.setattr(sys, "argv", [*argv, "--max-round", "3"])
+    mod.main()
+    assert (
+        "| default | tau 0.1, top_k 50, lam 0.5 | 0 | 1–3 | 0 of 3 | -10.0 | -10.0 | – | – |"
+        in out.read_text()
+    )
     monkeypatch.setattr(sys, "argv", ["x", str(tmp_path / "nope"), "--ce", str(ce), "--out", str(out)])
     with pytest.raises(SystemExit, match="nope"):
         mod.main()

@@ -171,10 +171,12 @@ def _federated_rounds(run_dir: Path) -> int | None:
     return int(value) if value else None
 
 
-def matched_rounds(run_a: str | Path, run_b: str | Path, metric: str) -> list[dict[str, Any]]:
+def matched_rounds(
+    run_a: str | Path, run_b: str | Path, metric: str, max_round: int | None = None
+) -> list[dict[str, Any]]:
     """Two runs' first phases compared round by round (the same compute), per seed both have: the rounds
     both reached, in how many ``a`` was ahead, the mean difference a − b, and the difference at the last
-    round both reached (``curve_a``/``curve_b``: the two curves over those rounds). Separates "trains faster per
+    round both reached (at most ``max_round``; ``curve_a``/``curve_b``: the two curves over those rounds). Separates "trains faster per
     round" from "stopped later"."""
     rows = []
     limit = {run: _federated_rounds(Path(run)) for run in (run_a, run_b)}
@@ -186,7 +188,7 @@ def matched_rounds(run_a: str | Path, run_b: str | Path, metric: str) -> list[di
         rec_a, rec_b = json.loads(seeds_a[name].read_text()), json.loads(other.read_text())
         ca = first_phase_curve(rec_a, metric, limit[run_a])
         cb = first_phase_curve(rec_b, metric, limit[run_b])
-        common = sorted(set(ca) & set(cb))
+        common = sorted(r for r in set(ca) & set(cb) if max_round is None or r <= max_round)
         if not common:
             continue
         diff = np.array([ca[r] - cb[r] for r in common])
