@@ -93,7 +93,9 @@ def main() -> None:
                     list(r["curve_a"]), list(r["curve_a"].values()), color=f"C{i}", lw=1, label=setting(run)
                 )
                 if not plotted_ce:
-                    ax.plot(list(r["curve_b"]), list(r["curve_b"].values()), "k-", lw=2, label="CE")
+                    ax.plot(
+                        list(r["curve_b"]), list(r["curve_b"].values()), "k--", lw=1.5, label="CE", zorder=5
+                    )
                     plotted_ce = True
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
