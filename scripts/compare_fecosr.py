@@ -64,8 +64,10 @@ ROWS = [  # (suffix of the config name, label)
     ),
     ("seq_fedavg_ft_fixed-pt", "FedAvg-CE + fine-tune, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_fixed-pt", "**FeCoSR**, pre-training 150 rounds (fixed, matched)"),
+    ("fecosr_whiten_fixed-pt", "FeCoSR, whitened S²CE target, pre-training 150 rounds (fixed, matched)"),
     ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
     ("fecosr_fixed-pt_phase1", "FeCoSR without fine-tune (150 rounds, fixed)"),
+    ("fecosr_whiten_fixed-pt_phase1", "FeCoSR without fine-tune, whitened S²CE target (150 rounds, fixed)"),
     ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
     ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
     ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
@@ -106,6 +108,16 @@ CHECKS = [  # (a, b, text): a − b per seed
         "fecosr_fixed-pt_phase1",
         "seq_fedavg_ft_fixed-pt_phase1",
         "FeCoSR w/o fine-tune − FedAvg-CE, 150 pre-training rounds each (S²CE vs CE, no fine-tune)",
+    ),
+    (
+        "fecosr_whiten_fixed-pt",
+        "seq_fedavg_ft_fixed-pt",
+        "FeCoSR, whitened S²CE target − FedAvg-CE + fine-tune, both pre-trained 150 rounds",
+    ),
+    (
+        "fecosr_whiten_fixed-pt_phase1",
+        "seq_fedavg_ft_fixed-pt_phase1",
+        "The same without fine-tune (whitened S²CE vs CE, 150 pre-training rounds each)",
     ),
     (
         "fecosr_fixed-pt",
@@ -157,6 +169,7 @@ PHASED = (
     "seq_transfer_long-pt",
     "fecosr_fixed-pt",
     "seq_fedavg_ft_fixed-pt",
+    "fecosr_whiten_fixed-pt",
 )
 
 
@@ -274,6 +287,7 @@ MATCHED = [  # (S²CE row, CE row, pre-training budget): first phases compared r
     ("fecosr", "seq_fedavg_ft", "≤ 40 rounds"),
     ("fecosr_long-pt", "seq_fedavg_ft_long-pt", "≤ 150, each to its patience-3 stop"),
     ("fecosr_fixed-pt", "seq_fedavg_ft_fixed-pt", "150 rounds, fixed"),
+    ("fecosr_whiten_fixed-pt", "seq_fedavg_ft_fixed-pt", "150 rounds, fixed, whitened S²CE target"),
 ]
 
 
