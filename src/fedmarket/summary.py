@@ -105,6 +105,16 @@ def finish_dataset(
     ]
 
 
+def validation_scores(rec: dict[str, Any], metric: str) -> dict[int, float]:
+    """Validation score per round of a seed record (``seeds/seed<N>.json``): the mean of ``metric`` over the
+    markets evaluated that round, in round order."""
+    by_round: dict[int, list[float]] = {}
+    for h in rec.get("history", []):
+        if h.get("split") == "valid" and h.get(metric) is not None:
+            by_round.setdefault(int(h["round"]), []).append(float(h[metric]))
+    return {r: float(np.nanmean(v)) for r, v in sorted(by_round.items())}
+
+
 def stop_slopes(run_dir: str | Path, metric: str, window: int = 20) -> list[dict[str, Any]]:
     """Where early stopping (``train.patience``) stopped each seed of a run, and whether that was a plateau.
 
@@ -120,11 +130,7 @@ def stop_slopes(run_dir: str | Path, metric: str, window: int = 20) -> list[dict
         stops = [(r, "phase end") for r in conv.get("phase_ends") or []]
         if conv.get("converged_round") is not None:
             stops.append((conv["converged_round"], "converged"))
-        by_round: dict[int, list[float]] = {}
-        for h in rec.get("history", []):
-            if h.get("split") == "valid" and metric in h and h[metric] is not None:
-                by_round.setdefault(int(h["round"]), []).append(float(h[metric]))
-        score = {r: float(np.nanmean(v)) for r, v in by_round.items()}
+        score = validation_scores(rec, metric)
         start = 0
         for stop, kind in stops:
             phase = [r for r in sorted(score) if start < r <= stop]
@@ -151,14 +157,7 @@ def first_phase_curve(rec: dict[str, Any], metric: str, max_round: int | None = 
     ends = (rec.get("convergence") or {}).get("phase_ends") or []
     candidates = [int(e) for e in ends[:1]] + ([int(max_round)] if max_round else [])
     end = min(candidates) if candidates else None
-    by_round: dict[int, list[float]] = {}
-    for h in rec.get("history", []):
-        if h.get("split") != "valid" or h.get(metric) is None:
-            continue
-        r = int(h["round"])
-        if end is None or r <= end:
-            by_round.setdefault(r, []).append(float(h[metric]))
-    return {r: float(np.nanmean(v)) for r, v in sorted(by_round.items())}
+    return {r: v for r, v in validation_scores(rec, metric).items() if end is None or r <= end}
 
 
 def _federated_rounds(run_dir: Path) -> int | None:
