@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -18,23 +19,19 @@ import yaml
 from fedmarket.api import prepare_data
 from fedmarket.config import load_config
 from fedmarket.errors import FedmarketError
+from fedmarket.methods import get_method
 from fedmarket.methods.s2ce import SoftTargets
 from fedmarket.methods.seq_trainer import market_text_vectors
 
 
 def rows(config: str, overrides: dict) -> list[str]:
     cfg = load_config(config, overrides)
-    opts = cfg.method.options
-    tau, top_k, lam, whiten = (
-        opts.get("tau", 0.1),
-        opts.get("top_k", 0),
-        opts.get("lam", 0.5),
-        opts.get("whiten", False),
-    )
-    splits = prepare_data(cfg).splits
+    # the method's own options (its defaults included), as training parses them
+    opts = get_method(cfg.method.name).parse_options(cfg.method.options)
+    tau, top_k, lam, whiten = opts.tau, opts.top_k, opts.lam, opts.whiten
     masses = {}
-    for name, split in splits.items():
-        vectors = market_text_vectors(split, opts.get("text_encoder", "minilm"))
+    for name, split in prepare_data(cfg).splits.items():
+        vectors = market_text_vectors(split, opts.text_encoder)
         masses[name] = SoftTargets.build(vectors, tau, top_k, whiten).target_mass()
     q = float(np.mean(list(masses.values())))
     per_market = ", ".join(f"{n} {v:.3f}" for n, v in masses.items())
@@ -52,7 +49,13 @@ def main() -> None:
     group.add_argument("--jobs-file", help="a run_grid jobs file: each job's config with its `set`")
     group.add_argument("--config", help="one config")
     args = parser.parse_args()
-    jobs = yaml.safe_load(open(args.jobs_file)) if args.jobs_file else [{"config": args.config, "set": {}}]
+    if args.jobs_file and not Path(args.jobs_file).is_file():
+        raise SystemExit(f"jobs file not found: {args.jobs_file}")
+    jobs = (
+        yaml.safe_load(Path(args.jobs_file).read_text())
+        if args.jobs_file
+        else [{"config": args.config, "set": {}}]
+    )
     if not isinstance(jobs, list) or not all(isinstance(j, dict) and "config" in j for j in jobs):
         raise SystemExit(f"{args.jobs_file}: expected a list of {{config, seeds, set}} entries")
     lines = [
