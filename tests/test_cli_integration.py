@@ -1,6 +1,7 @@
 """End to end through the CLI on real XMarket slices (2 markets, 2 rounds)."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_run_writes_the_documented_run_folder(tmp_path, data_dir, capsys):
     assert "run folder" in capsys.readouterr().out
 
 
-def test_resume_of_a_killed_run_gives_the_uninterrupted_numbers(tmp_path, data_dir, monkeypatch):
+def test_resume_of_a_killed_run_gives_the_uninterrupted_numbers(tmp_path, data_dir, monkeypatch, capsys):
     from fedmarket.federation.runtime import Simulator
 
     config = write_config(tmp_path, data_dir, "fedprox", seeds=[0])
@@ -74,11 +75,25 @@ def test_resume_of_a_killed_run_gives_the_uninterrupted_numbers(tmp_path, data_d
         main(["run", str(config)])
     killed = only_run(tmp_path, "it_killed")
     assert not (killed / "metrics.json").exists()
+    # `fedmarket status` reads where the killed seed stands from its checkpoint
+    from fedmarket.status import run_status
+
+    (row,) = run_status(killed)
+    assert row["state"] == "running" and row["round"] == 2 and row["max_rounds"] == 3
+    assert row["best"][0] in (1, 2) and 0.5 < row["latest"] < 1
+    (row,) = run_status(killed, now=time.time() + 3 * 3600)
+    assert row["state"] == "stalled"
+    time.sleep(0.2)  # older than --stale-after 0.001 min
+    assert main(["status", str(tmp_path / "runs"), "--stale-after", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert "round 2/3" in out and "continue with --resume" in out and "seed 0: done" in out
     monkeypatch.setattr(Simulator, "run_round", original)
     assert main(["run", "--resume", str(killed)]) == 0
     resumed = json.loads((killed / "metrics.json").read_text())
     assert resumed["per_market"] == full["per_market"]
     assert resumed["communication"] == full["communication"]
+    (row,) = run_status(killed)
+    assert row["state"] == "done" and row["round"] == 3 and row["test"][0] == "auc"
 
 
 def test_report_combines_runs(tmp_path, data_dir):

@@ -6,6 +6,7 @@ fedmarket data info DATASET [--data-dir DIR]
 fedmarket report RUN_DIR... [--out DIR]
 fedmarket merge RUN_DIR... --out DIR | fedmarket merge --grid ROOT --out DIR
 fedmarket first-phase RUN_DIR --out DIR [--skip-missing]
+fedmarket status RUN_DIR|ROOT... [--stale-after MIN]
 fedmarket methods
 fedmarket demo
 fedmarket flower simulate|deploy CONFIG.yaml [--tls] [--resume RUN_DIR]   (also: fedmarket deploy CONFIG.yaml)
@@ -78,13 +79,11 @@ def _print_run(run_dir: Path) -> None:
     import json
 
     from fedmarket.report import comparison_table
+    from fedmarket.status import HEADLINE
 
     print(f"\nrun folder: {run_dir}")
     average = json.loads((Path(run_dir) / "metrics.json").read_text()).get("average", {})
-    # the run's headline metric: AUC for CTR runs, CTR/CTCVR AUC for multi-task ones, NDCG@10 for sequences
-    shown = [m for m in ("auc", "ctr_auc", "ctcvr_auc", "full_ndcg@10", "ndcg@10") if m in average][:2] or [
-        "auc"
-    ]
+    shown = [m for m in HEADLINE if m in average][:2] or ["auc"]
     for metric in shown:
         print(f"{metric} (test):")
         print(comparison_table([run_dir], metric=metric, formatted=True).to_string())
@@ -200,6 +199,18 @@ def cmd_first_phase(args: argparse.Namespace) -> int:
     from fedmarket.api import first_phase_run
 
     print(first_phase_run(args.run_dir, args.out, skip_missing=args.skip_missing))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fedmarket.status import find_run_dirs, format_status, run_status
+
+    if args.stale_after <= 0:
+        raise FedmarketError(f"--stale-after must be > 0 minutes, got {args.stale_after}")
+    rows = [
+        row for d in find_run_dirs(args.paths) for row in run_status(d, stale_after=60 * args.stale_after)
+    ]
+    print(format_status(rows))
     return 0
 
 
@@ -329,6 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the seeds that recorded the phase end, drop the others",
     )
     fp.set_defaults(func=cmd_first_phase)
+
+    st = sub.add_parser(
+        "status", help="how far each seed of run folders (or every run folder under a root) has got"
+    )
+    st.add_argument("paths", nargs="+", metavar="RUN_DIR|ROOT")
+    st.add_argument(
+        "--stale-after",
+        type=float,
+        default=30.0,
+        metavar="MIN",
+        help="a checkpoint older than this many minutes is reported as stalled (default 30)",
+    )
+    st.set_defaults(func=cmd_status)
 
     m = sub.add_parser("methods", help="list methods and what each lets leave a market")
     m.set_defaults(func=cmd_methods)
