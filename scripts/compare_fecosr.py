@@ -65,6 +65,8 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_fedavg_ft_fixed-pt", "FedAvg-CE + fine-tune, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_fixed-pt", "**FeCoSR**, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_whiten_fixed-pt", "FeCoSR, whitened S²CE target, pre-training 150 rounds (fixed, matched)"),
+    ("seq_transfer_fixed-pt", "One-to-one transfer + fine-tune, source phase 150 rounds (fixed, matched)"),
+    ("seq_transfer_fixed-pt_phase1", "One-to-one transfer, zero-shot (source phase 150 rounds, fixed)"),
     ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
     ("fecosr_fixed-pt_phase1", "FeCoSR without fine-tune (150 rounds, fixed)"),
     ("fecosr_whiten_fixed-pt_phase1", "FeCoSR without fine-tune, whitened S²CE target (150 rounds, fixed)"),
@@ -125,6 +127,11 @@ CHECKS = [  # (a, b, text): a − b per seed
         "FeCoSR, 150 pre-training rounds − one-to-one transfer (source ≤ 150)",
     ),
     (
+        "fecosr_fixed-pt",
+        "seq_transfer_fixed-pt",
+        "FeCoSR − one-to-one transfer, both first phases exactly 150 rounds (matched)",
+    ),
+    (
         "seq_fedavg_ft_fixed-pt",
         "seq_fedavg_ft_long-pt",
         "FedAvg-CE + fine-tune: 150 pre-training rounds − pre-training stopped by patience",
@@ -170,6 +177,7 @@ PHASED = (
     "fecosr_fixed-pt",
     "seq_fedavg_ft_fixed-pt",
     "fecosr_whiten_fixed-pt",
+    "seq_transfer_fixed-pt",
 )
 
 
