@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from fedmarket.errors import FedmarketError
+from fedmarket.federation.runtime import Plateau
 from fedmarket.summary import validation_scores
 
 # a run's headline test metrics, in order: AUC for CTR runs, CTR/CTCVR AUC for multi-task ones, NDCG@10 for
@@ -41,13 +42,6 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             raise FedmarketError(f"{p} holds no run folder (no config.yaml in it or below it)")
         found.extend(below)
     return found
-
-
-def _slope(scores: Sequence[tuple[int, float]], window: int) -> float | None:
-    if len(scores) < max(2, window):
-        return None
-    w = np.asarray(scores[-window:], dtype=float)
-    return float(np.polyfit(w[:, 0], w[:, 1], 1)[0])
 
 
 def seed_status(
@@ -91,18 +85,17 @@ def seed_status(
         return row
     age = now - ckpt.stat().st_mtime
     scores = validation_scores({"history": state.get("history", [])}, metric)
-    plateau = state.get("plateau") or {}
-    phase_scores = [(int(r), float(v)) for r, v in plateau.get("scores", [])]
-    window = int(train.get("slope_window", 20))
+    plateau = Plateau(select_metric=metric, slope_window=int(train.get("slope_window", 20)))
+    plateau.load_state_dict(state.get("plateau"))  # the guard's own slope over the current phase
     best_round = max(scores, key=scores.get) if scores else None
     row.update(
         state="stalled" if age > stale_after else "running",
         round=int(state.get("round", 0)),
-        phase_ends=list(plateau.get("phase_ends") or []),
+        phase_ends=list(plateau.phase_ends),
         latest=scores[max(scores)] if scores else None,
         best=(best_round, scores[best_round]) if scores else None,
-        since_best=int(plateau.get("since", 0)),
-        slope=_slope(phase_scores, window),
+        since_best=plateau.since,
+        slope=plateau.slope(),
         checkpoint_age=age,
     )
     return row
