@@ -15,6 +15,7 @@ from fedmarket.report import (
     communication_table,
     comparison_table,
     load_run,
+    winners_table,
     write_report,
     write_run_report,
 )
@@ -256,3 +257,32 @@ def test_transfer_gain_over_local_shows_negative_transfer_and_the_source(tmp_pat
     assert gain_over_local(runs[1:], ["transfer", "fecosr"], "full_ndcg@10") is None
     plain = write_report([local, fecosr], tmp_path / "plain", metrics=("full_ndcg@10",)).read_text()
     assert "gain over" not in plain
+
+
+def test_winners_per_market_leave_out_pooled_runs_and_screen_the_margin(
+    two_runs: list[Path], tmp_path
+) -> None:
+    runs = [load_run(d) for d in two_runs]
+    labels = [r["label"] + (" †" if not r["private"] else "") for r in runs]
+    table = winners_table(runs, labels, "auc")
+    # central (0.7750, not private) is a ceiling, not a winner: fedavg beats local by 0.0038 > std 0.0031
+    assert list(table.index) == [*MARKETS, "average"]
+    assert set(table["best"]) == {"fedavg-deepfm"} and set(table["runner-up"]) == {"local-deepfm"}
+    assert table.loc["de", "margin"] == pytest.approx(0.0038)
+    assert set(table["margin > std"]) == {"yes"}
+    assert table.loc["de", "best uploads per round"] == "300 kB"
+    # equal log loss everywhere: a zero margin is not clear
+    assert set(winners_table(runs, labels, "logloss")["margin > std"]) == {"no"}
+    # lower log loss wins; one seed means no spread is known
+    low = _fake_run(tmp_path, "low_run", "fedprox-deepfm", 0.70, up_bytes=0)
+    metrics = json.loads((low / "metrics.json").read_text())
+    metrics["per_market"]["jp"]["logloss"] = 0.1
+    metrics["seeds"] = [0]
+    (low / "metrics.json").write_text(json.dumps(metrics))
+    runs.append(load_run(low))
+    table = winners_table(runs, [*labels, "fedprox-deepfm"], "logloss")
+    assert table.loc["jp", "best"] == "fedprox-deepfm" and table.loc["jp", "margin > std"] == "1 seed"
+    assert table.loc["jp", "best uploads per round"] == "nothing"
+    text = write_report([*two_runs, low], tmp_path / "rep").read_text()
+    assert "## Which run wins where (auc)" in text and "Markets won: fedavg-deepfm 3" in text
+    assert winners_table(runs[:1], labels[:1], "auc") is None  # one run: nothing to compare

@@ -617,6 +617,75 @@ def _transfer_section(
     return lines
 
 
+def lower_is_better(metric: str) -> bool:
+    """Log loss and losses: lower is better; every other metric here (AUC, NDCG, HR, MRR): higher."""
+    return "logloss" in metric or metric.endswith("loss")
+
+
+def winners_table(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str
+) -> pd.DataFrame | None:
+    """Per market (and the average): the private run with the best test ``metric``, the runner-up, the margin
+    between them, whether that margin exceeds both runs' std over seeds ("margin > std"; "1 seed" when either
+    has a single seed, so no spread is known) and the winner's upload per market per round. Runs that are not
+    private (pooled data) are ceilings, not contenders. None when fewer than two private runs report ``metric``."""
+    private = {label: run for label, run in zip(labels, runs, strict=True) if run.get("private", True)}
+    if len(private) < 2:
+        return None
+    mean, std = _mean_std_frames(list(private.values()), metric)
+    mean.index = std.index = list(private)
+    lower = lower_is_better(metric)
+    rows = {}
+    for market in mean.columns:
+        col = mean[market].dropna().sort_values(ascending=lower)
+        if len(col) < 2:
+            continue
+        best, second = col.index[0], col.index[1]
+        margin = abs(col[best] - col[second])
+        spread = [std.at[best, market], std.at[second, market]]
+        one_seed = any(len(private[x].get("seeds") or [0]) < 2 for x in (best, second))
+        clear = "1 seed" if one_seed or np.isnan(spread).any() else ("yes" if margin > max(spread) else "no")
+        upload = _upload_per_market_round(private[best])
+        rows[market] = {
+            "best": best,
+            metric: col[best],
+            "runner-up": second,
+            "margin": margin,
+            "margin > std": clear,
+            "best uploads per round": _human_bytes(upload) if upload else "nothing",
+        }
+    if not rows:
+        return None
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = "market"
+    return table
+
+
+def _winners_section(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metrics: Sequence[str]
+) -> list[str]:
+    for metric in metrics:
+        table = winners_table(runs, labels, metric)
+        if table is not None:
+            break
+    else:
+        return []
+    markets = table.drop(index=AVERAGE, errors="ignore")
+    counts = markets["best"].value_counts()
+    tally = ", ".join(f"{label} {n}" for label, n in counts.items())
+    return [
+        f"## Which run wins where ({metric})",
+        "",
+        f"Per market, the private run with the best test {metric} ({'lower' if lower_is_better(metric) else 'higher'} "
+        "is better) and its margin over the runner-up; `margin > std`: the margin is larger than both runs' "
+        "std over seeds (a rough screen, not a test; `1 seed`: no spread known). "
+        f"Markets won: {tally}.",
+        "",
+        _markdown(table),
+        "",
+    ]
+
+
 def write_report(
     run_dirs: Sequence[str | Path],
     out_dir: str | Path,
@@ -653,6 +722,7 @@ def write_report(
             "",
         ]
     lines += _private_note(runs)
+    lines += _winners_section(runs, labels, metrics)
 
     missing = []
     for metric in metrics:
