@@ -140,6 +140,10 @@ class Plateau:
             return None
         window = np.asarray(self.scores[-self.slope_window :], dtype=float)
         slope = float(np.polyfit(window[:, 0], window[:, 1], 1)[0])
+        if (
+            abs(slope) < 1e-12
+        ):  # a flat window: polyfit leaves ~1e-17 of either sign, which `stop_slope: 0` must not see
+            return 0.0
         return -slope if self.select_metric in ("logloss", "loss") else slope
 
     def update(self, server_round: int, history: list[dict[str, Any]], strategy: Any) -> bool:
