@@ -652,7 +652,7 @@ def winners_table(
             "runner-up": second,
             "margin": margin,
             "margin > std": clear,
-            "best uploads per round": _human_bytes(upload) if upload else "nothing",
+            "best uploads per round": _human_bytes(float(f"{upload:.3g}")) if upload else "nothing",
         }
     if not rows:
         return None
