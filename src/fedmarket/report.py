@@ -20,7 +20,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -570,16 +570,23 @@ def gain_over_local(
     return gains, labels[ref_i], transfer_source(transfer)
 
 
+def _first_metric(metrics: Sequence[str], make: Callable[[str], Any]) -> tuple[str, Any] | None:
+    """The first of ``metrics`` for which ``make(metric)`` is not None, with what it made (a section's
+    headline metric: the first one the runs report)."""
+    for metric in metrics:
+        made = make(metric)
+        if made is not None:
+            return metric, made
+    return None
+
+
 def _transfer_section(
     runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metrics: Sequence[str], out_dir: Path
 ) -> list[str]:
-    for metric in metrics:
-        found = gain_over_local(runs, labels, metric)
-        if found is not None:
-            break
-    else:
+    found = _first_metric(metrics, lambda m: gain_over_local(runs, labels, m))
+    if found is None:
         return []
-    gains, ref_label, source = found
+    metric, (gains, ref_label, source) = found
     stem = _file_stem(metric)
     names = [f"{m} (source)" if m == source else m for m in gains.index]
     fig, ax = _grouped_bars(gains.T, ticks=names)
@@ -664,12 +671,10 @@ def winners_table(
 def _winners_section(
     runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metrics: Sequence[str]
 ) -> list[str]:
-    for metric in metrics:
-        table = winners_table(runs, labels, metric)
-        if table is not None:
-            break
-    else:
+    found = _first_metric(metrics, lambda m: winners_table(runs, labels, m))
+    if found is None:
         return []
+    metric, table = found
     markets = table.drop(index=AVERAGE, errors="ignore")
     counts = markets["best"].value_counts()
     tally = ", ".join(f"{label} {n}" for label, n in counts.items())
