@@ -42,3 +42,12 @@ def test_bad_paths_are_named(tmp_path, capsys):
     _run_folder(tmp_path, "r", [0])
     assert main(["status", str(tmp_path / "r"), "--stale-after", "0"]) != 0
     assert "--stale-after" in capsys.readouterr().err
+
+
+def test_a_done_seed_with_per_market_selected_rounds_shows_their_range() -> None:
+    row = {"run": "r", "seed": 1, "state": "done", "round": 199, "phase_ends": [150], "seconds": 4680}
+    row |= {"selected_round": {"a": 179, "b": 199}, "test": ("full_ndcg@10", 0.1153)}
+    text = format_status([row])
+    assert "199 rounds, first phase ended at 150, selected rounds 179–199 (per market)" in text
+    assert "full_ndcg@10 0.1153, 78 min" in text
+    assert "selected round 7," in format_status([row | {"selected_round": 7}])

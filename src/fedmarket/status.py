@@ -140,9 +140,13 @@ def format_status(rows: Sequence[dict[str, Any]]) -> str:
         if r["state"] == "done":
             test = f", test {r['test'][0]} {r['test'][1]:.4f}" if r.get("test") else ""
             secs = f", {r['seconds'] / 60:.0f} min" if r.get("seconds") else ""
-            lines.append(
-                f"{head} {r.get('round')} rounds{ends}, selected round {r.get('selected_round')}{test}{secs}"
-            )
+            selected = r.get("selected_round")
+            if isinstance(selected, dict) and selected:  # selected per market (select: best_valid)
+                low, high = min(selected.values()), max(selected.values())
+                selected = f"s {low}–{high} (per market)" if low != high else f" {low}"
+            else:
+                selected = f" {selected}"
+            lines.append(f"{head} {r.get('round')} rounds{ends}, selected round{selected}{test}{secs}")
         elif r["state"] in ("running", "stalled"):
             parts = [f"round {r['round']}/{r['max_rounds']}{ends}"]
             if r.get("latest") is not None:
