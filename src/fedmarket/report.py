@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from fedmarket.errors import FedmarketError
+from fedmarket.eval.metrics import lower_is_better
 
 __all__ = [
     "NOT_PRIVATE_NOTE",
@@ -622,11 +623,6 @@ def _transfer_section(
         "",
     ]
     return lines
-
-
-def lower_is_better(metric: str) -> bool:
-    """Log loss and losses: lower is better; every other metric here (AUC, NDCG, HR, MRR): higher."""
-    return "logloss" in metric or metric.endswith("loss")
 
 
 def winners_table(

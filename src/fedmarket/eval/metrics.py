@@ -23,6 +23,12 @@ import torch
 
 from fedmarket.data.split import SeenItems
 
+
+def lower_is_better(metric: str) -> bool:
+    """Log loss and losses: lower is better; every other metric here (AUC, NDCG, HR, MRR): higher."""
+    return "logloss" in metric or metric.endswith("loss")
+
+
 __all__ = [
     "LOGLOSS_EPS",
     "average_over_markets",

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fedmarket.data.split import market_seed
 from fedmarket.errors import FedmarketError
+from fedmarket.eval.metrics import lower_is_better
 from fedmarket.federation.core import ClientTrainer, RoundConfig, Strategy, Update
 from fedmarket.federation.payload import UploadDeclaration, payload_bytes, validate_update
 
@@ -82,7 +83,7 @@ def improves(previous: float | None, score: float, select_metric: str) -> bool:
         return False
     if np.isnan(previous):
         return True
-    return score < previous if select_metric in ("logloss", "loss") else score > previous
+    return score < previous if lower_is_better(select_metric) else score > previous
 
 
 @dataclass
@@ -144,7 +145,7 @@ class Plateau:
             abs(slope) < 1e-12
         ):  # a flat window: polyfit leaves ~1e-17 of either sign, which `stop_slope: 0` must not see
             return 0.0
-        return -slope if self.select_metric in ("logloss", "loss") else slope
+        return -slope if lower_is_better(self.select_metric) else slope
 
     def update(self, server_round: int, history: list[dict[str, Any]], strategy: Any) -> bool:
         """Record round ``server_round``'s validation rows; True when the run should stop after it."""
@@ -167,7 +168,7 @@ class Plateau:
         evaluated = bool(values) and not np.all(np.isnan(values))
         if evaluated:
             score = float(np.nanmean(values))
-            lower = self.select_metric in ("logloss", "loss")
+            lower = lower_is_better(self.select_metric)
             gain = None if self.best is None else (self.best - score if lower else score - self.best)
             if gain is None or gain > self.min_delta:
                 self.best, self.since = score, 0
