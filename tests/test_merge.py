@@ -251,3 +251,59 @@ def test_first_phase_run_refuses_runs_without_a_phase_end(tmp_path):
     with pytest.raises(FedmarketError, match="seed0.json is missing"):
         first_phase_run(no_plateau, tmp_path / "y")
     assert not any((tmp_path / n).exists() for n in ("x", "y", "x.partial", "y.partial"))
+
+
+def test_archive_accumulates_seeds_and_restores_the_merged_run(tmp_path):
+    """Seeds archived from separate folders (sessions) restore into what merging them gives; re-archiving the
+    same record is a no-op; a different record for an archived seed, or a changed config, is refused and
+    nothing is written."""
+    import gzip
+
+    from fedmarket.api import archive_runs, restore_runs
+
+    a = run_experiment(small(tmp_path / "a", [0]))
+    b = run_experiment(small(tmp_path / "b", [1]))
+    archive = tmp_path / "results"
+    written = archive_runs([a], archive)
+    assert sorted(p.name for p in written) == ["config.yaml", "seed0.json.gz"]
+    # a root finds its finished run folders; the already archived seed is skipped
+    written = archive_runs([tmp_path / "b", a], archive)
+    assert [p.name for p in written] == ["seed1.json.gz"]
+    assert archive_runs([a, b], archive) == []
+    from fedmarket.cli import main as cli
+
+    assert cli(["archive", str(a), "--to", str(archive)]) == 0  # nothing new: still fine
+    rec = json.loads(gzip.decompress((archive / "merge_test" / "seed1.json.gz").read_bytes()))
+    assert rec == json.loads((b / "seeds" / "seed1.json").read_text())
+
+    assert cli(["restore", str(archive), "--out", str(tmp_path / "cli"), "--name", "merge_test"]) == 0
+    assert (tmp_path / "cli" / "merge_test" / "report.md").is_file()
+    (restored,) = restore_runs(archive, tmp_path / "restored")
+    merged = merge_runs([a, b], tmp_path / "merged")
+    m1 = json.loads((merged / "metrics.json").read_text())
+    m2 = json.loads((restored / "metrics.json").read_text())
+    assert m2["seeds"] == [0, 1]
+    for key in ("per_market", "per_market_std", "average", "average_std", "communication", "selected_round"):
+        assert m2[key] == m1[key], key
+    assert (restored / "rounds.csv").read_text() == (merged / "rounds.csv").read_text()
+    with pytest.raises(FedmarketError, match="already exists"):
+        restore_runs(archive, tmp_path / "restored")
+    with pytest.raises(FedmarketError, match=r"\['nope'\] not archived"):
+        restore_runs(archive, tmp_path / "r2", names=["nope"])
+
+    # same name, different experiment: refused, naming the difference
+    other = run_experiment(small(tmp_path / "o", [2], train={"rounds": 1, "batch_size": 256}))
+    with pytest.raises(FedmarketError, match=r"differs in \['train'\]"):
+        archive_runs([other], archive)
+    # same seed, different record (e.g. a rerun on other data): refused, the archive unchanged
+    seed1 = b / "seeds" / "seed1.json"
+    changed = json.loads(seed1.read_text())
+    changed["test"][next(iter(changed["test"]))]["hr@5"] = 0.123
+    seed1.write_text(json.dumps(changed))
+    c = run_experiment(small(tmp_path / "c", [2]))
+    before = sorted(p.name for p in (archive / "merge_test").iterdir())
+    with pytest.raises(FedmarketError, match="seed 1 of 'merge_test' is archived already"):
+        archive_runs([c, b], archive)
+    assert sorted(p.name for p in (archive / "merge_test").iterdir()) == before  # seed 2 not written either
+    with pytest.raises(FedmarketError, match="does not exist"):
+        archive_runs([tmp_path / "missing"], archive)

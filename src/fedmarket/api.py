@@ -558,6 +558,141 @@ def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool
     return _write_run_folder(cfg, out_dir, per_seed, seconds, note=note)
 
 
+ARCHIVE_CONFIG = "config.yaml"
+
+
+def _seed_folders(paths: list[str | Path]) -> list[Path]:
+    """Run folders given directly, or every finished run folder (config.yaml + metrics.json) below a root."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FedmarketError(f"{p} does not exist")
+        if (p / "config.yaml").is_file() and (p / "seeds").is_dir():
+            found.append(p)
+            continue
+        below = sorted(c.parent for c in p.rglob("config.yaml") if (c.parent / "metrics.json").is_file())
+        below = [d for d in below if (d / "seeds").is_dir()]
+        if not below:
+            raise FedmarketError(
+                f"{p} is neither a run folder nor a folder with finished run folders below it"
+            )
+        found.extend(below)
+    return found
+
+
+def archive_runs(paths: list[str | Path], dest: str | Path) -> list[Path]:
+    """Keep the per-seed records of finished runs in a small, committable archive that outlives run folders
+    (which hold checkpoints, plots and uploads logs, and are not kept): ``dest/<name>/config.yaml`` (the
+    experiment without seeds, output folder and display settings) and ``dest/<name>/seed<N>.json.gz`` (the
+    seed's whole record, as in ``seeds/seed<N>.json``; ~0.1 MB). Seeds of the same config run in different
+    folders, sessions or machines accumulate there; `restore_runs` turns an archive back into merged run folders.
+
+    ``paths``: run folders (one seed or merged) or roots searched for finished ones. A config that differs from
+    the one archived under its name, or a seed archived before with a different record, is an error naming
+    both; an identical record is skipped. Nothing is written before every input is checked; each file is
+    written to a temporary name and renamed into place. Returns the files written."""
+    import gzip
+
+    dest = Path(dest)
+    planned: dict[Path, bytes] = {}
+    configs: dict[Path, dict[str, Any]] = {}
+    sources: dict[Path, Path] = {}
+    for folder in _seed_folders(paths):
+        cfg = load_run_config(folder)
+        same = same_run_config(cfg)
+        target = dest / cfg.name
+        cfg_file = target / ARCHIVE_CONFIG
+        old = configs.get(cfg_file)
+        if old is None and cfg_file.is_file():
+            old = same_run_config(config_from_dict(yaml.safe_load(cfg_file.read_text())))
+        if old is not None and json.dumps(old, default=str, sort_keys=True) != json.dumps(
+            same, default=str, sort_keys=True
+        ):
+            diff = sorted(
+                k
+                for k in set(old) | set(same)
+                if json.dumps(old.get(k), default=str, sort_keys=True)
+                != json.dumps(same.get(k), default=str, sort_keys=True)
+            )
+            raise FedmarketError(
+                f"{folder} is config {cfg.name!r} but differs in {diff} from the one archived in {cfg_file} "
+                "(rename the config, or archive it elsewhere)"
+            )
+        configs[cfg_file] = same
+        for seed in cfg.seeds:
+            src = folder / "seeds" / f"seed{seed}.json"
+            if not src.is_file():
+                raise FedmarketError(f"{src} is missing: seed {seed} of {folder} did not finish")
+            rec = json.loads(src.read_text())
+            out = target / f"seed{seed}.json.gz"
+            if out in planned or out.is_file():
+                before = json.loads(gzip.decompress(planned[out] if out in planned else out.read_bytes()))
+                if json.dumps(before, sort_keys=True) != json.dumps(rec, sort_keys=True):
+                    where = sources.get(out, out)
+                    raise FedmarketError(
+                        f"seed {seed} of {cfg.name!r} is archived already ({where}) with a different record "
+                        f"than {src}; remove one of them first"
+                    )
+                continue
+            planned[out] = gzip.compress(json.dumps(rec, default=json_default).encode(), mtime=0)
+            sources[out] = src
+    written = []
+    for cfg_file, same in configs.items():
+        if not cfg_file.is_file():
+            cfg_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cfg_file.with_suffix(".yaml.tmp")
+            tmp.write_text(yaml.safe_dump(same, sort_keys=False))
+            os.replace(tmp, cfg_file)
+            written.append(cfg_file)
+    for out, blob in planned.items():
+        tmp = out.with_suffix(".gz.tmp")
+        tmp.write_bytes(blob)
+        os.replace(tmp, out)
+        written.append(out)
+    return written
+
+
+def restore_runs(archive: str | Path, out_dir: str | Path, names: list[str] | None = None) -> list[Path]:
+    """Merged run folders ``out_dir/<name>`` (config, seeds/, metrics, report: what `merge_runs` writes) from an
+    archive `archive_runs` wrote, one per archived config (or those in ``names``). ``out_dir/<name>`` must not
+    exist; each appears whole or not at all."""
+    import gzip
+
+    archive, out_dir = Path(archive), Path(out_dir)
+    if not archive.is_dir():
+        raise FedmarketError(f"archive {archive} is not a folder")
+    folders = sorted(p.parent for p in archive.glob(f"*/{ARCHIVE_CONFIG}"))
+    if names is not None:
+        known = {f.name: f for f in folders}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise FedmarketError(f"{unknown} not archived in {archive}; archived: {sorted(known)}")
+        folders = [known[n] for n in names]
+    if not folders:
+        raise FedmarketError(f"{archive} holds no archived runs (no */{ARCHIVE_CONFIG})")
+    for folder in folders:
+        if (out_dir / folder.name).exists():
+            raise FedmarketError(f"{out_dir / folder.name} already exists; choose a new --out")
+    restored = []
+    for folder in folders:
+        files = sorted(folder.glob("seed*.json.gz"))
+        if not files:
+            raise FedmarketError(f"{folder} holds no seed records (seed<N>.json.gz)")
+        try:
+            per_seed = sorted(
+                (json.loads(gzip.decompress(f.read_bytes())) for f in files), key=lambda r: int(r["seed"])
+            )
+        except (OSError, ValueError) as exc:
+            raise FedmarketError(f"unreadable seed record in {folder}: {exc}") from exc
+        cfg = config_from_dict(yaml.safe_load((folder / ARCHIVE_CONFIG).read_text()))
+        cfg.seeds = [int(r["seed"]) for r in per_seed]
+        cfg.output_dir = str(out_dir)
+        seconds = sum(float(r.get("seconds", 0.0)) for r in per_seed)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        restored.append(_write_run_folder(cfg, out_dir / folder.name, per_seed, seconds))
+    return restored
+
+
 def merge_grid(root: str | Path, out_dir: str | Path) -> list[Path]:
     """Merge every run folder found under ``root`` (e.g. ``root/seed0/<name>-<stamp>``, one folder per
     seed) by config name into ``out_dir/<name>``; returns the merged folders in name order."""

@@ -6,6 +6,7 @@ fedmarket data info DATASET [--data-dir DIR]
 fedmarket report RUN_DIR... [--out DIR]
 fedmarket merge RUN_DIR... --out DIR | fedmarket merge --grid ROOT --out DIR
 fedmarket first-phase RUN_DIR --out DIR [--skip-missing]
+fedmarket archive RUN_DIR|ROOT... --to ARCHIVE | fedmarket restore ARCHIVE --out DIR [--name NAME...]
 fedmarket status RUN_DIR|ROOT... [--stale-after MIN]
 fedmarket methods
 fedmarket demo
@@ -202,6 +203,24 @@ def cmd_first_phase(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(args: argparse.Namespace) -> int:
+    from fedmarket.api import archive_runs
+
+    written = archive_runs(args.paths, args.to)
+    for path in written:
+        print(path)
+    print(f"{len(written)} file(s) written to {args.to}" if written else f"nothing new for {args.to}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from fedmarket.api import restore_runs
+
+    for folder in restore_runs(args.archive, args.out, names=args.name or None):
+        print(folder)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from fedmarket.status import find_run_dirs, format_status, run_status
 
@@ -340,6 +359,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the seeds that recorded the phase end, drop the others",
     )
     fp.set_defaults(func=cmd_first_phase)
+
+    ar = sub.add_parser(
+        "archive",
+        help="keep the per-seed records of finished runs in a small committable archive "
+        "(ARCHIVE/<config name>/seed<N>.json.gz): seeds from many sessions accumulate there",
+    )
+    ar.add_argument("paths", nargs="+", metavar="RUN_DIR|ROOT")
+    ar.add_argument("--to", required=True, metavar="ARCHIVE", help="archive folder, e.g. results/fecosr")
+    ar.set_defaults(func=cmd_archive)
+
+    rs = sub.add_parser(
+        "restore", help="merged run folders (every archived seed of each config) from an archive"
+    )
+    rs.add_argument("archive", metavar="ARCHIVE")
+    rs.add_argument("--out", required=True, help="folder for the run folders, one per config")
+    rs.add_argument("--name", nargs="+", help="only these configs")
+    rs.set_defaults(func=cmd_restore)
 
     st = sub.add_parser(
         "status", help="how far each seed of run folders (or every run folder under a root) has got"
