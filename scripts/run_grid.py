@@ -136,6 +136,12 @@ def main() -> None:
     ap.add_argument("--out", default="runs/grid")
     ap.add_argument("--drop-checkpoints", action="store_true")
     ap.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="archive each job's seed record there as soon as it finishes (`fedmarket archive`: small, "
+        "committable; seeds from many grids accumulate, `fedmarket restore DIR` merges them)",
+    )
+    ap.add_argument(
         "--resume",
         action="store_true",
         help="continue each job's interrupted run folder under --out from its last checkpoint",
@@ -205,6 +211,14 @@ def main() -> None:
             done += 1
             finished.append(Path(folders[-1]))
             print(f"[{done}/{total}] {job['tag']} {elapsed:.0f} s -> {folders[-1]}", flush=True)
+            if args.archive:
+                from fedmarket.api import archive_runs
+                from fedmarket.errors import FedmarketError
+
+                try:
+                    archive_runs([folders[-1]], args.archive)
+                except FedmarketError as exc:  # the run stays; only its archiving is refused
+                    print(f"NOT ARCHIVED {job['tag']}: {exc}", flush=True)
             if (Path(folders[-1]) / "checkpoints").exists():
                 method = yaml.safe_load((Path(folders[-1]) / "config.yaml").read_text())["method"]["name"]
                 if method == "fedmm":

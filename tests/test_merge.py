@@ -122,13 +122,21 @@ def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_pa
     assert spec.resumable(job, out, 1) == folder
     assert spec.resumable(dict(job, set={"train.lr": 0.5}), out, 1) is None  # `other` has 1 round, not 3
 
-    run = run_grid_cli(str(config), "--seeds", "0", "--jobs", "1", "--out", str(out), "--resume")
+    archive = tmp_path / "results"
+    run = run_grid_cli(
+        str(config), "--seeds", "0", "--jobs", "1", "--out", str(out), "--resume", "--archive", str(archive)
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"resuming job-seed0 from {folder}" in run.stdout
     rounds = {line.split(",")[1] for line in (folder / "rounds.csv").read_text().splitlines()[1:]}
     assert rounds == {"1", "2", "3"}  # rounds 1-2 from the checkpoint's history, round 3 trained now
     merged = json.loads((out / "merged" / "merge_test" / "metrics.json").read_text())
     assert merged["seeds"] == [0]
+    # --archive: the finished job's seed record, the same as the run folder's
+    import gzip
+
+    archived = json.loads(gzip.decompress((archive / "merge_test" / "seed0.json.gz").read_bytes()))
+    assert archived == json.loads((folder / "seeds" / "seed0.json").read_text())
 
 
 def importlib_module(path: Path):
