@@ -389,6 +389,15 @@ def same_run_config(cfg: ExperimentConfig) -> dict[str, Any]:
     return d
 
 
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The top-level keys in which two `same_run_config` dicts differ (sorted; empty when the same)."""
+
+    def text(v: Any) -> str:
+        return json.dumps(v, default=str, sort_keys=True)
+
+    return sorted(k for k in set(a) | set(b) if text(a.get(k)) != text(b.get(k)))
+
+
 def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     """Combine run folders of the SAME config that ran different seeds (e.g. one process or machine per
     seed) into one run folder with every seed, as if one ``fedmarket run`` had run them all.
@@ -411,14 +420,8 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
     records: dict[int, tuple[Path, dict[str, Any]]] = {}
     seconds = 0.0
     for folder, cfg in zip(folders, cfgs, strict=True):
-        other = same_run_config(cfg)
-        if other != base:
-            diff = sorted(
-                k
-                for k in set(base) | set(other)
-                if json.dumps(base.get(k), default=str, sort_keys=True)
-                != json.dumps(other.get(k), default=str, sort_keys=True)
-            )
+        diff = config_diff(base, same_run_config(cfg))
+        if diff:
             raise FedmarketError(
                 f"cannot merge {folder} with {folders[0]}: their configs differ in {diff} (only seeds may differ)"
             )
@@ -605,15 +608,8 @@ def archive_runs(paths: list[str | Path], dest: str | Path) -> list[Path]:
         old = configs.get(cfg_file)
         if old is None and cfg_file.is_file():
             old = same_run_config(config_from_dict(yaml.safe_load(cfg_file.read_text())))
-        if old is not None and json.dumps(old, default=str, sort_keys=True) != json.dumps(
-            same, default=str, sort_keys=True
-        ):
-            diff = sorted(
-                k
-                for k in set(old) | set(same)
-                if json.dumps(old.get(k), default=str, sort_keys=True)
-                != json.dumps(same.get(k), default=str, sort_keys=True)
-            )
+        diff = config_diff(old, same) if old is not None else []
+        if diff:
             raise FedmarketError(
                 f"{folder} is config {cfg.name!r} but differs in {diff} from the one archived in {cfg_file} "
                 "(rename the config, or archive it elsewhere)"
