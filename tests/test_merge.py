@@ -298,6 +298,17 @@ def test_archive_accumulates_seeds_and_restores_the_merged_run(tmp_path):
         restore_runs(archive, tmp_path / "restored")
     with pytest.raises(FedmarketError, match=r"\['nope'\] not archived"):
         restore_runs(archive, tmp_path / "r2", names=["nope"])
+    # an unreadable record anywhere: nothing restored at all
+    bad = archive / "zz_broken"
+    bad.mkdir()
+    (bad / "config.yaml").write_text((archive / "merge_test" / "config.yaml").read_text())
+    (bad / "seed0.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(FedmarketError, match="unreadable seed record in .*zz_broken"):
+        restore_runs(archive, tmp_path / "r3")
+    assert not (tmp_path / "r3" / "merge_test").exists()
+    import shutil
+
+    shutil.rmtree(bad)
 
     # same name, different experiment: refused, naming the difference
     other = run_experiment(small(tmp_path / "o", [2], train={"rounds": 1, "batch_size": 256}))

@@ -669,7 +669,7 @@ def restore_runs(archive: str | Path, out_dir: str | Path, names: list[str] | No
     for folder in folders:
         if (out_dir / folder.name).exists():
             raise FedmarketError(f"{out_dir / folder.name} already exists; choose a new --out")
-    restored = []
+    loaded = []  # every archived record read and checked before anything is written
     for folder in folders:
         files = sorted(folder.glob("seed*.json.gz"))
         if not files:
@@ -680,6 +680,9 @@ def restore_runs(archive: str | Path, out_dir: str | Path, names: list[str] | No
             )
         except (OSError, ValueError) as exc:
             raise FedmarketError(f"unreadable seed record in {folder}: {exc}") from exc
+        loaded.append((folder, per_seed))
+    restored = []
+    for folder, per_seed in loaded:
         cfg = config_from_dict(yaml.safe_load((folder / ARCHIVE_CONFIG).read_text()))
         cfg.seeds = [int(r["seed"]) for r in per_seed]
         cfg.output_dir = str(out_dir)
