@@ -87,10 +87,15 @@ def new_run_dir(cfg: ExperimentConfig) -> Path:
     return run_dir
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to ``<path>.tmp`` and rename into place: a reader sees the old file or the whole new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=json_default))
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_atomic(path, json.dumps(obj, indent=2, default=json_default).encode())
 
 
 def run_seed(
@@ -564,22 +569,21 @@ def first_phase_run(run_dir: str | Path, out_dir: str | Path, skip_missing: bool
 ARCHIVE_CONFIG = "config.yaml"
 
 
-def _seed_folders(paths: list[str | Path]) -> list[Path]:
-    """Run folders given directly, or every finished run folder (config.yaml + metrics.json) below a root."""
+def _finished_run_folders(paths: list[str | Path]) -> list[Path]:
+    """Each path that is a run folder, or the finished run folders (with metrics.json) below a root
+    (`fedmarket.status.find_run_dirs`, which also lists unfinished ones)."""
+    from fedmarket.status import find_run_dirs
+
     found: list[Path] = []
     for p in map(Path, paths):
-        if not p.exists():
-            raise FedmarketError(f"{p} does not exist")
-        if (p / "config.yaml").is_file() and (p / "seeds").is_dir():
-            found.append(p)
-            continue
-        below = sorted(c.parent for c in p.rglob("config.yaml") if (c.parent / "metrics.json").is_file())
-        below = [d for d in below if (d / "seeds").is_dir()]
-        if not below:
-            raise FedmarketError(
-                f"{p} is neither a run folder nor a folder with finished run folders below it"
-            )
-        found.extend(below)
+        folders = find_run_dirs([p])
+        if folders != [p]:  # a root: only what finished
+            folders = [d for d in folders if (d / "metrics.json").is_file()]
+            if not folders:
+                raise FedmarketError(
+                    f"{p} holds no finished run folder (config.yaml + metrics.json) below it"
+                )
+        found.extend(folders)
     return found
 
 
@@ -600,7 +604,7 @@ def archive_runs(paths: list[str | Path], dest: str | Path) -> list[Path]:
     planned: dict[Path, bytes] = {}
     configs: dict[Path, dict[str, Any]] = {}
     sources: dict[Path, Path] = {}
-    for folder in _seed_folders(paths):
+    for folder in _finished_run_folders(paths):
         cfg = load_run_config(folder)
         same = same_run_config(cfg)
         target = dest / cfg.name
@@ -636,14 +640,10 @@ def archive_runs(paths: list[str | Path], dest: str | Path) -> list[Path]:
     for cfg_file, same in configs.items():
         if not cfg_file.is_file():
             cfg_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cfg_file.with_suffix(".yaml.tmp")
-            tmp.write_text(yaml.safe_dump(same, sort_keys=False))
-            os.replace(tmp, cfg_file)
+            _write_atomic(cfg_file, yaml.safe_dump(same, sort_keys=False).encode())
             written.append(cfg_file)
     for out, blob in planned.items():
-        tmp = out.with_suffix(".gz.tmp")
-        tmp.write_bytes(blob)
-        os.replace(tmp, out)
+        _write_atomic(out, blob)
         written.append(out)
     return written
 
