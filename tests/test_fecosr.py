@@ -12,6 +12,7 @@ from fedmarket.data.split import leave_one_out
 from fedmarket.data.synthetic import make_synthetic_markets
 from fedmarket.errors import ConfigError
 from fedmarket.federation.runtime import Simulator
+from fedmarket.federation.strategies import FedAvg
 from fedmarket.methods import get_method
 from fedmarket.models.sasrec import LOCAL_PREFIXES
 
@@ -194,6 +195,29 @@ def test_options_are_validated():
         m.parse_options({"lam": 1.5})
     with pytest.raises(ConfigError, match="text_encoder"):
         m.parse_options({"text_encoder": "tfidf"})
+    with pytest.raises(ConfigError, match="server_lr"):
+        m.parse_options({"server_lr": 0})
+
+
+def test_server_lr_steps_the_federated_backbone_and_leaves_fine_tuning_private(splits, monkeypatch):
+    starts = []
+    original = FedAvg.initialize
+    monkeypatch.setattr(FedAvg, "initialize", lambda self, p: (starts.append(p), original(self, p))[1])
+    plain, _ = simulate("fecosr", splits, rounds=1, federated_rounds=2)
+    fast, result = simulate("fecosr", splits, rounds=3, federated_rounds=2, server_lr=2.0)
+    assert fast.strategy.server_lr == 2.0
+    assert all(u["bytes"] == 0 for u in result.uploads if u["round"] == 3)  # fine-tuning uploads nothing
+    # round 1 trains the same uploads; η_g = 2 takes the server twice as far from the start as FedAvg's mean
+    once, _ = simulate("fecosr", splits, rounds=1, federated_rounds=2, server_lr=2.0)
+    start, mean = starts[0], plain.strategy.global_payload
+    for key in (next(k for k in mean if k.startswith(prefix)) for prefix in ("adaptor.", "blocks.")):
+        np.testing.assert_allclose(
+            once.strategy.global_payload[key],
+            start[key] + 2.0 * (mean[key] - start[key]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+        assert np.abs(mean[key] - start[key]).max() > 0
 
 
 def test_sequential_configs_load():

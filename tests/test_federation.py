@@ -24,6 +24,24 @@ def test_weighted_mean_rejects_bad_weights():
         weighted_mean([{"w": np.zeros(1)}], [0])
 
 
+def test_server_lr_moves_the_global_state_eta_times_towards_the_mean():
+    def update(w, n):
+        return Update({"w": np.array(w, dtype=np.float32), "step": np.array([7], dtype=np.int64)}, n)
+
+    plain, fast = FedAvg(), FedAvg(server_lr=2.0)
+    start = {"w": np.array([1.0, 1.0], dtype=np.float32), "step": np.array([0], dtype=np.int64)}
+    for strategy in (plain, fast):
+        strategy.initialize(start)
+        strategy.aggregate_train(1, {"a": update([2.0, 3.0], 1), "b": update([4.0, 7.0], 3)})
+    # mean = [3.5, 6]; plain FedAvg takes it, η_g = 2 goes twice as far from [1, 1]
+    np.testing.assert_allclose(plain.global_payload["w"], [3.5, 6.0])
+    np.testing.assert_allclose(fast.global_payload["w"], [6.0, 11.0])
+    assert fast.global_payload["w"].dtype == np.float32
+    assert fast.global_payload["step"].tolist() == [7]  # integer buffers are taken as aggregated
+    with pytest.raises(ValueError, match="server_lr"):
+        FedAvg(server_lr=0)
+
+
 def test_robust_aggregators_ignore_one_outlier():
     honest = [{"w": np.array([1.0, 1.0])} for _ in range(4)]
     poisoned = honest + [{"w": np.array([1e6, -1e6])}]

@@ -15,7 +15,7 @@ Algorithm (rounds 1..R, ``F = method.options.federated_rounds``):
 2. Federated pre-training, rounds 1..F. Client step: ``local_epochs`` epochs of S²CE
    (1 − λ)·CE + λ·soft-CE with q_j ∝ exp(cos(t_target, t_j)/τ) (`fedmarket.methods.s2ce`) on the market's
    own sequences; upload the backbone. Server step: FedAvg, θ ← Σ_k (n_k / n) θ_k with n_k the market's
-   number of train targets.
+   number of train targets (``server_lr`` η_g ≠ 1: θ ← θ + η_g (Σ_k (n_k / n) θ_k − θ), server SGD).
 3. Local fine-tuning, rounds F+1..R. Round F+1 downloads the final global backbone; then each market
    trains alone with its market-specific module (a local item-ID embedding added to e_i, starting at zero,
    and a bottleneck adapter after the Transformer, starting as the identity), CE by default
@@ -48,8 +48,8 @@ class FederatedThenLocal(FederatedPhase, FedAvg):
     rounds download nothing, and from F+1 on markets are told to fine-tune and upload nothing
     (``F = 0``: FedAvg in every round, no fine-tuning)."""
 
-    def __init__(self, federated_rounds: int = 0, aggregation: str = "mean") -> None:
-        super().__init__(aggregation)
+    def __init__(self, federated_rounds: int = 0, aggregation: str = "mean", server_lr: float = 1.0) -> None:
+        super().__init__(aggregation, server_lr=server_lr)
         self.federated_rounds = federated_rounds
 
     def federated(self, server_round: int) -> bool:
@@ -82,7 +82,7 @@ class FeCoSROptions(SeqOptions):
 
 def build_fecosr(cfg, opts: FeCoSROptions, splits, seed):
     clients = seq_clients(cfg, opts, splits, seed, TEXT_BACKBONE_UPLOAD, use_text=True)
-    return clients, FederatedThenLocal(opts.federated_rounds)
+    return clients, FederatedThenLocal(opts.federated_rounds, server_lr=opts.server_lr)
 
 
 register(

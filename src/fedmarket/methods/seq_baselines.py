@@ -168,12 +168,12 @@ def build_local_id(cfg, opts, splits, seed):
 
 def build_fedavg(cfg, opts, splits, seed):
     clients = seq_clients(cfg, opts, splits, seed, TEXT_BACKBONE_UPLOAD, use_text=True)
-    return clients, FederatedThenLocal(opts.federated_rounds)
+    return clients, FederatedThenLocal(opts.federated_rounds, server_lr=opts.server_lr)
 
 
 def build_fedavg_id(cfg, opts, splits, seed):
     clients = seq_clients(cfg, opts, splits, seed, ID_BACKBONE_UPLOAD, use_text=False, use_id=True)
-    return clients, FederatedThenLocal(opts.federated_rounds)
+    return clients, FederatedThenLocal(opts.federated_rounds, server_lr=opts.server_lr)
 
 
 def _transfer(cfg, opts, splits, seed, declaration, use_text):

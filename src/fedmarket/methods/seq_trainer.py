@@ -47,7 +47,8 @@ class SeqOptions:
     ``text_encoder``: "minilm" (reported results) or "hashing" (fast test double only).
     ``loss``: "ce" or "s2ce" (τ = ``tau``, λ = ``lam``, ``top_k``, ``whiten``: see `fedmarket.methods.s2ce`).
     ``federated_rounds``: rounds of federated (or source) pre-training before local fine-tuning; 0 = every
-    round (no fine-tuning). ``finetune_*``: the fine-tuning stage (FeCoSR step 5).
+    round (no fine-tuning). ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_lr``: the server's
+    step towards the FedAvg mean in federated pre-training (1 = plain FedAvg; `FedAvg`).
     """
 
     text_encoder: str = "minilm"
@@ -70,6 +71,7 @@ class SeqOptions:
     backbone_lr_scale: float = 0.1
     eval_batch_size: int = 1024
     train_windows: str = "all"
+    server_lr: float = 1.0
 
     def validate(self, prefix: str) -> None:
         if self.text_encoder not in ENCODERS:
@@ -95,6 +97,8 @@ class SeqOptions:
         for key in ("top_k", "federated_rounds", "adapter_dim"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.server_lr > 0:
+            raise ConfigError(f"{prefix}.server_lr must be > 0, got {self.server_lr}")
         if self.train_windows not in ("all", "last"):
             raise ConfigError(f"{prefix}.train_windows must be 'all' or 'last', got {self.train_windows!r}")
         if self.backbone_lr_scale < 0:
