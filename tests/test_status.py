@@ -8,7 +8,7 @@ import yaml
 
 from fedmarket.cli import main
 from fedmarket.errors import FedmarketError
-from fedmarket.status import find_run_dirs, format_status, run_status
+from fedmarket.status import find_run_dirs, format_status, run_status, without_merged_copies
 
 
 def _run_folder(root, name, seeds):
@@ -27,6 +27,18 @@ def test_finds_run_folders_below_a_root_and_lists_pending_seeds(tmp_path):
     assert [(r["seed"], r["state"]) for r in rows] == [(0, "pending"), (1, "pending"), (7, "unreadable")]
     text = format_status(rows + run_status(b))
     assert "seed 0: pending" in text and "checkpoint unreadable" in text and text.splitlines()[-2] == "b"
+
+
+def test_a_grids_merged_copy_is_listed_once(tmp_path, capsys):
+    grid = tmp_path / "grid"
+    seed0 = _run_folder(grid / "seed0", "a-20261130", [0])
+    (seed0 / "config.yaml").write_text(yaml.safe_dump({"name": "a", "seeds": [0], "train": {"rounds": 5}}))
+    merged = _run_folder(grid / "merged", "a", [0])
+    other = _run_folder(grid / "merged", "b", [0])  # merged from per-seed folders not listed: kept
+    assert without_merged_copies(find_run_dirs([grid])) == [other, seed0]
+    assert without_merged_copies([merged]) == [merged]
+    assert main(["status", str(grid)]) == 0
+    assert capsys.readouterr().out.count("seed 0: pending") == 2
 
 
 def test_bad_paths_are_named(tmp_path, capsys):

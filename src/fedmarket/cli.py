@@ -222,12 +222,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from fedmarket.status import find_run_dirs, format_status, run_status
+    from fedmarket.status import find_run_dirs, format_status, run_status, without_merged_copies
 
     if args.stale_after <= 0:
         raise FedmarketError(f"--stale-after must be > 0 minutes, got {args.stale_after}")
     rows = [
-        row for d in find_run_dirs(args.paths) for row in run_status(d, stale_after=60 * args.stale_after)
+        row
+        for d in without_merged_copies(find_run_dirs(args.paths))
+        for row in run_status(d, stale_after=60 * args.stale_after)
     ]
     print(format_status(rows))
     return 0

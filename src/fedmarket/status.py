@@ -44,6 +44,20 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
+def without_merged_copies(dirs: Sequence[Path]) -> list[Path]:
+    """``dirs`` less each ``merged/<name>`` folder whose per-seed folders (a config of the same name, in
+    ``scripts/run_grid.py``'s ``OUT/seed<N>/`` layout) are listed too, so that every seed shows once."""
+
+    def name(d: Path) -> str | None:
+        try:
+            return (yaml.safe_load((d / "config.yaml").read_text()) or {}).get("name")
+        except (OSError, yaml.YAMLError, AttributeError):
+            return None
+
+    per_seed = {name(d) for d in dirs if d.parent.name != "merged"}
+    return [d for d in dirs if d.parent.name != "merged" or name(d) not in per_seed]
+
+
 def seed_status(
     run_dir: Path, seed: int, cfg: dict[str, Any], now: float | None = None, stale_after: float = 1800.0
 ) -> dict[str, Any]:
