@@ -285,6 +285,10 @@ def test_archive_accumulates_seeds_and_restores_the_merged_run(tmp_path):
     assert rec == json.loads((b / "seeds" / "seed1.json").read_text())
 
     assert cli(["restore", str(archive), "--out", str(tmp_path / "cli"), "--name", "merge_test"]) == 0
+    from fedmarket.cli import build_parser
+
+    args = build_parser().parse_args(["restore", "A", "--out", "O", "--name", "a", "b", "--name", "c"])
+    assert args.name == ["a", "b", "c"]  # a repeated --name adds to the list
     assert (tmp_path / "cli" / "merge_test" / "report.md").is_file()
     (restored,) = restore_runs(archive, tmp_path / "restored")
     merged = merge_runs([a, b], tmp_path / "merged")

@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rs.add_argument("archive", metavar="ARCHIVE")
     rs.add_argument("--out", required=True, help="folder for the run folders, one per config")
-    rs.add_argument("--name", nargs="+", help="only these configs")
+    rs.add_argument("--name", nargs="+", action="extend", help="only these configs (repeatable)")
     rs.set_defaults(func=cmd_restore)
 
     st = sub.add_parser(
