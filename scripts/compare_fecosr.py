@@ -66,12 +66,14 @@ ROWS = [  # (suffix of the config name, label)
     ("fecosr_fixed-pt", "**FeCoSR**, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_whiten_fixed-pt", "FeCoSR, whitened S²CE target, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_slr2_fixed-pt", "**FeCoSR**, server lr 2, pre-training 150 rounds (fixed, matched)"),
+    ("seq_fedavg_ft_slr2_fixed-pt", "FedAvg-CE + fine-tune, server lr 2, pre-training 150 rounds (fixed, matched)"),
     ("seq_transfer_fixed-pt", "One-to-one transfer + fine-tune, source phase 150 rounds (fixed, matched)"),
     ("seq_transfer_fixed-pt_phase1", "One-to-one transfer, zero-shot (source phase 150 rounds, fixed)"),
     ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
     ("fecosr_fixed-pt_phase1", "FeCoSR without fine-tune (150 rounds, fixed)"),
     ("fecosr_whiten_fixed-pt_phase1", "FeCoSR without fine-tune, whitened S²CE target (150 rounds, fixed)"),
     ("fecosr_slr2_fixed-pt_phase1", "FeCoSR without fine-tune, server lr 2 (150 rounds, fixed)"),
+    ("seq_fedavg_ft_slr2_fixed-pt_phase1", "FedAvg-CE without fine-tune, server lr 2 (150 rounds, fixed)"),
     ("seq_fedavg_slr1_pilot30", "FedAvg-CE, 30 rounds, server lr 1 (pilot)"),
     ("seq_fedavg_slr2_pilot30", "FedAvg-CE, 30 rounds, server lr 2 (pilot)"),
     ("seq_fedavg_slr4_pilot30", "FedAvg-CE, 30 rounds, server lr 4 (pilot)"),
@@ -156,6 +158,26 @@ CHECKS = [  # (a, b, text): a − b per seed
         "fecosr_fixed-pt_phase1",
         "FeCoSR w/o fine-tune: server lr 2 − server lr 1 (150 pre-training rounds each)",
     ),
+    (
+        "fecosr_slr2_fixed-pt",
+        "seq_fedavg_ft_slr2_fixed-pt",
+        "FeCoSR − FedAvg-CE + fine-tune, both server lr 2, 150 pre-training rounds (S²CE vs CE)",
+    ),
+    (
+        "fecosr_slr2_fixed-pt_phase1",
+        "seq_fedavg_ft_slr2_fixed-pt_phase1",
+        "FeCoSR w/o fine-tune − FedAvg-CE, both server lr 2, 150 rounds (S²CE vs CE, no fine-tune)",
+    ),
+    (
+        "seq_fedavg_ft_slr2_fixed-pt",
+        "seq_transfer_fixed-pt",
+        "FedAvg-CE + fine-tune, server lr 2 − one-to-one transfer (150 first-phase rounds each)",
+    ),
+    (
+        "seq_fedavg_ft_slr2_fixed-pt",
+        "seq_fedavg_ft_fixed-pt",
+        "FedAvg-CE + fine-tune: server lr 2 − server lr 1 (150 pre-training rounds each)",
+    ),
     ("seq_fedavg_slr2_pilot30", "seq_fedavg_slr1_pilot30", "FedAvg-CE at round 30: server lr 2 − 1 (pilot)"),
     (
         "seq_fedavg_ft_fixed-pt",
@@ -204,6 +226,7 @@ PHASED = (
     "seq_fedavg_ft_fixed-pt",
     "fecosr_whiten_fixed-pt",
     "fecosr_slr2_fixed-pt",
+    "seq_fedavg_ft_slr2_fixed-pt",
     "seq_transfer_fixed-pt",
 )
 
