@@ -197,6 +197,8 @@ def test_options_are_validated():
         m.parse_options({"text_encoder": "tfidf"})
     with pytest.raises(ConfigError, match="server_lr"):
         m.parse_options({"server_lr": 0})
+    with pytest.raises(ConfigError, match="server_momentum"):
+        m.parse_options({"server_momentum": 1.0})
 
 
 def test_server_lr_steps_the_federated_backbone_and_leaves_fine_tuning_private(splits, monkeypatch):
@@ -206,6 +208,9 @@ def test_server_lr_steps_the_federated_backbone_and_leaves_fine_tuning_private(s
     plain, _ = simulate("fecosr", splits, rounds=1, federated_rounds=2)
     fast, result = simulate("fecosr", splits, rounds=3, federated_rounds=2, server_lr=2.0)
     assert fast.strategy.server_lr == 2.0
+    heavy, moved = simulate("fecosr", splits, rounds=3, federated_rounds=2, server_momentum=0.5)
+    assert heavy.strategy.server_momentum == 0.5 and heavy.strategy.velocity  # the server keeps the velocity
+    assert all(u["bytes"] == 0 for u in moved.uploads if u["round"] == 3)
     assert all(u["bytes"] == 0 for u in result.uploads if u["round"] == 3)  # fine-tuning uploads nothing
     # round 1 trains the same uploads; η_g = 2 takes the server twice as far from the start as FedAvg's mean
     once, _ = simulate("fecosr", splits, rounds=1, federated_rounds=2, server_lr=2.0)

@@ -42,6 +42,35 @@ def test_server_lr_moves_the_global_state_eta_times_towards_the_mean():
         FedAvg(server_lr=0)
 
 
+def test_server_momentum_accumulates_the_mean_steps_and_resumes_exactly():
+    def update(w):
+        return Update({"w": np.array(w, dtype=np.float32), "step": np.array([7], dtype=np.int64)}, 1)
+
+    start = {"w": np.array([0.0, 0.0], dtype=np.float32), "step": np.array([0], dtype=np.int64)}
+    m = FedAvg(server_lr=0.5, server_momentum=0.9)
+    m.initialize(start)
+    m.aggregate_train(1, {"a": update([1.0, 2.0])})  # v = [1, 2], θ = 0.5 v = [0.5, 1]
+    np.testing.assert_allclose(m.global_payload["w"], [0.5, 1.0])
+    saved = m.state_dict()
+    assert "server_velocity" in saved and "server_velocity" not in FedAvg().state_dict()
+    resumed = FedAvg(server_lr=0.5, server_momentum=0.9)
+    resumed.load_state_dict(saved)
+    for s in (m, resumed):  # v = 0.9 [1, 2] + ([1, 2] − [0.5, 1]) = [1.4, 2.8]; θ = [0.5, 1] + 0.5 v
+        s.aggregate_train(2, {"a": update([1.0, 2.0])})
+        np.testing.assert_allclose(s.global_payload["w"], [1.2, 2.4], rtol=1e-6)
+        assert s.global_payload["step"].tolist() == [7]
+    # β = 0 is the plain server step, and what markets download never carries the velocity
+    plain, zero = FedAvg(server_lr=0.5), FedAvg(server_lr=0.5, server_momentum=0.0)
+    for s in (plain, zero):
+        s.initialize(start)
+        s.aggregate_train(1, {"a": update([1.0, 2.0])})
+        s.aggregate_train(2, {"a": update([1.0, 2.0])})
+    np.testing.assert_array_equal(plain.global_payload["w"], zero.global_payload["w"])
+    assert set(m.configure_train(3, ["a"])["a"]) == {"w", "step"}
+    with pytest.raises(ValueError, match="server_momentum"):
+        FedAvg(server_momentum=1.0)
+
+
 def test_robust_aggregators_ignore_one_outlier():
     honest = [{"w": np.array([1.0, 1.0])} for _ in range(4)]
     poisoned = honest + [{"w": np.array([1e6, -1e6])}]

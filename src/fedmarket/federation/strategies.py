@@ -68,17 +68,32 @@ def server_step(current: Payload, aggregate: Payload, server_lr: float) -> Paylo
     """θ + η_g (agg − θ) for every floating-point key present in both (η_g = 1, or no current state: agg)."""
     if server_lr == 1.0 or not current:
         return aggregate
+    return server_momentum_step(current, aggregate, server_lr, 0.0, {})[0]
+
+
+def server_momentum_step(
+    current: Payload, aggregate: Payload, server_lr: float, momentum: float, velocity: Payload
+) -> tuple[Payload, Payload]:
+    """Server SGD with momentum (FedAvgM, Hsu et al. 2019): v ← β v + (agg − θ), θ ← θ + η_g v, for every
+    floating-point key present in both ``current`` and ``aggregate`` (other keys: taken from ``aggregate``).
+    Returns (new θ, new v); β = 0 is `server_step`. ``velocity`` may lack keys (v = 0 there)."""
+    if not current:
+        return aggregate, {}
     out: Payload = {}
+    new_velocity: Payload = {}
     for key, new in aggregate.items():
         old = current.get(key)
         if old is None or not np.issubdtype(np.asarray(new).dtype, np.floating):
             out[key] = new
             continue
-        step = np.asarray(old, np.float64) + server_lr * (
-            np.asarray(new, np.float64) - np.asarray(old, np.float64)
-        )
-        out[key] = step.astype(np.asarray(new).dtype)
-    return out
+        old64 = np.asarray(old, np.float64)
+        v = np.asarray(new, np.float64) - old64
+        if momentum and key in velocity:
+            v = momentum * np.asarray(velocity[key], np.float64) + v
+        out[key] = (old64 + server_lr * v).astype(np.asarray(new).dtype)
+        if momentum:
+            new_velocity[key] = v.astype(np.float32)
+    return out, new_velocity
 
 
 class FedAvg(Strategy):
@@ -89,7 +104,8 @@ class FedAvg(Strategy):
     ``server_lr`` = η_g: the server moves the global state η_g times the way to the aggregate,
     θ ← θ + η_g (agg − θ) (FedOpt's server SGD, Reddi et al., ICLR 2021); 1 is plain FedAvg. With markets of
     different sizes the mean update takes fewer effective steps than the largest market alone; η_g > 1
-    compensates.
+    compensates. ``server_momentum`` = β: server momentum (FedAvgM), v ← β v + (agg − θ), θ ← θ + η_g v;
+    0 (default) is the plain server step. The velocity is server state (checkpointed), never sent to markets.
     """
 
     def __init__(
@@ -98,12 +114,17 @@ class FedAvg(Strategy):
         trim_ratio: float = 0.1,
         options: dict[str, Any] | None = None,
         server_lr: float = 1.0,
+        server_momentum: float = 0.0,
     ):
         if aggregation not in ("mean", "median", "trimmed_mean"):
             raise ValueError(f"aggregation must be 'mean', 'median' or 'trimmed_mean', got {aggregation!r}")
         if not server_lr > 0:
             raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        if not 0 <= server_momentum < 1:
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
         self.server_lr = float(server_lr)
+        self.server_momentum = float(server_momentum)
+        self.velocity: Payload = {}
         self.aggregation = aggregation
         self.trim_ratio = trim_ratio
         self.options = dict(options or {})
@@ -125,13 +146,21 @@ class FedAvg(Strategy):
             aggregate = trimmed_mean(payloads, self.trim_ratio)
         else:
             aggregate = weighted_mean(payloads, [u.num_examples for u in updates.values()])
-        self.global_payload = server_step(self.global_payload, aggregate, self.server_lr)
+        if self.server_momentum:
+            self.global_payload, self.velocity = server_momentum_step(
+                self.global_payload, aggregate, self.server_lr, self.server_momentum, self.velocity
+            )
+        else:
+            self.global_payload = server_step(self.global_payload, aggregate, self.server_lr)
 
     def round_options(self, server_round: int) -> dict[str, Any]:
         return dict(self.options)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.velocity:
+            return {"global_payload": self.global_payload, "server_velocity": self.velocity}
         return {"global_payload": self.global_payload}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_payload = dict(state["global_payload"])
+        self.velocity = dict(state.get("server_velocity", {}))

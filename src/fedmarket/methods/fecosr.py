@@ -48,8 +48,14 @@ class FederatedThenLocal(FederatedPhase, FedAvg):
     rounds download nothing, and from F+1 on markets are told to fine-tune and upload nothing
     (``F = 0``: FedAvg in every round, no fine-tuning)."""
 
-    def __init__(self, federated_rounds: int = 0, aggregation: str = "mean", server_lr: float = 1.0) -> None:
-        super().__init__(aggregation, server_lr=server_lr)
+    def __init__(
+        self,
+        federated_rounds: int = 0,
+        aggregation: str = "mean",
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
+    ) -> None:
+        super().__init__(aggregation, server_lr=server_lr, server_momentum=server_momentum)
         self.federated_rounds = federated_rounds
 
     def federated(self, server_round: int) -> bool:
@@ -74,6 +80,13 @@ class FederatedThenLocal(FederatedPhase, FedAvg):
         return {"upload": federated, "finetune": not federated}
 
 
+def federated_then_local(opts: SeqOptions) -> FederatedThenLocal:
+    """The strategy of every FedAvg-family sequential method, from its options (federated rounds, server step)."""
+    return FederatedThenLocal(
+        opts.federated_rounds, server_lr=opts.server_lr, server_momentum=opts.server_momentum
+    )
+
+
 @dataclass
 class FeCoSROptions(SeqOptions):
     loss: str = "s2ce"
@@ -82,7 +95,7 @@ class FeCoSROptions(SeqOptions):
 
 def build_fecosr(cfg, opts: FeCoSROptions, splits, seed):
     clients = seq_clients(cfg, opts, splits, seed, TEXT_BACKBONE_UPLOAD, use_text=True)
-    return clients, FederatedThenLocal(opts.federated_rounds, server_lr=opts.server_lr)
+    return clients, federated_then_local(opts)
 
 
 register(

@@ -29,7 +29,7 @@ from fedmarket.federation.core import Strategy, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
 from fedmarket.federation.strategies import FederatedPhase, NoFederation
 from fedmarket.methods.base import Method, register
-from fedmarket.methods.fecosr import TEXT_BACKBONE_UPLOAD, FederatedThenLocal
+from fedmarket.methods.fecosr import TEXT_BACKBONE_UPLOAD, federated_then_local
 from fedmarket.methods.seq_trainer import (
     SeqClient,
     SeqData,
@@ -168,12 +168,12 @@ def build_local_id(cfg, opts, splits, seed):
 
 def build_fedavg(cfg, opts, splits, seed):
     clients = seq_clients(cfg, opts, splits, seed, TEXT_BACKBONE_UPLOAD, use_text=True)
-    return clients, FederatedThenLocal(opts.federated_rounds, server_lr=opts.server_lr)
+    return clients, federated_then_local(opts)
 
 
 def build_fedavg_id(cfg, opts, splits, seed):
     clients = seq_clients(cfg, opts, splits, seed, ID_BACKBONE_UPLOAD, use_text=False, use_id=True)
-    return clients, FederatedThenLocal(opts.federated_rounds, server_lr=opts.server_lr)
+    return clients, federated_then_local(opts)
 
 
 def _transfer(cfg, opts, splits, seed, declaration, use_text):

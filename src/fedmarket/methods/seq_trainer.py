@@ -48,7 +48,8 @@ class SeqOptions:
     ``loss``: "ce" or "s2ce" (τ = ``tau``, λ = ``lam``, ``top_k``, ``whiten``: see `fedmarket.methods.s2ce`).
     ``federated_rounds``: rounds of federated (or source) pre-training before local fine-tuning; 0 = every
     round (no fine-tuning). ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_lr``: the server's
-    step towards the FedAvg mean in federated pre-training (1 = plain FedAvg; `FedAvg`).
+    step towards the FedAvg mean in federated pre-training (1 = plain FedAvg; `FedAvg`); ``server_momentum``: β of
+    the server's momentum (FedAvgM; 0 = none).
     """
 
     text_encoder: str = "minilm"
@@ -72,6 +73,7 @@ class SeqOptions:
     eval_batch_size: int = 1024
     train_windows: str = "all"
     server_lr: float = 1.0
+    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
         if self.text_encoder not in ENCODERS:
@@ -99,6 +101,8 @@ class SeqOptions:
                 raise ConfigError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         if not self.server_lr > 0:
             raise ConfigError(f"{prefix}.server_lr must be > 0, got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            raise ConfigError(f"{prefix}.server_momentum must be in [0, 1), got {self.server_momentum}")
         if self.train_windows not in ("all", "last"):
             raise ConfigError(f"{prefix}.train_windows must be 'all' or 'last', got {self.train_windows!r}")
         if self.backbone_lr_scale < 0:
