@@ -77,6 +77,9 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_fedavg_slr1_pilot30", "FedAvg-CE, 30 rounds, server lr 1 (pilot)"),
     ("seq_fedavg_slr2_pilot30", "FedAvg-CE, 30 rounds, server lr 2 (pilot)"),
     ("seq_fedavg_slr4_pilot30", "FedAvg-CE, 30 rounds, server lr 4 (pilot)"),
+    ("seq_fedavg_slr3_pilot30", "FedAvg-CE, 30 rounds, server lr 3 (pilot)"),
+    ("seq_fedavg_slr1_m05_pilot30", "FedAvg-CE, 30 rounds, server momentum 0.5 (pilot)"),
+    ("seq_fedavg_slr1_m067_pilot30", "FedAvg-CE, 30 rounds, server momentum 0.667 (pilot)"),
     ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
     ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
     ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
@@ -179,6 +182,17 @@ CHECKS = [  # (a, b, text): a − b per seed
         "FedAvg-CE + fine-tune: server lr 2 − server lr 1 (150 pre-training rounds each)",
     ),
     ("seq_fedavg_slr2_pilot30", "seq_fedavg_slr1_pilot30", "FedAvg-CE at round 30: server lr 2 − 1 (pilot)"),
+    ("seq_fedavg_slr3_pilot30", "seq_fedavg_slr2_pilot30", "FedAvg-CE at round 30: server lr 3 − 2 (pilot)"),
+    (
+        "seq_fedavg_slr1_m05_pilot30",
+        "seq_fedavg_slr2_pilot30",
+        "FedAvg-CE at round 30: momentum 0.5 − server lr 2 (same steady step; pilot)",
+    ),
+    (
+        "seq_fedavg_slr1_m067_pilot30",
+        "seq_fedavg_slr3_pilot30",
+        "FedAvg-CE at round 30: momentum 0.667 − server lr 3 (same steady step; pilot)",
+    ),
     (
         "seq_fedavg_ft_fixed-pt",
         "seq_fedavg_ft_long-pt",
