@@ -52,7 +52,7 @@ def test_server_momentum_accumulates_the_mean_steps_and_resumes_exactly():
     m.aggregate_train(1, {"a": update([1.0, 2.0])})  # v = [1, 2], θ = 0.5 v = [0.5, 1]
     np.testing.assert_allclose(m.global_payload["w"], [0.5, 1.0])
     saved = m.state_dict()
-    assert "server_velocity" in saved and "server_velocity" not in FedAvg().state_dict()
+    assert saved["server_velocity"] and not FedAvg().state_dict()["server_velocity"]  # β = 0 keeps none
     resumed = FedAvg(server_lr=0.5, server_momentum=0.9)
     resumed.load_state_dict(saved)
     for s in (m, resumed):  # v = 0.9 [1, 2] + ([1, 2] − [0.5, 1]) = [1.4, 2.8]; θ = [0.5, 1] + 0.5 v

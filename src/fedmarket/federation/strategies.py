@@ -64,21 +64,20 @@ class FederatedPhase:
         self.load_phase_state(state)
 
 
-def server_step(current: Payload, aggregate: Payload, server_lr: float) -> Payload:
-    """θ + η_g (agg − θ) for every floating-point key present in both (η_g = 1, or no current state: agg)."""
-    if server_lr == 1.0 or not current:
-        return aggregate
-    return server_momentum_step(current, aggregate, server_lr, 0.0, {})[0]
-
-
-def server_momentum_step(
-    current: Payload, aggregate: Payload, server_lr: float, momentum: float, velocity: Payload
+def server_step(
+    current: Payload,
+    aggregate: Payload,
+    server_lr: float,
+    momentum: float = 0.0,
+    velocity: Payload | None = None,
 ) -> tuple[Payload, Payload]:
-    """Server SGD with momentum (FedAvgM, Hsu et al. 2019): v ← β v + (agg − θ), θ ← θ + η_g v, for every
-    floating-point key present in both ``current`` and ``aggregate`` (other keys: taken from ``aggregate``).
-    Returns (new θ, new v); β = 0 is `server_step`. ``velocity`` may lack keys (v = 0 there)."""
-    if not current:
+    """The server's step towards the aggregate, with optional momentum (FedOpt's server SGD; FedAvgM, Hsu et al.
+    2019): v ← β v + (agg − θ), θ ← θ + η_g v for every floating-point key present in both ``current`` and
+    ``aggregate`` (other keys are taken from ``aggregate``). Returns (new θ, new v). η_g = 1 and β = 0, or no
+    current state: θ = agg (plain FedAvg). ``velocity`` may lack keys (v = 0 there); it stays empty when β = 0."""
+    if not current or (server_lr == 1.0 and not momentum):
         return aggregate, {}
+    velocity = velocity or {}
     out: Payload = {}
     new_velocity: Payload = {}
     for key, new in aggregate.items():
@@ -146,20 +145,15 @@ class FedAvg(Strategy):
             aggregate = trimmed_mean(payloads, self.trim_ratio)
         else:
             aggregate = weighted_mean(payloads, [u.num_examples for u in updates.values()])
-        if self.server_momentum:
-            self.global_payload, self.velocity = server_momentum_step(
-                self.global_payload, aggregate, self.server_lr, self.server_momentum, self.velocity
-            )
-        else:
-            self.global_payload = server_step(self.global_payload, aggregate, self.server_lr)
+        self.global_payload, self.velocity = server_step(
+            self.global_payload, aggregate, self.server_lr, self.server_momentum, self.velocity
+        )
 
     def round_options(self, server_round: int) -> dict[str, Any]:
         return dict(self.options)
 
     def state_dict(self) -> dict[str, Any]:
-        if self.velocity:
-            return {"global_payload": self.global_payload, "server_velocity": self.velocity}
-        return {"global_payload": self.global_payload}
+        return {"global_payload": self.global_payload, "server_velocity": self.velocity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_payload = dict(state["global_payload"])
