@@ -64,12 +64,24 @@ class NoOptions:
     pass
 
 
+def check_server_step(prefix: str, server_lr: float, server_momentum: float) -> None:
+    """The options of the server's step towards the aggregate (`fedmarket.federation.strategies.server_step`):
+    ``server_lr`` η_g > 0 (1 = plain FedAvg), ``server_momentum`` β in [0, 1) (0 = none)."""
+    if not server_lr > 0:
+        raise ConfigError(f"{prefix}.server_lr must be > 0, got {server_lr}")
+    if not 0 <= server_momentum < 1:
+        raise ConfigError(f"{prefix}.server_momentum must be in [0, 1), got {server_momentum}")
+
+
 @dataclass
 class FedAvgOptions:
-    """Options of every FedAvg-family method: the server's aggregation rule (robust options included)."""
+    """Options of every FedAvg-family method: the server's aggregation rule (robust options included) and its
+    step towards the aggregate (``server_lr`` η_g, ``server_momentum`` β; `check_server_step`)."""
 
     aggregation: str = "mean"
     trim_ratio: float = 0.1
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
         if self.aggregation not in ("mean", "median", "trimmed_mean"):
@@ -78,6 +90,16 @@ class FedAvgOptions:
             )
         if not 0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"{prefix}.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
+        check_server_step(prefix, self.server_lr, self.server_momentum)
+
+    def fedavg_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `fedmarket.federation.strategies.FedAvg` these options set."""
+        return {
+            "aggregation": self.aggregation,
+            "trim_ratio": self.trim_ratio,
+            "server_lr": self.server_lr,
+            "server_momentum": self.server_momentum,
+        }
 
 
 @dataclass

@@ -76,16 +76,16 @@ def build_local(cfg, opts, splits, seed):
 
 
 def build_fedavg(cfg, opts, splits, seed):
-    return per_market_clients(cfg, splits, seed, DENSE_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
+    return per_market_clients(cfg, splits, seed, DENSE_UPLOAD), FedAvg(**opts.fedavg_kwargs())
 
 
 def build_fedprox(cfg, opts, splits, seed):
-    strategy = FedAvg(opts.aggregation, opts.trim_ratio, options={"proximal_mu": opts.mu})
+    strategy = FedAvg(**opts.fedavg_kwargs(), options={"proximal_mu": opts.mu})
     return per_market_clients(cfg, splits, seed, DENSE_UPLOAD), strategy
 
 
 def build_fedper(cfg, opts, splits, seed):
-    return per_market_clients(cfg, splits, seed, FEDPER_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
+    return per_market_clients(cfg, splits, seed, FEDPER_UPLOAD), FedAvg(**opts.fedavg_kwargs())
 
 
 # ---------------------------------------------------------------- pooled (not private)

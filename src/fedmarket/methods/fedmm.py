@@ -51,7 +51,8 @@ from fedmarket.errors import ConfigError, PayloadError
 from fedmarket.federation.aggregators import weighted_mean
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Strategy, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
-from fedmarket.methods.base import Method, register
+from fedmarket.federation.strategies import server_step
+from fedmarket.methods.base import Method, check_server_step, register
 from fedmarket.methods.ctr_baselines import ctr_client_kwargs
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData
 from fedmarket.models.collab import train_collaborative_embeddings
@@ -145,8 +146,14 @@ class FedMMOptions:
     # ("no train history") means the same everywhere too and is averaged with the rest. The per-user codes
     # themselves, like the item codes, never leave the market.
     user_codes: str = "none"
+    # the server's step in the FedAvg rounds (the CTR model's declared dense parameters; fedctr's embedding
+    # model): θ ← θ + η_g (mean − θ), with momentum β (`fedmarket.federation.strategies.server_step`). The
+    # codebook merges are not a mean of parameters and are not affected.
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
+        check_server_step(prefix, self.server_lr, self.server_momentum)
         choices = {
             "embedding": ("mf", "lightgcn", "fedctr"),
             "item_stats": ("none", "concat", "only"),
@@ -732,6 +739,7 @@ class FedMMStrategy(Strategy):
         self.seed = seed
         self.secure_sums = secure_sums  # markets upload weighted sums in RQ-VAE rounds after the first
         self.state: dict[str, Payload] = {"embed": {}, "rqvae": {}, "ctr": {}}
+        self.velocity: dict[str, Payload] = {"embed": {}, "ctr": {}}  # server momentum of the FedAvg phases
         self.merged_once = {"global": False, "local": False}
 
     def initialize(self, initial: Payload) -> None:
@@ -796,7 +804,13 @@ class FedMMStrategy(Strategy):
         payloads = [u.payload for u in updates.values()]
         weights = [u.num_examples for u in updates.values()]
         if phase != "rqvae":
-            self.state[phase] = weighted_mean(payloads, weights)
+            self.state[phase], self.velocity[phase] = server_step(
+                self.state[phase],
+                weighted_mean(payloads, weights),
+                self.opts.server_lr,
+                self.opts.server_momentum,
+                self.velocity[phase],
+            )
             return
         if any(k in payloads[0] for k in WEIGHTED_BOOKS.values()):
             self._merge_sums(server_round, updates)
@@ -873,11 +887,13 @@ class FedMMStrategy(Strategy):
         self.state["rqvae"] = merged
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "merged_once": dict(self.merged_once)}
+        return {"state": self.state, "merged_once": dict(self.merged_once), "server_velocity": self.velocity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = {k: dict(v) for k, v in state["state"].items()}
         self.merged_once = dict(state["merged_once"])
+        velocity = state.get("server_velocity", {})  # absent in checkpoints written before server momentum
+        self.velocity = {phase: dict(velocity.get(phase, {})) for phase in ("embed", "ctr")}
 
 
 # ----------------------------------------------------------------------------- build + register

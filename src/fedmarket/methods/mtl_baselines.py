@@ -134,31 +134,29 @@ def build_local(cfg, opts, splits, seed):
 
 
 def build_fedavg(cfg, opts, splits, seed):
-    return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
+    return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), FedAvg(**opts.fedavg_kwargs())
 
 
 def build_fedavg_ft(cfg, opts, splits, seed):
-    strategy = FedAvgThenLocal(
-        opts.federated_rounds, aggregation=opts.aggregation, trim_ratio=opts.trim_ratio
-    )
+    strategy = FedAvgThenLocal(opts.federated_rounds, **opts.fedavg_kwargs())
     return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), strategy
 
 
 def build_fedprox(cfg, opts, splits, seed):
-    strategy = FedAvg(opts.aggregation, opts.trim_ratio, options={"proximal_mu": opts.mu})
+    strategy = FedAvg(**opts.fedavg_kwargs(), options={"proximal_mu": opts.mu})
     return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), strategy
 
 
 def build_fedbn(cfg, opts, splits, seed):
-    return mtl_clients(cfg, splits, seed, MTL_FEDBN_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
+    return mtl_clients(cfg, splits, seed, MTL_FEDBN_UPLOAD), FedAvg(**opts.fedavg_kwargs())
 
 
 def build_fedper(cfg, opts, splits, seed):
-    return mtl_clients(cfg, splits, seed, MTL_FEDPER_UPLOAD), FedAvg(opts.aggregation, opts.trim_ratio)
+    return mtl_clients(cfg, splits, seed, MTL_FEDPER_UPLOAD), FedAvg(**opts.fedavg_kwargs())
 
 
 def build_ditto(cfg, opts, splits, seed):
-    strategy = FedAvg(opts.aggregation, opts.trim_ratio, options={"ditto_lambda": opts.lam})
+    strategy = FedAvg(**opts.fedavg_kwargs(), options={"ditto_lambda": opts.lam})
     return mtl_clients(cfg, splits, seed, MTL_FEDAVG_UPLOAD), strategy
 
 

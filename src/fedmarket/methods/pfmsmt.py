@@ -41,8 +41,8 @@ from fedmarket.errors import ConfigError
 from fedmarket.federation.core import Strategy, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
 from fedmarket.federation.personalized import personalized_aggregate
-from fedmarket.federation.strategies import FederatedPhase
-from fedmarket.methods.base import Method, register
+from fedmarket.federation.strategies import FederatedPhase, server_step
+from fedmarket.methods.base import Method, check_server_step, register
 from fedmarket.methods.mtl_baselines import mmoe_options, mtl_clients
 
 _BN_AFFINE = (
@@ -89,8 +89,13 @@ class PFMSMTOptions:
     num_scenario_experts: int = 1
     size_weighted: bool = False
     federated_rounds: int = 0
+    # the server's step from each scenario's last download towards its personalised aggregate, with momentum
+    # (`fedmarket.federation.strategies.server_step`; 1 and 0: the aggregate itself, the paper's method)
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
+        check_server_step(prefix, self.server_lr, self.server_momentum)
         if self.federated_rounds < 0:
             raise ConfigError(
                 f"{prefix}.federated_rounds must be >= 0 (0: no local fine-tuning stage), got {self.federated_rounds}"
@@ -118,16 +123,21 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
         size_weighted: bool = False,
         seed: int = 0,
         federated_rounds: int = 0,
+        server_lr: float = 1.0,
+        server_momentum: float = 0.0,
     ) -> None:
         self.federated_rounds = federated_rounds
         self.tau, self.coordinate, self.personalize = tau, coordinate, personalize
         self.mu, self.size_weighted, self.seed = mu, size_weighted, seed
+        self.server_lr, self.server_momentum = server_lr, server_momentum
         self.initial: Payload = {}
         self.personal: dict[str, Payload] = {}
+        self.velocity: dict[str, Payload] = {}  # per scenario, server momentum only
 
     def initialize(self, initial: Payload) -> None:
         self.initial = {k: np.array(v, copy=True) for k, v in initial.items()}
         self.personal = {}
+        self.velocity = {}
 
     def download(self, market: str) -> Payload:
         return self.personal.get(market, self.initial)
@@ -159,7 +169,9 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
             rng=rng,
         )
         for m, payload in zip(markets, merged, strict=True):
-            self.personal[m] = payload
+            self.personal[m], self.velocity[m] = server_step(
+                self.download(m), payload, self.server_lr, self.server_momentum, self.velocity.get(m)
+            )
 
     def round_options(self, server_round: int) -> dict[str, Any]:
         if self.federating(server_round):
@@ -167,12 +179,19 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
         return {"proximal_mu": 0.0, "upload": False}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial, "personal": self.personal, **self.phase_state()}
+        return {
+            "initial": self.initial,
+            "personal": self.personal,
+            "server_velocity": self.velocity,
+            **self.phase_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_phase_state(state)
         self.initial = dict(state["initial"])
         self.personal = {m: dict(p) for m, p in state["personal"].items()}
+        # absent in checkpoints written before server momentum
+        self.velocity = {m: dict(v) for m, v in state.get("server_velocity", {}).items()}
 
 
 def build_pfmsmt(cfg, opts: PFMSMTOptions, splits, seed):
@@ -200,6 +219,8 @@ def build_pfmsmt(cfg, opts: PFMSMTOptions, splits, seed):
         size_weighted=opts.size_weighted,
         seed=seed,
         federated_rounds=opts.federated_rounds,
+        server_lr=opts.server_lr,
+        server_momentum=opts.server_momentum,
     )
     return clients, strategy
 

@@ -34,6 +34,7 @@ from fedmarket.errors import ConfigError
 from fedmarket.eval.metrics import candidate_ranking_metrics, full_ranking_metrics
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration, load_payload_into, module_to_payload
+from fedmarket.methods.base import check_server_step
 from fedmarket.methods.s2ce import SoftTargets, s2ce_loss
 from fedmarket.models.sasrec import SASRec
 from fedmarket.models.text_encoder import ENCODERS, encode_texts
@@ -99,10 +100,7 @@ class SeqOptions:
         for key in ("top_k", "federated_rounds", "adapter_dim"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
-        if not self.server_lr > 0:
-            raise ConfigError(f"{prefix}.server_lr must be > 0, got {self.server_lr}")
-        if not 0 <= self.server_momentum < 1:
-            raise ConfigError(f"{prefix}.server_momentum must be in [0, 1), got {self.server_momentum}")
+        check_server_step(prefix, self.server_lr, self.server_momentum)
         if self.train_windows not in ("all", "last"):
             raise ConfigError(f"{prefix}.train_windows must be 'all' or 'last', got {self.train_windows!r}")
         if self.backbone_lr_scale < 0:
