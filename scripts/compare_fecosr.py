@@ -66,7 +66,10 @@ ROWS = [  # (suffix of the config name, label)
     ("fecosr_fixed-pt", "**FeCoSR**, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_whiten_fixed-pt", "FeCoSR, whitened S²CE target, pre-training 150 rounds (fixed, matched)"),
     ("fecosr_slr2_fixed-pt", "**FeCoSR**, server lr 2, pre-training 150 rounds (fixed, matched)"),
-    ("seq_fedavg_ft_slr2_fixed-pt", "FedAvg-CE + fine-tune, server lr 2, pre-training 150 rounds (fixed, matched)"),
+    (
+        "seq_fedavg_ft_slr2_fixed-pt",
+        "FedAvg-CE + fine-tune, server lr 2, pre-training 150 rounds (fixed, matched)",
+    ),
     ("seq_transfer_fixed-pt", "One-to-one transfer + fine-tune, source phase 150 rounds (fixed, matched)"),
     ("seq_transfer_fixed-pt_phase1", "One-to-one transfer, zero-shot (source phase 150 rounds, fixed)"),
     ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
