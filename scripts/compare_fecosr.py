@@ -70,6 +70,10 @@ ROWS = [  # (suffix of the config name, label)
         "seq_fedavg_ft_slr2_fixed-pt",
         "FedAvg-CE + fine-tune, server lr 2, pre-training 150 rounds (fixed, matched)",
     ),
+    (
+        "fecosr_m05_fixed-pt",
+        "**FeCoSR**, server momentum 0.5, pre-training 150 rounds (fixed, matched)",
+    ),
     ("seq_transfer_fixed-pt", "One-to-one transfer + fine-tune, source phase 150 rounds (fixed, matched)"),
     ("seq_transfer_fixed-pt_phase1", "One-to-one transfer, zero-shot (source phase 150 rounds, fixed)"),
     ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
@@ -77,6 +81,7 @@ ROWS = [  # (suffix of the config name, label)
     ("fecosr_whiten_fixed-pt_phase1", "FeCoSR without fine-tune, whitened S²CE target (150 rounds, fixed)"),
     ("fecosr_slr2_fixed-pt_phase1", "FeCoSR without fine-tune, server lr 2 (150 rounds, fixed)"),
     ("seq_fedavg_ft_slr2_fixed-pt_phase1", "FedAvg-CE without fine-tune, server lr 2 (150 rounds, fixed)"),
+    ("fecosr_m05_fixed-pt_phase1", "FeCoSR without fine-tune, server momentum 0.5 (150 rounds, fixed)"),
     ("seq_fedavg_slr1_pilot30", "FedAvg-CE, 30 rounds, server lr 1 (pilot)"),
     ("seq_fedavg_slr2_pilot30", "FedAvg-CE, 30 rounds, server lr 2 (pilot)"),
     ("seq_fedavg_slr4_pilot30", "FedAvg-CE, 30 rounds, server lr 4 (pilot)"),
@@ -184,6 +189,21 @@ CHECKS = [  # (a, b, text): a − b per seed
         "seq_fedavg_ft_fixed-pt",
         "FedAvg-CE + fine-tune: server lr 2 − server lr 1 (150 pre-training rounds each)",
     ),
+    (
+        "fecosr_m05_fixed-pt",
+        "seq_transfer_fixed-pt",
+        "FeCoSR with server momentum 0.5 − one-to-one transfer (150 first-phase rounds each)",
+    ),
+    (
+        "fecosr_m05_fixed-pt",
+        "fecosr_slr2_fixed-pt",
+        "FeCoSR: server momentum 0.5 − server lr 2 (same steady step, 150 pre-training rounds each)",
+    ),
+    (
+        "fecosr_m05_fixed-pt_phase1",
+        "fecosr_slr2_fixed-pt_phase1",
+        "FeCoSR w/o fine-tune: server momentum 0.5 − server lr 2 (150 rounds each)",
+    ),
     ("seq_fedavg_slr2_pilot30", "seq_fedavg_slr1_pilot30", "FedAvg-CE at round 30: server lr 2 − 1 (pilot)"),
     ("seq_fedavg_slr3_pilot30", "seq_fedavg_slr2_pilot30", "FedAvg-CE at round 30: server lr 3 − 2 (pilot)"),
     (
@@ -244,6 +264,7 @@ PHASED = (
     "fecosr_whiten_fixed-pt",
     "fecosr_slr2_fixed-pt",
     "seq_fedavg_ft_slr2_fixed-pt",
+    "fecosr_m05_fixed-pt",
     "seq_transfer_fixed-pt",
 )
 
@@ -363,6 +384,7 @@ MATCHED = [  # (S²CE row, CE row, pre-training budget): first phases compared r
     ("fecosr_long-pt", "seq_fedavg_ft_long-pt", "≤ 150, each to its patience-3 stop"),
     ("fecosr_fixed-pt", "seq_fedavg_ft_fixed-pt", "150 rounds, fixed"),
     ("fecosr_whiten_fixed-pt", "seq_fedavg_ft_fixed-pt", "150 rounds, fixed, whitened S²CE target"),
+    ("fecosr_slr2_fixed-pt", "seq_fedavg_ft_slr2_fixed-pt", "150 rounds, fixed, server lr 2"),
 ]
 
 
