@@ -74,6 +74,10 @@ ROWS = [  # (suffix of the config name, label)
         "fecosr_m05_fixed-pt",
         "**FeCoSR**, server momentum 0.5, pre-training 150 rounds (fixed, matched)",
     ),
+    (
+        "seq_fedavg_ft_m05_fixed-pt",
+        "FedAvg-CE + fine-tune, server momentum 0.5, pre-training 150 rounds (fixed, matched)",
+    ),
     ("seq_transfer_fixed-pt", "One-to-one transfer + fine-tune, source phase 150 rounds (fixed, matched)"),
     ("seq_transfer_fixed-pt_phase1", "One-to-one transfer, zero-shot (source phase 150 rounds, fixed)"),
     ("seq_fedavg_ft_fixed-pt_phase1", "FedAvg-CE without fine-tune (150 rounds, fixed)"),
@@ -82,6 +86,10 @@ ROWS = [  # (suffix of the config name, label)
     ("fecosr_slr2_fixed-pt_phase1", "FeCoSR without fine-tune, server lr 2 (150 rounds, fixed)"),
     ("seq_fedavg_ft_slr2_fixed-pt_phase1", "FedAvg-CE without fine-tune, server lr 2 (150 rounds, fixed)"),
     ("fecosr_m05_fixed-pt_phase1", "FeCoSR without fine-tune, server momentum 0.5 (150 rounds, fixed)"),
+    (
+        "seq_fedavg_ft_m05_fixed-pt_phase1",
+        "FedAvg-CE without fine-tune, server momentum 0.5 (150 rounds, fixed)",
+    ),
     ("seq_fedavg_slr1_pilot30", "FedAvg-CE, 30 rounds, server lr 1 (pilot)"),
     ("seq_fedavg_slr2_pilot30", "FedAvg-CE, 30 rounds, server lr 2 (pilot)"),
     ("seq_fedavg_slr4_pilot30", "FedAvg-CE, 30 rounds, server lr 4 (pilot)"),
@@ -204,6 +212,16 @@ CHECKS = [  # (a, b, text): a − b per seed
         "fecosr_slr2_fixed-pt_phase1",
         "FeCoSR w/o fine-tune: server momentum 0.5 − server lr 2 (150 rounds each)",
     ),
+    (
+        "fecosr_m05_fixed-pt",
+        "seq_fedavg_ft_m05_fixed-pt",
+        "FeCoSR − FedAvg-CE + fine-tune, both server momentum 0.5, 150 pre-training rounds (S²CE vs CE)",
+    ),
+    (
+        "seq_fedavg_ft_m05_fixed-pt",
+        "seq_transfer_fixed-pt",
+        "FedAvg-CE + fine-tune, server momentum 0.5 − one-to-one transfer (150 first-phase rounds each)",
+    ),
     ("seq_fedavg_slr2_pilot30", "seq_fedavg_slr1_pilot30", "FedAvg-CE at round 30: server lr 2 − 1 (pilot)"),
     ("seq_fedavg_slr3_pilot30", "seq_fedavg_slr2_pilot30", "FedAvg-CE at round 30: server lr 3 − 2 (pilot)"),
     (
@@ -265,6 +283,7 @@ PHASED = (
     "fecosr_slr2_fixed-pt",
     "seq_fedavg_ft_slr2_fixed-pt",
     "fecosr_m05_fixed-pt",
+    "seq_fedavg_ft_m05_fixed-pt",
     "seq_transfer_fixed-pt",
 )
 
@@ -385,6 +404,7 @@ MATCHED = [  # (S²CE row, CE row, pre-training budget): first phases compared r
     ("fecosr_fixed-pt", "seq_fedavg_ft_fixed-pt", "150 rounds, fixed"),
     ("fecosr_whiten_fixed-pt", "seq_fedavg_ft_fixed-pt", "150 rounds, fixed, whitened S²CE target"),
     ("fecosr_slr2_fixed-pt", "seq_fedavg_ft_slr2_fixed-pt", "150 rounds, fixed, server lr 2"),
+    ("fecosr_m05_fixed-pt", "seq_fedavg_ft_m05_fixed-pt", "150 rounds, fixed, server momentum 0.5"),
 ]
 
 
