@@ -199,6 +199,8 @@ def test_options_are_validated():
         m.parse_options({"server_lr": 0})
     with pytest.raises(ConfigError, match="server_momentum"):
         m.parse_options({"server_momentum": 1.0})
+    with pytest.raises(ConfigError, match="method.options.server_optimizer"):
+        m.parse_options({"server_optimizer": "adagrad"})
 
 
 def test_server_lr_steps_the_federated_backbone_and_leaves_fine_tuning_private(splits, monkeypatch):
@@ -212,6 +214,13 @@ def test_server_lr_steps_the_federated_backbone_and_leaves_fine_tuning_private(s
     assert heavy.strategy.server_momentum == 0.5 and heavy.strategy.velocity  # the server keeps the velocity
     assert all(u["bytes"] == 0 for u in moved.uploads if u["round"] == 3)
     assert all(u["bytes"] == 0 for u in result.uploads if u["round"] == 3)  # fine-tuning uploads nothing
+    adam, stepped = simulate(
+        "fecosr", splits, rounds=3, federated_rounds=2, server_optimizer="adam", server_lr=0.01
+    )
+    assert adam.strategy.server.name == "adam" and any(
+        k.startswith("second_moment/") for k in adam.strategy.velocity
+    )
+    assert all(u["bytes"] == 0 for u in stepped.uploads if u["round"] == 3)
     # round 1 trains the same uploads; η_g = 2 takes the server twice as far from the start as FedAvg's mean
     once, _ = simulate("fecosr", splits, rounds=1, federated_rounds=2, server_lr=2.0)
     start, mean = starts[0], plain.strategy.global_payload

@@ -71,6 +71,49 @@ def test_server_momentum_accumulates_the_mean_steps_and_resumes_exactly():
         FedAvg(server_momentum=1.0)
 
 
+def test_fedadam_and_fedyogi_match_the_hand_computation_and_resume_exactly():
+    def update(w):
+        return Update({"w": np.array(w, dtype=np.float32), "step": np.array([7], dtype=np.int64)}, 1)
+
+    start = {"w": np.array([0.0, 0.0], dtype=np.float32), "step": np.array([0], dtype=np.int64)}
+    lr, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
+    # round 2: the first coordinate's Δ is tiny (Δ² < s: yogi's s barely moves, adam's decays by β₂), the
+    # second's is large (Δ² > s: both grow s)
+    rounds = [[1.0, -2000.0], [0.1, -2000.0]]
+    for name in ("adam", "yogi"):
+        opts = dict(server_optimizer=name, server_lr=lr, server_momentum=b1, server_beta2=b2, server_tau=tau)
+        strategy = FedAvg(**opts)
+        strategy.initialize(start)
+        theta, m, s = np.zeros(2), np.zeros(2), np.full(2, tau**2)
+        for r, w in enumerate(rounds, start=1):
+            if r == 2:  # resume from the checkpoint before the second round
+                saved, strategy = strategy.state_dict(), FedAvg(**opts)
+                strategy.load_state_dict(saved)
+            strategy.aggregate_train(r, {"a": update(w)})
+            delta = np.array(w, np.float64) - theta
+            if r == 2:
+                assert s[0] > delta[0] ** 2 and s[1] < delta[1] ** 2  # both of yogi's branches are taken
+            m = b1 * m + (1 - b1) * delta
+            if name == "adam":
+                s = b2 * s + (1 - b2) * delta**2
+            else:
+                s = s - (1 - b2) * delta**2 * np.sign(s - delta**2)
+            theta = theta + lr * m / (np.sqrt(s) + tau)
+            np.testing.assert_allclose(strategy.global_payload["w"], theta, rtol=1e-5)
+            assert strategy.global_payload["step"].tolist() == [7]
+            assert set(strategy.configure_train(r + 1, ["a"])["a"]) == {"w", "step"}  # no moments go down
+        # the first step is ≈ η per coordinate whatever the scale of Δ (1 and −2000 here)
+        if name == "adam":
+            first = FedAvg(**opts)
+            first.initialize(start)
+            first.aggregate_train(1, {"a": update(rounds[0])})
+            np.testing.assert_allclose(np.abs(first.global_payload["w"]), lr, rtol=0.02)
+    with pytest.raises(ValueError, match="server_optimizer"):
+        FedAvg(server_optimizer="lamb")
+    with pytest.raises(ValueError, match="server_tau"):
+        FedAvg(server_optimizer="adam", server_tau=0.0)
+
+
 def test_robust_aggregators_ignore_one_outlier():
     honest = [{"w": np.array([1.0, 1.0])} for _ in range(4)]
     poisoned = honest + [{"w": np.array([1e6, -1e6])}]

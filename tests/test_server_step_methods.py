@@ -13,6 +13,7 @@ from fedmarket.data import load_dataset
 from fedmarket.data.mtl import split_impressions
 from fedmarket.errors import ConfigError
 from fedmarket.federation.core import Update
+from fedmarket.federation.strategies import SECOND_MOMENT, ServerStep
 from fedmarket.methods import get_method
 from fedmarket.methods.fedmm import FedMMStrategy, Schedule
 from fedmarket.methods.pfmsmt import PersonalizedStrategy
@@ -50,11 +51,25 @@ def test_every_averaging_method_takes_the_server_step_options(method, ctr_splits
     mtl = method in MTL
     model = {"name": "mmoe", "num_experts": 4} if mtl else {"name": "deepfm"}
     m = get_method(method)
-    for raw, lr, beta in (({}, 1.0, 0.0), ({"server_lr": 2.0, "server_momentum": 0.5}, 2.0, 0.5)):
+    adam = {"server_optimizer": "adam", "server_lr": 0.01, "server_momentum": 0.9, "server_beta2": 0.999}
+    for raw, expected in (
+        ({}, ServerStep()),
+        ({"server_lr": 2.0, "server_momentum": 0.5}, ServerStep("sgd", 2.0, 0.5)),
+        (adam, ServerStep("adam", 0.01, 0.9, 0.999, 1e-3)),
+        ({"server_optimizer": "yogi", "server_tau": 1e-4}, ServerStep("yogi", 1.0, 0.0, 0.99, 1e-4)),
+    ):
         cfg = _cfg(method, "synthetic-mtl" if mtl else "synthetic", model, raw)
         _, strategy = m.build(cfg, m.parse_options(raw), mtl_splits if mtl else ctr_splits, 0)
-        assert (strategy.server_lr, strategy.server_momentum) == (lr, beta)
-    for bad in ({"server_lr": 0.0}, {"server_momentum": 1.0}, {"server_momentum": -0.1}):
+        assert strategy.server == expected
+    for bad in (
+        {"server_lr": 0.0},
+        {"server_momentum": 1.0},
+        {"server_momentum": -0.1},
+        {"server_optimizer": "lamb"},
+        {"server_beta2": 1.0},
+        {"server_tau": 0.0},
+        {"server_lr": float("nan")},
+    ):
         with pytest.raises(ConfigError, match=f"method.options.{next(iter(bad))}"):
             m.parse_options(bad)
 
@@ -87,6 +102,12 @@ def test_fedmm_steps_its_fedavg_rounds_and_resumes_the_velocity() -> None:
     _fedmm().load_state_dict(old)
     with pytest.raises(ConfigError, match="method.options.server_lr"):
         get_method("fedmm").parse_options({"server_lr": -1.0})
+    adam = _fedmm(server_optimizer="adam", server_lr=0.1, server_momentum=0.9)
+    adam.aggregate_train(3, ups)  # θ = 0 + 0.1 m / (√s + τ) with m = 0.1 Δ, s = 0.99 τ² + 0.01 Δ², Δ = [2, 2]
+    m, s = 0.1 * 2.0, 0.99e-6 + 0.01 * 4.0
+    np.testing.assert_allclose(adam.state["ctr"]["ctr.w"], 0.1 * m / (np.sqrt(s) + 1e-3), rtol=1e-6)
+    assert set(adam.state_dict()["server_velocity"]["ctr"]) == {"ctr.w", SECOND_MOMENT + "ctr.w"}
+    assert set(adam.configure_train(5, ["a"])["a"]) == {"ctr.w"}
 
 
 def test_pfmsmt_steps_each_scenario_from_its_own_download() -> None:
@@ -118,3 +139,10 @@ def test_pfmsmt_steps_each_scenario_from_its_own_download() -> None:
     old = plain.state_dict()
     del old["server_velocity"]
     PersonalizedStrategy().load_state_dict(old)
+    yogi = PersonalizedStrategy(tau=0.5, server_optimizer="yogi", server_lr=0.01)
+    yogi.initialize({key: np.full(2, 0.5, np.float32)})
+    yogi.aggregate_train(1, ups)
+    for m in ("a", "b"):  # β₁ = 0: m = Δ, s = τ² + 0.01 Δ² (Δ² > τ²), θ = download + 0.01 Δ / (√s + τ)
+        delta = plain.download(m)[key].astype(np.float64) - 0.5
+        step = 0.01 * delta / (np.sqrt(1e-6 + 0.01 * delta**2) + 1e-3)
+        np.testing.assert_allclose(yogi.download(m)[key], 0.5 + step, rtol=1e-5, atol=1e-7)

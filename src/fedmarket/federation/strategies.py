@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -64,35 +65,89 @@ class FederatedPhase:
         self.load_phase_state(state)
 
 
-def server_step(
-    current: Payload,
-    aggregate: Payload,
-    server_lr: float,
-    momentum: float = 0.0,
-    velocity: Payload | None = None,
-) -> tuple[Payload, Payload]:
-    """The server's step towards the aggregate, with optional momentum (FedOpt's server SGD; FedAvgM, Hsu et al.
-    2019): v ← β v + (agg − θ), θ ← θ + η_g v for every floating-point key present in both ``current`` and
-    ``aggregate`` (other keys are taken from ``aggregate``). Returns (new θ, new v). η_g = 1 and β = 0, or no
-    current state: θ = agg (plain FedAvg). ``velocity`` may lack keys (v = 0 there); it stays empty when β = 0."""
-    if not current or (server_lr == 1.0 and not momentum):
-        return aggregate, {}
-    velocity = velocity or {}
-    out: Payload = {}
-    new_velocity: Payload = {}
-    for key, new in aggregate.items():
-        old = current.get(key)
-        if old is None or not np.issubdtype(np.asarray(new).dtype, np.floating):
-            out[key] = new
-            continue
-        old64 = np.asarray(old, np.float64)
-        v = np.asarray(new, np.float64) - old64
-        if momentum and key in velocity:
-            v = momentum * np.asarray(velocity[key], np.float64) + v
-        out[key] = (old64 + server_lr * v).astype(np.asarray(new).dtype)
-        if momentum:
-            new_velocity[key] = v.astype(np.float32)
-    return out, new_velocity
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
+SECOND_MOMENT = "second_moment/"  # state key prefix of adam's and yogi's second moment
+
+
+@dataclass(frozen=True)
+class ServerStep:
+    """The server's step from the global state θ towards the aggregate (FedOpt, Reddi et al., ICLR 2021), with
+    Δ = agg − θ for every floating-point key present in both (other keys are taken from the aggregate):
+
+    - ``sgd``: v ← β v + Δ, θ ← θ + η v. η = 1 and β = 0 is plain FedAvg (θ = agg); β > 0 is server momentum
+      (FedAvgM, Hsu et al. 2019); η > 1 compensates the fewer effective steps of a mean over markets of unequal
+      size.
+    - ``adam`` (FedAdam): m ← β m + (1 − β) Δ, s ← β₂ s + (1 − β₂) Δ², θ ← θ + η m / (√s + τ).
+    - ``yogi`` (FedYogi): the same with s ← s − (1 − β₂) Δ² sign(s − Δ²).
+
+    m starts at 0 and s at τ² (Reddi et al., Algorithm 2); with adam and yogi η is a per-coordinate step size
+    (the paper's best are ≈ 10⁻³–10⁻¹), not a multiple of Δ. The state (v; or m and s, the latter under keys
+    prefixed ``second_moment/``) is server state: checkpointed, never sent to a market. ``ValueError`` names the
+    option (``server_lr``, ``server_momentum``, ``server_optimizer``, ``server_beta2``, ``server_tau``) that is
+    out of range."""
+
+    name: str = "sgd"
+    lr: float = 1.0
+    momentum: float = 0.0
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.name not in SERVER_OPTIMIZERS:
+            raise ValueError(f"server_optimizer must be one of {list(SERVER_OPTIMIZERS)}, got {self.name!r}")
+        if not self.lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"server_momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.beta2 < 1:
+            raise ValueError(f"server_beta2 must be in [0, 1), got {self.beta2}")
+        if not self.tau > 0:
+            raise ValueError(f"server_tau must be > 0, got {self.tau}")
+
+    @property
+    def is_plain(self) -> bool:
+        """The step returns the aggregate itself (plain FedAvg)."""
+        return self.name == "sgd" and self.lr == 1.0 and not self.momentum
+
+    def apply(
+        self, current: Payload, aggregate: Payload, state: Payload | None = None
+    ) -> tuple[Payload, Payload]:
+        """(new θ, new state). No current state (the first aggregate) or a plain step: θ = agg. ``state`` may
+        lack keys (zero moments there; s = τ²); it stays empty for sgd without momentum."""
+        if not current or self.is_plain:
+            return aggregate, {}
+        state = state or {}
+        out: Payload = {}
+        new_state: Payload = {}
+        for key, new in aggregate.items():
+            old = current.get(key)
+            if old is None or not np.issubdtype(np.asarray(new).dtype, np.floating):
+                out[key] = new
+                continue
+            old64 = np.asarray(old, np.float64)
+            delta = np.asarray(new, np.float64) - old64
+            if self.name == "sgd":
+                v = delta
+                if self.momentum and key in state:
+                    v = self.momentum * np.asarray(state[key], np.float64) + v
+                out[key] = (old64 + self.lr * v).astype(np.asarray(new).dtype)
+                if self.momentum:
+                    new_state[key] = v.astype(np.float32)
+                continue
+            m = (1 - self.momentum) * delta
+            if key in state:
+                m += self.momentum * np.asarray(state[key], np.float64)
+            s_key = SECOND_MOMENT + key
+            s = np.asarray(state[s_key], np.float64) if s_key in state else np.full_like(delta, self.tau**2)
+            sq = delta * delta
+            if self.name == "adam":
+                s = self.beta2 * s + (1 - self.beta2) * sq
+            else:
+                s = s - (1 - self.beta2) * sq * np.sign(s - sq)
+            out[key] = (old64 + self.lr * m / (np.sqrt(s) + self.tau)).astype(np.asarray(new).dtype)
+            new_state[key] = m.astype(np.float32)
+            new_state[s_key] = s.astype(np.float32)
+        return out, new_state
 
 
 class FedAvg(Strategy):
@@ -100,11 +155,9 @@ class FedAvg(Strategy):
     server replaces them with the example-weighted mean of the uploads, θ ← Σ_k (n_k/n) θ_k.
 
     ``aggregation`` = "mean" (default), "median" or "trimmed_mean" (robust options).
-    ``server_lr`` = η_g: the server moves the global state η_g times the way to the aggregate,
-    θ ← θ + η_g (agg − θ) (FedOpt's server SGD, Reddi et al., ICLR 2021); 1 is plain FedAvg. With markets of
-    different sizes the mean update takes fewer effective steps than the largest market alone; η_g > 1
-    compensates. ``server_momentum`` = β: server momentum (FedAvgM), v ← β v + (agg − θ), θ ← θ + η_g v;
-    0 (default) is the plain server step. The velocity is server state (checkpointed), never sent to markets.
+    ``server_lr`` (η_g), ``server_momentum`` (β), ``server_optimizer`` ("sgd", "adam", "yogi"), ``server_beta2``,
+    ``server_tau``: the server's step towards the aggregate (`ServerStep`; FedOpt, Reddi et al., ICLR 2021).
+    The defaults (sgd, η_g = 1, β = 0) are plain FedAvg.
     """
 
     def __init__(
@@ -114,16 +167,14 @@ class FedAvg(Strategy):
         options: dict[str, Any] | None = None,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        server_optimizer: str = "sgd",
+        server_beta2: float = 0.99,
+        server_tau: float = 1e-3,
     ):
         if aggregation not in ("mean", "median", "trimmed_mean"):
             raise ValueError(f"aggregation must be 'mean', 'median' or 'trimmed_mean', got {aggregation!r}")
-        if not server_lr > 0:
-            raise ValueError(f"server_lr must be > 0, got {server_lr}")
-        if not 0 <= server_momentum < 1:
-            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum}")
-        self.server_lr = float(server_lr)
-        self.server_momentum = float(server_momentum)
-        self.velocity: Payload = {}
+        self.server = ServerStep(server_optimizer, server_lr, server_momentum, server_beta2, server_tau)
+        self.velocity: Payload = {}  # the server step's state (`ServerStep.apply`)
         self.aggregation = aggregation
         self.trim_ratio = trim_ratio
         self.options = dict(options or {})
@@ -145,9 +196,15 @@ class FedAvg(Strategy):
             aggregate = trimmed_mean(payloads, self.trim_ratio)
         else:
             aggregate = weighted_mean(payloads, [u.num_examples for u in updates.values()])
-        self.global_payload, self.velocity = server_step(
-            self.global_payload, aggregate, self.server_lr, self.server_momentum, self.velocity
-        )
+        self.global_payload, self.velocity = self.server.apply(self.global_payload, aggregate, self.velocity)
+
+    @property
+    def server_lr(self) -> float:
+        return self.server.lr
+
+    @property
+    def server_momentum(self) -> float:
+        return self.server.momentum
 
     def round_options(self, server_round: int) -> dict[str, Any]:
         return dict(self.options)

@@ -14,6 +14,7 @@ from fedmarket.data.split import MarketSplit
 from fedmarket.errors import ConfigError
 from fedmarket.federation.core import ClientTrainer, Strategy
 from fedmarket.federation.payload import UploadDeclaration
+from fedmarket.federation.strategies import ServerStep
 
 BuildFn = Callable[
     [ExperimentConfig, Any, dict[str, MarketSplit], int], tuple[dict[str, ClientTrainer], Strategy]
@@ -64,24 +65,49 @@ class NoOptions:
     pass
 
 
-def check_server_step(prefix: str, server_lr: float, server_momentum: float) -> None:
-    """The options of the server's step towards the aggregate (`fedmarket.federation.strategies.server_step`):
-    ``server_lr`` η_g > 0 (1 = plain FedAvg), ``server_momentum`` β in [0, 1) (0 = none)."""
-    if not server_lr > 0:
-        raise ConfigError(f"{prefix}.server_lr must be > 0, got {server_lr}")
-    if not 0 <= server_momentum < 1:
-        raise ConfigError(f"{prefix}.server_momentum must be in [0, 1), got {server_momentum}")
+@dataclass
+class ServerStepOptions:
+    """The options of the server's step towards the aggregate, shared by every method whose server averages
+    parameters (`fedmarket.federation.strategies.ServerStep`): ``server_optimizer`` "sgd" (default), "adam"
+    (FedAdam) or "yogi" (FedYogi); ``server_lr`` η_g > 0 (sgd: 1 = plain FedAvg; adam/yogi: the per-coordinate
+    step size); ``server_momentum`` β in [0, 1) (sgd: momentum, 0 = none; adam/yogi: β₁); ``server_beta2`` β₂ in
+    [0, 1) and ``server_tau`` τ > 0 (adam/yogi only)."""
+
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_optimizer: str = "sgd"
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+
+    def server_step(self) -> ServerStep:
+        return ServerStep(
+            self.server_optimizer, self.server_lr, self.server_momentum, self.server_beta2, self.server_tau
+        )
+
+    def server_step_kwargs(self) -> dict[str, Any]:
+        """The server-step keyword arguments of the strategies (`FedAvg`, ...)."""
+        return {
+            "server_lr": self.server_lr,
+            "server_momentum": self.server_momentum,
+            "server_optimizer": self.server_optimizer,
+            "server_beta2": self.server_beta2,
+            "server_tau": self.server_tau,
+        }
+
+    def validate_server_step(self, prefix: str) -> None:
+        try:
+            self.server_step()
+        except ValueError as err:  # the message starts with the option's name
+            raise ConfigError(f"{prefix}.{err}") from None
 
 
 @dataclass
-class FedAvgOptions:
+class FedAvgOptions(ServerStepOptions):
     """Options of every FedAvg-family method: the server's aggregation rule (robust options included) and its
-    step towards the aggregate (``server_lr`` η_g, ``server_momentum`` β; `check_server_step`)."""
+    step towards the aggregate (`ServerStepOptions`)."""
 
     aggregation: str = "mean"
     trim_ratio: float = 0.1
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
         if self.aggregation not in ("mean", "median", "trimmed_mean"):
@@ -90,15 +116,14 @@ class FedAvgOptions:
             )
         if not 0 <= self.trim_ratio < 0.5:
             raise ConfigError(f"{prefix}.trim_ratio must be in [0, 0.5), got {self.trim_ratio}")
-        check_server_step(prefix, self.server_lr, self.server_momentum)
+        self.validate_server_step(prefix)
 
     def fedavg_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `fedmarket.federation.strategies.FedAvg` these options set."""
         return {
             "aggregation": self.aggregation,
             "trim_ratio": self.trim_ratio,
-            "server_lr": self.server_lr,
-            "server_momentum": self.server_momentum,
+            **self.server_step_kwargs(),
         }
 
 

@@ -15,7 +15,8 @@ Algorithm (rounds 1..R, ``F = method.options.federated_rounds``):
 2. Federated pre-training, rounds 1..F. Client step: ``local_epochs`` epochs of S²CE
    (1 − λ)·CE + λ·soft-CE with q_j ∝ exp(cos(t_target, t_j)/τ) (`fedmarket.methods.s2ce`) on the market's
    own sequences; upload the backbone. Server step: FedAvg, θ ← Σ_k (n_k / n) θ_k with n_k the market's
-   number of train targets (``server_lr`` η_g ≠ 1: θ ← θ + η_g (Σ_k (n_k / n) θ_k − θ), server SGD).
+   number of train targets (``server_lr`` η_g ≠ 1: θ ← θ + η_g (Σ_k (n_k / n) θ_k − θ), server SGD;
+   ``server_momentum``, ``server_optimizer`` adam/yogi: `fedmarket.federation.strategies.ServerStep`).
 3. Local fine-tuning, rounds F+1..R. Round F+1 downloads the final global backbone; then each market
    trains alone with its market-specific module (a local item-ID embedding added to e_i, starting at zero,
    and a bottleneck adapter after the Transformer, starting as the identity), CE by default
@@ -52,10 +53,9 @@ class FederatedThenLocal(FederatedPhase, FedAvg):
         self,
         federated_rounds: int = 0,
         aggregation: str = "mean",
-        server_lr: float = 1.0,
-        server_momentum: float = 0.0,
+        **server_step: Any,
     ) -> None:
-        super().__init__(aggregation, server_lr=server_lr, server_momentum=server_momentum)
+        super().__init__(aggregation, **server_step)
         self.federated_rounds = federated_rounds
 
     def federated(self, server_round: int) -> bool:
@@ -82,9 +82,7 @@ class FederatedThenLocal(FederatedPhase, FedAvg):
 
 def federated_then_local(opts: SeqOptions) -> FederatedThenLocal:
     """The strategy of every FedAvg-family sequential method, from its options (federated rounds, server step)."""
-    return FederatedThenLocal(
-        opts.federated_rounds, server_lr=opts.server_lr, server_momentum=opts.server_momentum
-    )
+    return FederatedThenLocal(opts.federated_rounds, **opts.server_step_kwargs())
 
 
 @dataclass

@@ -51,8 +51,7 @@ from fedmarket.errors import ConfigError, PayloadError
 from fedmarket.federation.aggregators import weighted_mean
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Strategy, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
-from fedmarket.federation.strategies import server_step
-from fedmarket.methods.base import Method, check_server_step, register
+from fedmarket.methods.base import Method, ServerStepOptions, register
 from fedmarket.methods.ctr_baselines import ctr_client_kwargs
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData
 from fedmarket.models.collab import train_collaborative_embeddings
@@ -110,7 +109,7 @@ CODE_TABLES = {
 
 
 @dataclass
-class FedMMOptions:
+class FedMMOptions(ServerStepOptions):
     """``method.options`` of FedMM (defaults = the FedMM row of the comparison)."""
 
     embedding: str = "mf"  # mf | lightgcn | fedctr   (step 1; unused with item_stats="only")
@@ -146,14 +145,9 @@ class FedMMOptions:
     # ("no train history") means the same everywhere too and is averaged with the rest. The per-user codes
     # themselves, like the item codes, never leave the market.
     user_codes: str = "none"
-    # the server's step in the FedAvg rounds (the CTR model's declared dense parameters; fedctr's embedding
-    # model): θ ← θ + η_g (mean − θ), with momentum β (`fedmarket.federation.strategies.server_step`). The
-    # codebook merges are not a mean of parameters and are not affected.
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
-        check_server_step(prefix, self.server_lr, self.server_momentum)
+        self.validate_server_step(prefix)
         choices = {
             "embedding": ("mf", "lightgcn", "fedctr"),
             "item_stats": ("none", "concat", "only"),
@@ -739,7 +733,10 @@ class FedMMStrategy(Strategy):
         self.seed = seed
         self.secure_sums = secure_sums  # markets upload weighted sums in RQ-VAE rounds after the first
         self.state: dict[str, Payload] = {"embed": {}, "rqvae": {}, "ctr": {}}
-        self.velocity: dict[str, Payload] = {"embed": {}, "ctr": {}}  # server momentum of the FedAvg phases
+        # the server step of the FedAvg phases (the CTR model's declared dense parameters; fedctr's embedding
+        # model) and its state per phase; the codebook merges are not a mean of parameters and are not affected
+        self.server = opts.server_step()
+        self.velocity: dict[str, Payload] = {"embed": {}, "ctr": {}}
         self.merged_once = {"global": False, "local": False}
 
     def initialize(self, initial: Payload) -> None:
@@ -804,12 +801,8 @@ class FedMMStrategy(Strategy):
         payloads = [u.payload for u in updates.values()]
         weights = [u.num_examples for u in updates.values()]
         if phase != "rqvae":
-            self.state[phase], self.velocity[phase] = server_step(
-                self.state[phase],
-                weighted_mean(payloads, weights),
-                self.opts.server_lr,
-                self.opts.server_momentum,
-                self.velocity[phase],
+            self.state[phase], self.velocity[phase] = self.server.apply(
+                self.state[phase], weighted_mean(payloads, weights), self.velocity[phase]
             )
             return
         if any(k in payloads[0] for k in WEIGHTED_BOOKS.values()):

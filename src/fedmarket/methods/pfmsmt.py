@@ -41,8 +41,8 @@ from fedmarket.errors import ConfigError
 from fedmarket.federation.core import Strategy, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
 from fedmarket.federation.personalized import personalized_aggregate
-from fedmarket.federation.strategies import FederatedPhase, server_step
-from fedmarket.methods.base import Method, check_server_step, register
+from fedmarket.federation.strategies import FederatedPhase, ServerStep
+from fedmarket.methods.base import Method, ServerStepOptions, register
 from fedmarket.methods.mtl_baselines import mmoe_options, mtl_clients
 
 _BN_AFFINE = (
@@ -77,7 +77,7 @@ def module_of(key: str) -> str:
 
 
 @dataclass
-class PFMSMTOptions:
+class PFMSMTOptions(ServerStepOptions):
     template: bool = True
     fedbn: bool = True
     conflict: bool = True
@@ -89,13 +89,9 @@ class PFMSMTOptions:
     num_scenario_experts: int = 1
     size_weighted: bool = False
     federated_rounds: int = 0
-    # the server's step from each scenario's last download towards its personalised aggregate, with momentum
-    # (`fedmarket.federation.strategies.server_step`; 1 and 0: the aggregate itself, the paper's method)
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
-        check_server_step(prefix, self.server_lr, self.server_momentum)
+        self.validate_server_step(prefix)
         if self.federated_rounds < 0:
             raise ConfigError(
                 f"{prefix}.federated_rounds must be >= 0 (0: no local fine-tuning stage), got {self.federated_rounds}"
@@ -125,14 +121,19 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
         federated_rounds: int = 0,
         server_lr: float = 1.0,
         server_momentum: float = 0.0,
+        server_optimizer: str = "sgd",
+        server_beta2: float = 0.99,
+        server_tau: float = 1e-3,
     ) -> None:
         self.federated_rounds = federated_rounds
         self.tau, self.coordinate, self.personalize = tau, coordinate, personalize
         self.mu, self.size_weighted, self.seed = mu, size_weighted, seed
-        self.server_lr, self.server_momentum = server_lr, server_momentum
+        # the step from each scenario's last download towards its personalised aggregate (the defaults: the
+        # aggregate itself, the paper's method); its state per scenario
+        self.server = ServerStep(server_optimizer, server_lr, server_momentum, server_beta2, server_tau)
         self.initial: Payload = {}
         self.personal: dict[str, Payload] = {}
-        self.velocity: dict[str, Payload] = {}  # per scenario, server momentum only
+        self.velocity: dict[str, Payload] = {}
 
     def initialize(self, initial: Payload) -> None:
         self.initial = {k: np.array(v, copy=True) for k, v in initial.items()}
@@ -169,8 +170,8 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
             rng=rng,
         )
         for m, payload in zip(markets, merged, strict=True):
-            self.personal[m], self.velocity[m] = server_step(
-                self.download(m), payload, self.server_lr, self.server_momentum, self.velocity.get(m)
+            self.personal[m], self.velocity[m] = self.server.apply(
+                self.download(m), payload, self.velocity.get(m)
             )
 
     def round_options(self, server_round: int) -> dict[str, Any]:
@@ -219,8 +220,7 @@ def build_pfmsmt(cfg, opts: PFMSMTOptions, splits, seed):
         size_weighted=opts.size_weighted,
         seed=seed,
         federated_rounds=opts.federated_rounds,
-        server_lr=opts.server_lr,
-        server_momentum=opts.server_momentum,
+        **opts.server_step_kwargs(),
     )
     return clients, strategy
 

@@ -34,7 +34,7 @@ from fedmarket.errors import ConfigError
 from fedmarket.eval.metrics import candidate_ranking_metrics, full_ranking_metrics
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration, load_payload_into, module_to_payload
-from fedmarket.methods.base import check_server_step
+from fedmarket.methods.base import ServerStepOptions
 from fedmarket.methods.s2ce import SoftTargets, s2ce_loss
 from fedmarket.models.sasrec import SASRec
 from fedmarket.models.text_encoder import ENCODERS, encode_texts
@@ -42,15 +42,14 @@ from fedmarket.models.text_encoder import ENCODERS, encode_texts
 
 # ----------------------------------------------------------------------------------------- options
 @dataclass
-class SeqOptions:
+class SeqOptions(ServerStepOptions):
     """Options every sequential method shares (``method.options`` in a config).
 
     ``text_encoder``: "minilm" (reported results) or "hashing" (fast test double only).
     ``loss``: "ce" or "s2ce" (τ = ``tau``, λ = ``lam``, ``top_k``, ``whiten``: see `fedmarket.methods.s2ce`).
     ``federated_rounds``: rounds of federated (or source) pre-training before local fine-tuning; 0 = every
-    round (no fine-tuning). ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_lr``: the server's
-    step towards the FedAvg mean in federated pre-training (1 = plain FedAvg; `FedAvg`); ``server_momentum``: β of
-    the server's momentum (FedAvgM; 0 = none).
+    round (no fine-tuning). ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_*``: the server's
+    step towards the FedAvg mean in federated pre-training (`ServerStepOptions`; the defaults are plain FedAvg).
     """
 
     text_encoder: str = "minilm"
@@ -73,8 +72,6 @@ class SeqOptions:
     backbone_lr_scale: float = 0.1
     eval_batch_size: int = 1024
     train_windows: str = "all"
-    server_lr: float = 1.0
-    server_momentum: float = 0.0
 
     def validate(self, prefix: str) -> None:
         if self.text_encoder not in ENCODERS:
@@ -100,7 +97,7 @@ class SeqOptions:
         for key in ("top_k", "federated_rounds", "adapter_dim"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
-        check_server_step(prefix, self.server_lr, self.server_momentum)
+        self.validate_server_step(prefix)
         if self.train_windows not in ("all", "last"):
             raise ConfigError(f"{prefix}.train_windows must be 'all' or 'last', got {self.train_windows!r}")
         if self.backbone_lr_scale < 0:
