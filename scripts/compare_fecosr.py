@@ -96,6 +96,9 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_fedavg_slr3_pilot30", "FedAvg-CE, 30 rounds, server lr 3 (pilot)"),
     ("seq_fedavg_slr1_m05_pilot30", "FedAvg-CE, 30 rounds, server momentum 0.5 (pilot)"),
     ("seq_fedavg_slr1_m067_pilot30", "FedAvg-CE, 30 rounds, server momentum 0.667 (pilot)"),
+    ("seq_fedavg_adam1e-3_pilot30", "FedAvg-CE, 30 rounds, FedAdam η 1e-3 (pilot)"),
+    ("seq_fedavg_adam3e-3_pilot30", "FedAvg-CE, 30 rounds, FedAdam η 3e-3 (pilot)"),
+    ("seq_fedavg_adam1e-2_pilot30", "FedAvg-CE, 30 rounds, FedAdam η 1e-2 (pilot)"),
     ("seq_transfer_id", "One-to-one transfer (IDs) + fine-tune"),
     ("seq_fedavg_id", "FedAvg of the Transformer, local IDs"),
     ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
@@ -233,6 +236,21 @@ CHECKS = [  # (a, b, text): a − b per seed
         "seq_fedavg_slr1_m067_pilot30",
         "seq_fedavg_slr3_pilot30",
         "FedAvg-CE at round 30: momentum 0.667 − server lr 3 (same steady step; pilot)",
+    ),
+    (
+        "seq_fedavg_adam1e-3_pilot30",
+        "seq_fedavg_slr2_pilot30",
+        "FedAvg-CE at round 30: FedAdam η 1e-3 − server lr 2 (pilot)",
+    ),
+    (
+        "seq_fedavg_adam3e-3_pilot30",
+        "seq_fedavg_slr2_pilot30",
+        "FedAvg-CE at round 30: FedAdam η 3e-3 − server lr 2 (pilot)",
+    ),
+    (
+        "seq_fedavg_adam1e-2_pilot30",
+        "seq_fedavg_slr2_pilot30",
+        "FedAvg-CE at round 30: FedAdam η 1e-2 − server lr 2 (pilot)",
     ),
     (
         "seq_fedavg_ft_fixed-pt",

@@ -17,6 +17,9 @@ folder under ``--out`` (same config and overrides, a round checkpoint, the seed 
 deadline, a preemption or a reboot) from its last round instead of starting it over:
 
     python scripts/run_grid.py configs/movielens-age_fecosr.yaml --seeds 0 1 2 --jobs 2 --out runs/mlage --resume
+
+With ``--archive DIR --skip-archived`` a job whose seed is archived in DIR under the same config is left out, so
+one grid of remaining work can be restarted with ``--resume --skip-archived`` until every job is in.
 """
 
 from __future__ import annotations
@@ -87,6 +90,20 @@ def resumable(job: dict, out: Path, threads: int) -> Path | None:
     return None
 
 
+def archived(job: dict, archive: Path, threads: int) -> bool:
+    """The job's seed record is in ``archive`` (`fedmarket archive`) under the very same config (the archived
+    ``config.yaml`` equals the job's as `fedmarket.api.same_run_config` sees it): the job need not run again."""
+    from fedmarket.api import ARCHIVE_CONFIG, config_diff, same_run_config
+    from fedmarket.config import config_from_dict, load_config
+
+    cfg = load_config(job["config"], job_overrides(job, threads))
+    target = archive / cfg.name
+    if not (target / f"seed{job['seed']}.json.gz").is_file() or not (target / ARCHIVE_CONFIG).is_file():
+        return False
+    old = same_run_config(config_from_dict(yaml.safe_load((target / ARCHIVE_CONFIG).read_text())))
+    return not config_diff(old, same_run_config(cfg))
+
+
 def command(job: dict, out: Path, threads: int, resume: bool = False) -> list[str]:
     folder = resumable(job, out, threads) if resume else None
     if folder is not None:
@@ -147,6 +164,12 @@ def main() -> None:
         help="continue each job's interrupted run folder under --out from its last checkpoint",
     )
     ap.add_argument(
+        "--skip-archived",
+        action="store_true",
+        help="with --archive: leave out the jobs whose seed record is archived there under the same config "
+        "(a standing grid of remaining work, resumed session after session, runs each job once)",
+    )
+    ap.add_argument(
         "--deadline",
         type=float,
         default=None,
@@ -157,7 +180,15 @@ def main() -> None:
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    pending = [("run", job) for job in load_jobs(args)]
+    jobs = load_jobs(args)
+    if args.skip_archived:
+        if not args.archive:
+            raise SystemExit("--skip-archived needs --archive DIR (where the finished seeds are archived)")
+        done_before = [job["tag"] for job in jobs if archived(job, Path(args.archive), args.threads)]
+        if done_before:
+            print(f"archived already, not run: {done_before}", flush=True)
+        jobs = [job for job in jobs if job["tag"] not in done_before]
+    pending = [("run", job) for job in jobs]
     total = len(pending)
     running: list[tuple[str, dict, subprocess.Popen, float, object]] = []
     started, done, failed = time.perf_counter(), 0, []

@@ -45,3 +45,30 @@ def test_s2ce_sweep_changes_only_the_loss_settings() -> None:
     settings = {tuple(c["method"]["options"].get(k) for k in keys) for c in cfgs[1:]}
     assert len(settings) == len(cfgs) - 1 and (0.1, 50, 0.5, None) in settings
     assert cfgs[0]["method"]["options"]["loss"] == "ce"
+
+
+def test_skip_archived_leaves_out_only_the_seeds_archived_under_the_same_config(
+    tmp_path, monkeypatch
+) -> None:
+    """``--skip-archived``: a seed archived under an identical config is not run again; another seed, or the
+    same name with a changed setting, is."""
+    import gzip
+
+    import yaml
+
+    from fedmarket.api import ARCHIVE_CONFIG, same_run_config
+
+    monkeypatch.chdir(ROOT)
+    module = run_grid_module()
+    config = "configs/movielens-age_fecosr_m05_fixed-pt.yaml"
+    ns = argparse.Namespace(configs=[config], seeds=[0, 1], jobs_file=None)
+    jobs = module.load_jobs(ns)
+    cfg = load_config(config, module.job_overrides(jobs[0], 1))
+    target = tmp_path / cfg.name
+    target.mkdir()
+    (target / ARCHIVE_CONFIG).write_text(yaml.safe_dump(same_run_config(cfg), sort_keys=False))
+    (target / "seed0.json.gz").write_bytes(gzip.compress(b"{}"))
+    assert [module.archived(job, tmp_path, 1) for job in jobs] == [True, False]
+    changed = {**jobs[0], "set": {"train.lr": 0.01}}  # same name, another experiment: must run
+    assert not module.archived(changed, tmp_path, 1)
+    assert not module.archived(jobs[0], tmp_path / "elsewhere", 1)
