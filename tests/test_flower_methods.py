@@ -130,6 +130,11 @@ CONFIGS = {
         "eval": {"select_metric": "ndcg@10", "candidates": 20, "full_ranking": False},
     },
 }
+# FedAdam's moments are server state carried across rounds in the ServerApp, as in process
+CONFIGS["fecosr_fedadam"] = json.loads(json.dumps(CONFIGS["fecosr"]))
+CONFIGS["fecosr_fedadam"]["method"]["options"].update(
+    server_optimizer="adam", server_lr=0.01, server_momentum=0.9
+)
 
 
 class FreshProcessGrid(MemoryGrid):
