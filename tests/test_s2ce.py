@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedmarket.methods.s2ce import SoftTargets, s2ce_loss, whiten_vectors
+from fedmarket.methods.s2ce import SoftTargets, fused_s2ce_loss, s2ce_loss, whiten_vectors
 from fedmarket.models.text_encoder import hashing_vectors
 
 TEXTS = [
@@ -93,3 +93,36 @@ def test_target_mass_is_the_mean_weight_on_the_true_item(vectors, top_k):
     assert 1 / len(TEXTS) < soft.target_mass() < 1
     # a smaller τ keeps more mass on the target
     assert SoftTargets.build(vectors, tau=0.02, top_k=top_k).target_mass() > soft.target_mass()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+@pytest.mark.parametrize(
+    "lam,top_k,use_soft",
+    [(0.5, 0, False), (0.5, 0, True), (0.5, 4, True), (1.0, 0, True), (0.3, 3, True), (0.0, 0, True)],
+)
+def test_fused_loss_equals_the_unfused_loss_and_its_gradients(vectors, lam, top_k, use_soft, chunk):
+    torch.manual_seed(2)
+    h = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(len(TEXTS), 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, len(TEXTS), (11,))
+    soft = SoftTargets.build(vectors, tau=0.2, top_k=top_k) if use_soft else None
+    if soft is not None:
+        soft = SoftTargets(soft.weights.double(), soft.indices)
+    ref = s2ce_loss(h @ table.T, targets, soft, lam)
+    ref_h, ref_t = torch.autograd.grad(ref * 3.0, (h, table))
+    fused = fused_s2ce_loss(h, table, targets, soft, lam, chunk=chunk)
+    got_h, got_t = torch.autograd.grad(fused * 3.0, (h, table))  # an upstream gradient ≠ 1 is applied
+    torch.testing.assert_close(fused, ref)
+    torch.testing.assert_close(got_h, ref_h)
+    torch.testing.assert_close(got_t, ref_t)
+
+
+def test_fused_loss_checks_its_inputs_and_skips_gradients_when_none_are_needed(vectors):
+    h, table, targets = torch.randn(4, 3), torch.randn(len(TEXTS), 3), torch.tensor([0, 1, 2, 3])
+    with pytest.raises(ValueError, match="chunk"):
+        fused_s2ce_loss(h, table, targets, None, chunk=0)
+    with pytest.raises(ValueError, match=r"\[P, d\] and \[N, d\]"):
+        fused_s2ce_loss(h, table[:, :2], targets, None)
+    loss = fused_s2ce_loss(h, table, targets, None)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, F.cross_entropy(h @ table.T, targets))

@@ -113,6 +113,9 @@ def test_loss_only_on_real_positions(split):
     mask = targets > 0
     manual = torch.nn.functional.cross_entropy(h[mask] @ table.T, targets[mask] - 1)
     torch.testing.assert_close(base, manual)
+    # the unfused reference path (loss_chunk 0) gives the same loss
+    client.opts.loss_chunk = 0
+    torch.testing.assert_close(client.batch_loss(inputs, targets), base)
 
 
 def test_evaluation_matches_brute_force(split):

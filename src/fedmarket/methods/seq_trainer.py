@@ -35,7 +35,7 @@ from fedmarket.eval.metrics import candidate_ranking_metrics, full_ranking_metri
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration, load_payload_into, module_to_payload
 from fedmarket.methods.base import ServerStepOptions
-from fedmarket.methods.s2ce import SoftTargets, s2ce_loss
+from fedmarket.methods.s2ce import SoftTargets, fused_s2ce_loss, s2ce_loss
 from fedmarket.models.sasrec import SASRec
 from fedmarket.models.text_encoder import ENCODERS, encode_texts
 
@@ -48,7 +48,9 @@ class SeqOptions(ServerStepOptions):
     ``text_encoder``: "minilm" (reported results) or "hashing" (fast test double only).
     ``loss``: "ce" or "s2ce" (τ = ``tau``, λ = ``lam``, ``top_k``, ``whiten``: see `fedmarket.methods.s2ce`).
     ``federated_rounds``: rounds of federated (or source) pre-training before local fine-tuning; 0 = every
-    round (no fine-tuning). ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_*``: the server's
+    round (no fine-tuning). ``loss_chunk``: rows of the catalog softmax computed at a time by the fused
+    loss (`fused_s2ce_loss`, the default since 2026-11-30); 0 = the unfused reference path (``[P, N]``
+    logits, then ``s2ce_loss``), with which every earlier record was made. ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_*``: the server's
     step towards the FedAvg mean in federated pre-training (`ServerStepOptions`; the defaults are plain FedAvg).
     """
 
@@ -72,6 +74,7 @@ class SeqOptions(ServerStepOptions):
     backbone_lr_scale: float = 0.1
     eval_batch_size: int = 1024
     train_windows: str = "all"
+    loss_chunk: int = 128
 
     def validate(self, prefix: str) -> None:
         if self.text_encoder not in ENCODERS:
@@ -94,7 +97,7 @@ class SeqOptions(ServerStepOptions):
             raise ConfigError(f"{prefix}.tau must be > 0, got {self.tau}")
         if not 0 <= self.lam <= 1:
             raise ConfigError(f"{prefix}.lam must be in [0, 1], got {self.lam}")
-        for key in ("top_k", "federated_rounds", "adapter_dim"):
+        for key in ("top_k", "federated_rounds", "adapter_dim", "loss_chunk"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{prefix}.{key} must be >= 0, got {getattr(self, key)}")
         self.validate_server_step(prefix)
@@ -338,9 +341,12 @@ class SeqClient(ClientTrainer):
     def batch_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         table = self.model.item_table()
         h = self.model.encode(inputs, table)
-        mask = targets > 0
-        logits = h[mask] @ table.T  # loss only at real (non-padded) positions
+        mask = targets > 0  # loss only at real (non-padded) positions
         tgt = targets[mask] - 1
+        if self.opts.loss_chunk > 0:
+            soft = self.soft if self.loss_name == "s2ce" else None
+            return fused_s2ce_loss(h[mask], table, tgt, soft, self.opts.lam, self.opts.loss_chunk)
+        logits = h[mask] @ table.T
         if self.loss_name == "s2ce":
             return s2ce_loss(logits, tgt, self.soft, self.opts.lam)
         return F.cross_entropy(logits, tgt)
