@@ -142,23 +142,26 @@ class _FusedLinearS2CE(torch.autograd.Function):
         hard = 1.0 - lam if use_soft else 1.0
         for start in range(0, n, chunk):
             hc = h[start : start + chunk]
-            tc = targets[start : start + chunk]
-            rows = torch.arange(len(tc))
+            tc = targets[start : start + chunk].unsqueeze(1)
             logits = hc @ table.T
-            lse = torch.logsumexp(logits, dim=1)
-            picked = logits[rows, tc] * hard  # (1 − λ)·l_target
+            picked = logits.gather(1, tc).squeeze(1) * hard  # (1 − λ)·l_target
             if use_soft:
                 if soft.indices is None:
-                    q = soft.weights[tc]
+                    q = soft.weights[tc.squeeze(1)]
                     picked = picked + lam * (q * logits).sum(1)
                 else:
-                    idx, w = soft.indices[tc], soft.weights[tc]
+                    idx, w = soft.indices[tc.squeeze(1)], soft.weights[tc.squeeze(1)]
                     picked = picked + lam * (w * logits.gather(1, idx)).sum(1)
+            # logsumexp and softmax from one exp pass, in place of the logits
+            peak = logits.amax(dim=1, keepdim=True)
+            expo = logits.sub_(peak).exp_()
+            mass = expo.sum(dim=1, keepdim=True)
+            lse = (peak + mass.log()).squeeze(1)
             total += (lse - picked).sum(dtype=torch.float64)
             if not want:
                 continue
-            grad = torch.exp_(logits.sub_(lse.unsqueeze(1)))  # softmax, in place of the logits
-            grad[rows, tc] -= hard
+            grad = expo.div_(mass)  # softmax
+            grad.scatter_add_(1, tc, grad.new_full(tc.shape, -hard))
             if use_soft:
                 if soft.indices is None:
                     grad.sub_(q, alpha=lam)
