@@ -132,7 +132,7 @@ class _FusedLinearS2CE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, table, targets, soft, lam, chunk):  # noqa: D401 - autograd signature
+    def forward(ctx, h, table, targets, soft, lam, chunk):
         n = h.shape[0]
         want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if want else None

@@ -48,10 +48,11 @@ class SeqOptions(ServerStepOptions):
     ``text_encoder``: "minilm" (reported results) or "hashing" (fast test double only).
     ``loss``: "ce" or "s2ce" (τ = ``tau``, λ = ``lam``, ``top_k``, ``whiten``: see `fedmarket.methods.s2ce`).
     ``federated_rounds``: rounds of federated (or source) pre-training before local fine-tuning; 0 = every
-    round (no fine-tuning). ``loss_chunk``: rows of the catalog softmax computed at a time by the fused
-    loss (`fused_s2ce_loss`, the default since 2026-11-30); 0 = the unfused reference path (``[P, N]``
-    logits, then ``s2ce_loss``), with which every earlier record was made. ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_*``: the server's
+    round (no fine-tuning). ``finetune_*``: the fine-tuning stage (FeCoSR step 5). ``server_*``: the server's
     step towards the FedAvg mean in federated pre-training (`ServerStepOptions`; the defaults are plain FedAvg).
+    ``loss_chunk``: rows of the catalog softmax computed at a time by the fused loss (`fused_s2ce_loss`, the
+    default since 2026-11-30); 0 = the unfused reference path (``[P, N]`` logits, then ``s2ce_loss``), with
+    which every earlier record was made.
     """
 
     text_encoder: str = "minilm"
