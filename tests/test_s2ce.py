@@ -126,3 +126,12 @@ def test_fused_loss_checks_its_inputs_and_skips_gradients_when_none_are_needed(v
     loss = fused_s2ce_loss(h, table, targets, None)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, F.cross_entropy(h @ table.T, targets))
+
+
+def test_fused_loss_of_no_positions_is_zero_with_zero_gradients():
+    h = torch.zeros(0, 3, requires_grad=True)
+    table = torch.randn(5, 3, requires_grad=True)
+    loss = fused_s2ce_loss(h, table, torch.zeros(0, dtype=torch.long), None)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert h.grad.shape == (0, 3) and torch.equal(table.grad, torch.zeros_like(table))
