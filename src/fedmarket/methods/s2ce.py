@@ -142,15 +142,16 @@ class _FusedLinearS2CE(torch.autograd.Function):
         hard = 1.0 - lam if use_soft else 1.0
         for start in range(0, n, chunk):
             hc = h[start : start + chunk]
-            tc = targets[start : start + chunk].unsqueeze(1)
+            items = targets[start : start + chunk]
+            tc = items.unsqueeze(1)
             logits = hc @ table.T
             picked = logits.gather(1, tc).squeeze(1) * hard  # (1 − λ)·l_target
             if use_soft:
                 if soft.indices is None:
-                    q = soft.weights[tc.squeeze(1)]
+                    q = soft.weights[items]
                     picked = picked + lam * (q * logits).sum(1)
                 else:
-                    idx, w = soft.indices[tc.squeeze(1)], soft.weights[tc.squeeze(1)]
+                    idx, w = soft.indices[items], soft.weights[items]
                     picked = picked + lam * (w * logits.gather(1, idx)).sum(1)
             # logsumexp and softmax from one exp pass, in place of the logits
             peak = logits.amax(dim=1, keepdim=True)

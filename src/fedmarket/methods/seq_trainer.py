@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from fedmarket.data.split import MarketSplit, market_seed
 from fedmarket.errors import ConfigError
@@ -344,13 +343,10 @@ class SeqClient(ClientTrainer):
         h = self.model.encode(inputs, table)
         mask = targets > 0  # loss only at real (non-padded) positions
         tgt = targets[mask] - 1
+        soft = self.soft if self.loss_name == "s2ce" else None  # None: plain CE, exactly
         if self.opts.loss_chunk > 0:
-            soft = self.soft if self.loss_name == "s2ce" else None
             return fused_s2ce_loss(h[mask], table, tgt, soft, self.opts.lam, self.opts.loss_chunk)
-        logits = h[mask] @ table.T
-        if self.loss_name == "s2ce":
-            return s2ce_loss(logits, tgt, self.soft, self.opts.lam)
-        return F.cross_entropy(logits, tgt)
+        return s2ce_loss(h[mask] @ table.T, tgt, soft, self.opts.lam)
 
     def train_epoch(self, seed: int, server_round: int, epoch: int) -> float:
         rng = np.random.default_rng(market_seed(seed, self.market, server_round, epoch))
