@@ -9,7 +9,9 @@ FedAvg-CE + fine-tune, vs transfer, vs Local text; S²CE vs CE without fine-tuni
 Local -> Central gap FeCoSR closes) and the transfer's source market and negative-transfer count;
 the phased long-pre-training rows' first phases (pre-trained model without fine-tuning, zero-shot transfer)
 are derived from the test metrics their runs recorded at the phase end (``OUT/phase1/``, no extra training);
-``OUT/fecosr_<dataset>.png`` shows full NDCG@10 per row with std error bars.
+``OUT/fecosr_<dataset>.png`` shows full NDCG@10 per row with std error bars. ``OUT/headline.md`` is the short
+version the README shows: the issue's rows under the current protocol (matched 150-round first phases, server
+momentum) with the MovieLens splits side by side, and its questions as paired differences per split.
 
     python scripts/compare_fecosr.py runs/mlage/merged runs/mlzip/merged runs/xmseq/merged --out runs/fecosr_comparison
 """
@@ -289,6 +291,99 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("seq_fedavg_id", "seq_local_id", "FedAvg (IDs) − Local ID"),
     ("seq_transfer_id", "seq_local_id", "Transfer (IDs) − Local ID"),
 ]
+
+
+HEADLINE = [  # (row, label): the current protocol, both MovieLens splits side by side (OUT/headline.md)
+    ("seq_local_id", "Local ID-SASRec"),
+    ("seq_local_text", "Local text-SASRec"),
+    ("seq_transfer_fixed-pt_phase1", "One-to-one transfer, zero-shot (source model alone)"),
+    ("seq_transfer_fixed-pt", "One-to-one transfer + fine-tune"),
+    ("seq_fedavg_ft_m05_fixed-pt_phase1", "FedAvg-CE without fine-tune"),
+    ("fecosr_m05_fixed-pt_phase1", "FeCoSR without fine-tune (FedAvg-S²CE)"),
+    ("seq_fedavg_ft_m05_fixed-pt", "FedAvg-CE + fine-tune (= FeCoSR with CE)"),
+    ("fecosr_m05_fixed-pt", "**FeCoSR** (S²CE + fine-tune)"),
+    ("seq_fedavg_ft_slr2_fixed-pt", "FedAvg-CE + fine-tune, server lr 2 instead of momentum"),
+    ("fecosr_slr2_fixed-pt", "FeCoSR, server lr 2 instead of momentum"),
+    ("seq_central_shared_ids", "Central-shared-IDs † (pooled, NOT private)"),
+]
+HEADLINE_CHECKS = [  # (a, b, text): a − b per seed, per split
+    ("fecosr_m05_fixed-pt", "seq_transfer_fixed-pt", "FeCoSR − one-to-one transfer"),
+    ("seq_fedavg_ft_m05_fixed-pt", "seq_transfer_fixed-pt", "FedAvg-CE + fine-tune − one-to-one transfer"),
+    ("fecosr_m05_fixed-pt", "seq_fedavg_ft_m05_fixed-pt", "S²CE − CE, with fine-tune (FeCoSR − its CE twin)"),
+    ("fecosr_m05_fixed-pt_phase1", "seq_fedavg_ft_m05_fixed-pt_phase1", "S²CE − CE, without fine-tune"),
+    ("fecosr_slr2_fixed-pt", "seq_transfer_fixed-pt", "FeCoSR, server lr 2 − one-to-one transfer"),
+    (
+        "seq_fedavg_ft_slr2_fixed-pt",
+        "seq_transfer_fixed-pt",
+        "FedAvg-CE + FT, server lr 2 − one-to-one transfer",
+    ),
+    ("fecosr_slr2_fixed-pt", "seq_fedavg_ft_slr2_fixed-pt", "S²CE − CE, with fine-tune, server lr 2"),
+    ("fecosr_m05_fixed-pt", "seq_local_text", "FeCoSR − Local text-SASRec"),
+]
+HEADLINE_NOTE = (
+    'Test ×100, markets averaged unweighted, mean ± std over seeds (how many in brackets; "–": not run). '
+    "Federated and transfer rows at matched compute: pre-training (transfer: its source phase) exactly 150 rounds "
+    "of one local epoch, then local fine-tuning until 10 rounds bring no validation gain; FedAvg rows with server "
+    "momentum β = 0.5 (FedAvgM) unless the row says server lr 2 (without a server step FedAvg pre-trains too slowly "
+    "to compete: summary.md). Local and Central rows until their patience-3 stop."
+)
+
+
+def seed_cell(m: dict | None, key: str) -> str:
+    return "–" if m is None else f"{cell(m, key)} ({len(m['seeds'])})"
+
+
+def headline(merged: list[Path], datasets: list[str]) -> list[str]:
+    """The issue's rows under the current protocol with every split side by side, then its questions as paired
+    per-seed differences per split: the table the README shows. Empty when no split has any of its rows."""
+    found = {ds: {s: (d, m) for s, _, d, m in find_rows(merged, ds, HEADLINE)} for ds in datasets}
+    found = {ds: rows for ds, rows in found.items() if rows}
+    if not found:
+        return []
+    head = " | ".join(f"{ds} full NDCG@10 | {ds} NDCG@10 (1+99)" for ds in found)
+    lines = [
+        "# FeCoSR: the headline",
+        "",
+        HEADLINE_NOTE,
+        "",
+        f"| row | {head} | up MB / market (per split) |",
+        "|---|" + "---:|" * (2 * len(found)) + "---:|",
+    ]
+    for suffix, label in HEADLINE:
+        ms = [rows.get(suffix, (None, None))[1] for rows in found.values()]
+        if all(m is None for m in ms):
+            continue
+        cells = [seed_cell(m, k) for m in ms for k in ("full_ndcg@10", "ndcg@10")]
+        ups = [
+            "raw data" if not m.get("private", True) else f"{upload_bytes(m) / 1e6:.2f}"
+            for m in ms
+            if m is not None
+        ]
+        up = ups[0] if len(set(ups)) == 1 else " / ".join(ups)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {up} |")
+    lines += [
+        "",
+        "Paired differences ×100 (same seed; mean ± std over seeds; wins = seeds where the first row is ahead), "
+        "full-ranking NDCG@10:",
+        "",
+        "| comparison | " + " | ".join(found) + " |",
+        "|---|" + "---:|" * len(found),
+    ]
+    for a, b, text in HEADLINE_CHECKS:
+        cells = [
+            paired(
+                per_seed_average(rows[a][0], "full_ndcg@10"),
+                per_seed_average(rows[b][0], "full_ndcg@10"),
+                100,
+                2,
+            )
+            if a in rows and b in rows
+            else "–"
+            for rows in found.values()
+        ]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 PHASED = (
@@ -574,6 +669,10 @@ def main() -> None:
         )
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print(out / "summary.md")
+    top = headline(merged, [d for d in args.datasets if d.startswith("movielens")])
+    if top:
+        (out / "headline.md").write_text("\n".join(top))
+        print(out / "headline.md")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,72 @@ def test_compare_fecosr_names_missing_input(tmp_path: Path, monkeypatch: pytest.
         mod.main()
 
 
+def test_compare_fecosr_headline_puts_the_splits_side_by_side(tmp_path: Path) -> None:
+    """headline.md: the current protocol's rows with both splits as columns (seeds in brackets, "–" where a split
+    lacks a row), upload per split, and the issue's questions as paired differences per split."""
+    mod = _load_script("compare_fecosr")
+    merged = tmp_path / "merged"
+    age, zip_ = "movielens-age", "movielens-zip"
+    seeds3 = (0, 1, 2)
+    # age: transfer 0.10 in every seed; FeCoSR 0.11 / 0.12 / 0.09 -> +1.00, +2.00, -1.00: +0.67 ± 1.53, 2 of 3
+    _merged_run(
+        merged,
+        f"{age}_seq_transfer_fixed-pt",
+        "seq_transfer",
+        {s: dict.fromkeys(MARKETS, 0.10) for s in seeds3},
+        up={"a": 3_000_000},
+    )
+    fecosr = {0: 0.11, 1: 0.12, 2: 0.09}
+    _merged_run(
+        merged,
+        f"{age}_fecosr_m05_fixed-pt",
+        "fecosr",
+        {s: dict.fromkeys(MARKETS, v) for s, v in fecosr.items()},
+        up=dict.fromkeys(MARKETS, 2_000_000),
+    )
+    # zip: one seed of each, transfer uploads 6 MB from one of 3 markets
+    _merged_run(
+        merged,
+        f"{zip_}_seq_transfer_fixed-pt",
+        "seq_transfer",
+        {0: dict.fromkeys(MARKETS, 0.20)},
+        up={"b": 6_000_000},
+    )
+    _merged_run(
+        merged,
+        f"{zip_}_fecosr_m05_fixed-pt",
+        "fecosr",
+        {0: dict.fromkeys(MARKETS, 0.15)},
+        up=dict.fromkeys(MARKETS, 2_000_000),
+    )
+    _merged_run(
+        merged,
+        f"{zip_}_seq_central_shared_ids",
+        "seq_central",
+        {0: dict.fromkeys(MARKETS, 0.3)},
+        private=False,
+    )
+    text = "\n".join(mod.headline([merged], [age, zip_, "movielens-none"]))
+    assert (
+        "| row | movielens-age full NDCG@10 | movielens-age NDCG@10 (1+99) | movielens-zip full NDCG@10 |"
+        in text
+    )
+    assert "movielens-none" not in text  # a split without any headline row gets no column
+    assert (
+        "| One-to-one transfer + fine-tune | 10.00 ± 0.00 (3) | 20.00 ± 0.00 (3) | 20.00 (1) | 40.00 (1) | 1.00 / 2.00 |"
+        in text
+    )
+    assert (
+        "| **FeCoSR** (S²CE + fine-tune) | 10.67 ± 0.00 (3) | 21.33 ± 0.00 (3) | 15.00 (1) | 30.00 (1) | 2.00 |"
+        in text
+    )
+    assert "| Central-shared-IDs † (pooled, NOT private) | – | – | 30.00 (1) | 60.00 (1) | raw data |" in text
+    assert "Local ID-SASRec" not in text  # in no split
+    assert "| FeCoSR − one-to-one transfer | +0.67 ± 1.53 (wins 2/3 seeds) | -5.00 (wins 0/1 seeds) |" in text
+    assert "S²CE − CE" not in text  # no CE twin anywhere
+    assert mod.headline([merged], ["movielens-none"]) == []
+
+
 def test_compare_fecosr_derives_the_first_phase_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A phased run that recorded its phase end gives the "without fine-tune" row with no run of its own; a
     folder that did not (hand-built here, or run before phase tests were recorded) is skipped and said so."""
