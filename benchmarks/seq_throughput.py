@@ -9,6 +9,10 @@
    Fused loss: the default chunked catalog softmax (`fused_s2ce_loss`, ``loss_chunk`` 128) against the
    unfused reference path (``loss_chunk`` 0: ``[P, N]`` logits, then the loss), for CE and dense S²CE.
    Every step is timed ``--repeats`` times, round-robin, and its best rate is kept (the machine is shared).
+   Matmul kernels (`fedmarket.matmul`, ``train.matmul``): the fedmarket rows run on what the default "auto"
+   picks here; the hand-written loop and fedmarket's text-CE step are also timed on PyTorch's BLAS ("blas", how
+   every record before the fourteenth session was made) and the hand-written loop on oneDNN, so the ratio is
+   given both against the plain loop and with the same kernels on both sides.
 3. Text encoding: seconds to encode every item text of the markets with all-MiniLM-L6-v2 (cold, in a
    fresh cache folder) and reading it back from the cache.
 4. Full-ranking evaluation of every test user of the largest market (HR/NDCG/MRR@K over the whole
@@ -32,6 +36,7 @@ from torch import nn
 
 from fedmarket.data import leave_one_out, load_dataset
 from fedmarket.federation.payload import UploadDeclaration
+from fedmarket.matmul import onednn_relative_error, resolve_matmul, use_matmul
 from fedmarket.methods.seq_trainer import SeqClient, SeqData, SeqOptions
 from fedmarket.models.text_encoder import encode_texts
 
@@ -139,6 +144,9 @@ def main() -> None:
         loss.backward()
         ref_opt.step()
 
+    matmul = resolve_matmul("auto")  # what a run's default train.matmul picks on this machine
+    out["matmul_auto"] = matmul
+    out["onednn_probe_relative_error"] = onednn_relative_error()
     decl = UploadDeclaration(())
     text_ce = SeqClient(largest, data, decl, opts)
     id_ce = SeqClient(largest, data, decl, opts, use_text=False, use_id=True)
@@ -146,14 +154,24 @@ def main() -> None:
     s2ce_topk = SeqClient(largest, data, decl, SeqOptions(loss="s2ce", top_k=50))
     text_ce_unfused = SeqClient(largest, data, decl, SeqOptions(loss_chunk=0))
     s2ce_dense_unfused = SeqClient(largest, data, decl, SeqOptions(loss="s2ce", top_k=0, loss_chunk=0))
+
+    def on(choice, step):  # the same step with fp32 matmuls on the given kernels (`fedmarket.matmul`)
+        def wrapped(inp, tgt):
+            use_matmul(choice)
+            step(inp, tgt)
+
+        return wrapped
+
     steps = {
-        "hand_written": ref_step,
-        "fedmarket_text_ce": client_step(text_ce),
-        "fedmarket_id_ce": client_step(id_ce),
-        "fedmarket_text_s2ce_dense": client_step(s2ce_dense),
-        "fedmarket_text_s2ce_top50": client_step(s2ce_topk),
-        "fedmarket_text_ce_unfused": client_step(text_ce_unfused),
-        "fedmarket_text_s2ce_dense_unfused": client_step(s2ce_dense_unfused),
+        "hand_written": on("blas", ref_step),
+        "hand_written_onednn": on("onednn", ref_step),
+        "fedmarket_text_ce_blas": on("blas", client_step(text_ce)),
+        "fedmarket_text_ce": on(matmul, client_step(text_ce)),
+        "fedmarket_id_ce": on(matmul, client_step(id_ce)),
+        "fedmarket_text_s2ce_dense": on(matmul, client_step(s2ce_dense)),
+        "fedmarket_text_s2ce_top50": on(matmul, client_step(s2ce_topk)),
+        "fedmarket_text_ce_unfused": on(matmul, client_step(text_ce_unfused)),
+        "fedmarket_text_s2ce_dense_unfused": on(matmul, client_step(s2ce_dense_unfused)),
     }
     rates = dict.fromkeys(steps, 0.0)
     for _ in range(args.repeats):
@@ -163,6 +181,10 @@ def main() -> None:
     for name, rate in rates.items():
         out[f"{name}_sequences_per_s"] = rate
     out["throughput_ratio_text"] = rates["fedmarket_text_ce"] / rates["hand_written"]
+    # the same kernels on both sides: fedmarket's default (auto) against the hand-written loop on oneDNN
+    out["throughput_ratio_text_same_kernels"] = rates["fedmarket_text_ce"] / rates["hand_written_onednn"]
+    out["onednn_speedup_text_ce"] = rates["fedmarket_text_ce"] / rates["fedmarket_text_ce_blas"]
+    out["onednn_speedup_hand_written"] = rates["hand_written_onednn"] / rates["hand_written"]
     out["throughput_ratio_id"] = rates["fedmarket_id_ce"] / rates["hand_written"]
     out["s2ce_dense_cost_vs_ce"] = rates["fedmarket_text_ce"] / rates["fedmarket_text_s2ce_dense"]
     out["s2ce_top50_cost_vs_ce"] = rates["fedmarket_text_ce"] / rates["fedmarket_text_s2ce_top50"]

@@ -33,6 +33,7 @@ from fedmarket.errors import ConfigError, FedmarketError
 from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
 from fedmarket.federation.core import ClientTrainer, Strategy
 from fedmarket.federation.runtime import SimulationResult, Simulator
+from fedmarket.matmul import use_matmul
 from fedmarket.methods import get_method
 from fedmarket.serialization import json_default
 
@@ -104,6 +105,7 @@ def run_seed(
     method = get_method(cfg.method.name)
     opts = method.parse_options(cfg.method.options)
     torch.set_num_threads(cfg.train.threads)
+    log.info("fp32 matmuls on %s (train.matmul: %s)", use_matmul(cfg.train.matmul), cfg.train.matmul)
     trainers, strategy = method.build(cfg, opts, data.splits, seed)
     base_strategy = strategy
     trainers, strategy = protect(cfg, trainers, strategy, seed)

@@ -19,6 +19,8 @@ import yaml
 
 from fedmarket.errors import ConfigError
 
+MATMUL_CHOICES = ("auto", "blas", "onednn")  # train.matmul (`fedmarket.matmul`)
+
 
 @dataclass
 class DatasetConfig:
@@ -81,6 +83,10 @@ class TrainConfig:
     client_fraction: float = 1.0
     min_markets: int = 1
     threads: int = 1  # small models and batches: a second intra-op thread costs more than it gives here
+    # fp32 CPU matmul kernels (`fedmarket.matmul`): "auto" = oneDNN where it computes in fp32 (≈ 2× MKL's speed
+    # on this project's AMD EPYC), else the BLAS; "blas" = PyTorch's default (every record before
+    # 2026-11-30's fourteenth session); "onednn" = oneDNN even where it may compute in bf16 (CPUs with AMX)
+    matmul: str = "auto"
     # early stopping: stop after `patience` evaluated rounds without a validation gain > min_delta (0 = off;
     # `rounds` is then the maximum). Phased methods (FedAvg + fine-tune) end a phase instead.
     patience: int = 0
@@ -104,6 +110,8 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.client_fraction <= 1:
             raise ConfigError(f"{prefix}.client_fraction must be in (0, 1], got {self.client_fraction}")
+        if self.matmul not in MATMUL_CHOICES:
+            raise ConfigError(f"{prefix}.matmul must be one of {list(MATMUL_CHOICES)}, got {self.matmul!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
             raise ConfigError(f"{prefix}.patience must be an integer >= 0 (0 = off), got {self.patience!r}")
         pp = self.phase_patience

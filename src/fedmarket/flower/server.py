@@ -63,6 +63,7 @@ from fedmarket.flower.records import (
     record_to_payload,
 )
 from fedmarket.flower.secagg import run_secure_round, secure_aggregation_report
+from fedmarket.matmul import use_matmul
 from fedmarket.methods import get_method
 from fedmarket.methods.base import Method
 
@@ -513,6 +514,7 @@ def serve(grid: Any, run_config: dict[str, Any]) -> Path:
     else:
         raise FedmarketError("run config needs run-dir (holding config.yaml) or config (a YAML path)")
     torch.set_num_threads(cfg.train.threads)
+    use_matmul(cfg.train.matmul)
     server = FlowerServer(
         grid,
         cfg,
