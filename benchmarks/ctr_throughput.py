@@ -6,7 +6,10 @@
 2. Full-catalog ranking of every test user of the largest markets (ca: 4,668 users x 5,735 items;
    es: 6,218 x 3,467): wall time of `full_ranking_metrics` over `score_matrix`. Target: < 2 s.
 
-    .venv/bin/python benchmarks/ctr_throughput.py [--market ca] [--repeats 3] [--threads 1]
+    .venv/bin/python benchmarks/ctr_throughput.py [--market ca] [--repeats 3] [--threads 1] [--matmul auto]
+
+``--matmul`` picks the fp32 matmul kernels for both sides, as ``train.matmul`` does for a run (`fedmarket.matmul`;
+runs default to "auto"; "blas" = PyTorch's default, with which the README's first table was measured).
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedmarket.config import config_from_dict
+from fedmarket.config import MATMUL_CHOICES, config_from_dict
 from fedmarket.data import leave_one_out, load_dataset
 from fedmarket.eval.metrics import full_ranking_metrics
+from fedmarket.matmul import use_matmul
 from fedmarket.methods.ctr_baselines import DENSE_UPLOAD, ctr_client_kwargs
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData
 
@@ -43,9 +47,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default="deepfm")
+    ap.add_argument("--matmul", default="auto", choices=MATMUL_CHOICES)
     ap.add_argument("--out", default="benchmarks/results/ctr_throughput.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    matmul = use_matmul(args.matmul)
     cfg = config_from_dict({"model": {"name": args.model}, "progress": False})
     markets = load_dataset("xmrec", markets=[args.market, "es"] if args.market != "es" else ["es"])
     split = leave_one_out(markets[args.market])
@@ -70,6 +76,8 @@ def main() -> None:
         "market": args.market,
         "model": args.model,
         "threads": args.threads,
+        "matmul": args.matmul,
+        "matmul_kernels": matmul,
         "instances_per_epoch": n,
         "fedmarket_samples_per_s": float(np.median(ours)),
         "hand_written_samples_per_s": float(np.median(ref)),
