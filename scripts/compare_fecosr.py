@@ -329,6 +329,11 @@ HEADLINE_NOTE = (
 )
 
 
+def upload_cell(m: dict) -> str:
+    """MB uploaded per market over the run, or "raw data" for a pooled (not private) row."""
+    return "raw data" if not m.get("private", True) else f"{upload_bytes(m) / 1e6:.2f}"
+
+
 def seed_cell(m: dict | None, key: str) -> str:
     return "–" if m is None else f"{cell(m, key)} ({len(m['seeds'])})"
 
@@ -354,11 +359,7 @@ def headline(merged: list[Path], datasets: list[str]) -> list[str]:
         if all(m is None for m in ms):
             continue
         cells = [seed_cell(m, k) for m in ms for k in ("full_ndcg@10", "ndcg@10")]
-        ups = [
-            "raw data" if not m.get("private", True) else f"{upload_bytes(m) / 1e6:.2f}"
-            for m in ms
-            if m is not None
-        ]
+        ups = [upload_cell(m) for m in ms if m is not None]
         up = ups[0] if len(set(ups)) == 1 else " / ".join(ups)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {up} |")
     lines += [
@@ -572,7 +573,7 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for _, label, _, m in found:
-        up = "raw data" if not m.get("private", True) else f"{upload_bytes(m) / 1e6:.2f}"
+        up = upload_cell(m)
         lines.append(
             f"| {label} | {len(m['seeds'])} | {rounds_text(m)} | "
             + " | ".join(cell(m, k) for k in METRICS)
