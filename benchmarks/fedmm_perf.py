@@ -7,7 +7,7 @@
    Target: < 1 s.
 3. Optionally (``--runs DIR...``): wall time of the comparison, summed from the run folders' metrics.json.
 
-    .venv/bin/python benchmarks/fedmm_perf.py [--threads 1] [--runs runs/fedmm_cmp/*/]
+    .venv/bin/python benchmarks/fedmm_perf.py [--threads 1] [--matmul auto] [--runs runs/fedmm_cmp/*/]
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fedmarket.api import prepare_data
-from fedmarket.config import config_from_dict
+from fedmarket.config import MATMUL_CHOICES, config_from_dict
 from fedmarket.federation.payload import payload_bytes
+from fedmarket.matmul import configure_torch
 from fedmarket.methods import get_method
 from fedmarket.methods.ctr_baselines import DENSE_UPLOAD, ctr_client_kwargs
 from fedmarket.methods.fedmm import FedMMClient, Schedule, upload_declaration
@@ -31,12 +31,15 @@ from fedmarket.methods.fedmm import FedMMClient, Schedule, upload_declaration
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--matmul", default="auto", choices=MATMUL_CHOICES, help="fp32 matmul kernels, as train.matmul"
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--config", default="configs/xmrec_fedmm.yaml")
     ap.add_argument("--runs", nargs="*", default=[])
     ap.add_argument("--out", default="benchmarks/results/fedmm_perf.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    kernels = configure_torch(args.threads, args.matmul)
     import yaml
 
     raw = yaml.safe_load(Path(args.config).read_text())
@@ -50,6 +53,8 @@ def main() -> None:
     result: dict = {
         "config": args.config,
         "threads": args.threads,
+        "matmul": args.matmul,
+        "matmul_kernels": kernels,
         "upload_declaration": list(declaration.patterns),
     }
     per_market = {}

@@ -8,7 +8,8 @@ seconds (`time.process_time`), which a busy machine distorts less than wall time
 old/new of the summed times. Writes ``benchmarks/results/mtl_throughput.json``.
 
     FEDMARKET_DATA=... .venv/bin/python benchmarks/mtl_throughput.py \
-        [--config configs/ml1m-proxy-age_pfmsmt.yaml] [--scenario age18] [--repeats 3] [--max-batches 0]
+        [--config configs/ml1m-proxy-age_pfmsmt.yaml] [--scenario age18] [--repeats 3] [--max-batches 0] \
+        [--matmul auto]  # fp32 matmul kernels for both trainers, as train.matmul (`fedmarket.matmul`)
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from legacy_mtl import LegacyMTLClient  # noqa: E402
 
 from fedmarket.api import prepare_data  # noqa: E402
-from fedmarket.config import load_config  # noqa: E402
+from fedmarket.config import MATMUL_CHOICES, load_config  # noqa: E402
 from fedmarket.federation.core import RoundConfig  # noqa: E402
+from fedmarket.matmul import configure_torch  # noqa: E402
 from fedmarket.methods.base import get_method  # noqa: E402
 from fedmarket.methods.mtl_trainer import MTLClient  # noqa: E402
 
@@ -40,9 +42,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-batches", type=int, default=0, help="train on the first N batches only (0: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--matmul", default="auto", choices=MATMUL_CHOICES, help="fp32 matmul kernels, as train.matmul"
+    )
     ap.add_argument("--out", default="benchmarks/results/mtl_throughput.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    kernels = configure_torch(args.threads, args.matmul)
 
     cfg = load_config(args.config)
     method = get_method(cfg.method.name)
@@ -93,6 +98,8 @@ def main() -> None:
         "scenario": args.scenario,
         "repeats": args.repeats,
         "threads": args.threads,
+        "matmul": args.matmul,
+        "matmul_kernels": kernels,
         "train_rows_per_round": train_rows,
         "valid_rows_per_round": valid_rows,
         "bit_identical": identical,

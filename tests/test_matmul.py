@@ -107,3 +107,18 @@ def test_a_sequential_step_is_the_same_either_way():
     assert len(ga) == len(gb) > 0
     for a, b in zip(ga, gb, strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_configure_torch_sets_threads_and_kernels_together():
+    threads = torch.get_num_threads()
+    try:
+        assert matmul.configure_torch(1, "blas") == "blas"
+        assert torch.get_num_threads() == 1
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        assert matmul.configure_torch(2, "onednn") == "onednn"
+        assert torch.get_num_threads() == 2
+        assert torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+        with pytest.raises(ConfigError, match=r"train\.matmul must be one of .*got 'gpu'"):
+            matmul.configure_torch(1, "gpu")
+    finally:
+        torch.set_num_threads(threads)

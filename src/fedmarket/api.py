@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 import yaml
 
 from fedmarket.config import ExperimentConfig, config_from_dict
@@ -33,7 +32,7 @@ from fedmarket.errors import ConfigError, FedmarketError
 from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
 from fedmarket.federation.core import ClientTrainer, Strategy
 from fedmarket.federation.runtime import SimulationResult, Simulator
-from fedmarket.matmul import use_matmul
+from fedmarket.matmul import configure_torch
 from fedmarket.methods import get_method
 from fedmarket.serialization import json_default
 
@@ -104,8 +103,10 @@ def run_seed(
 ) -> SimulationResult:
     method = get_method(cfg.method.name)
     opts = method.parse_options(cfg.method.options)
-    torch.set_num_threads(cfg.train.threads)
-    log.info("fp32 matmuls on %s (train.matmul: %s)", use_matmul(cfg.train.matmul), cfg.train.matmul)
+    kernels = configure_torch(cfg.train.threads, cfg.train.matmul)
+    log.info(
+        "%d threads, fp32 matmuls on %s (train.matmul: %s)", cfg.train.threads, kernels, cfg.train.matmul
+    )
     trainers, strategy = method.build(cfg, opts, data.splits, seed)
     base_strategy = strategy
     trainers, strategy = protect(cfg, trainers, strategy, seed)

@@ -15,9 +15,10 @@ last fp32 bits otherwise (`benchmarks/seq_throughput.py` times a whole step both
 - ``"blas"``: PyTorch's default BLAS path, as every record before 2026-11-30 (fourteenth session) was made.
 - ``"onednn"``: oneDNN whatever the probe says: on a CPU with AMX this may compute in bf16.
 
-`use_matmul` sets the flag process-wide (like ``torch.set_num_threads``, next to which every entry point calls
-it: `fedmarket.api.run_seed` and the Flower ClientApp and ServerApp), so the in-process and Flower runs of one
-config on one machine use the same kernels.
+`use_matmul` sets the flag process-wide, like ``torch.set_num_threads``; `configure_torch` does both from
+``train.threads`` and ``train.matmul`` and is what every entry point calls (`fedmarket.api.run_seed` and the
+Flower ClientApp and ServerApp), so the in-process and Flower runs of one config on one machine use the same
+threads and kernels.
 """
 
 from __future__ import annotations
@@ -73,3 +74,10 @@ def use_matmul(choice: str) -> str:
     chosen = resolve_matmul(choice)
     _flag().fp32_precision = "bf16" if chosen == "onednn" else "ieee"
     return chosen
+
+
+def configure_torch(threads: int, matmul: str) -> str:
+    """This process's CPU threads and fp32 matmul kernels, from ``train.threads`` and ``train.matmul``; returns
+    the kernels chosen (``"blas"`` or ``"onednn"``)."""
+    torch.set_num_threads(threads)
+    return use_matmul(matmul)

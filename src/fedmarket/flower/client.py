@@ -47,7 +47,7 @@ from fedmarket.flower.records import (
     payload_to_record,
     record_to_payload,
 )
-from fedmarket.matmul import use_matmul
+from fedmarket.matmul import configure_torch
 from fedmarket.methods import get_method
 
 
@@ -324,8 +324,7 @@ class MarketClient:
         t0 = time.perf_counter()
         method = get_method(self.cfg.method.name)
         opts = method.parse_options(self.cfg.method.options)
-        torch.set_num_threads(self.cfg.train.threads)
-        use_matmul(self.cfg.train.matmul)
+        configure_torch(self.cfg.train.threads, self.cfg.train.matmul)
         trainers, _ = method.build(self.cfg, opts, {self.market: split}, self.seed)
         if set(trainers) != {self.market}:
             raise FedmarketError(
@@ -342,8 +341,7 @@ class MarketClient:
             self.timing.cache_hit = 1
             return cached.trainer
         trainer = cached.trainer if cached is not None and tag is not None else self._fresh_trainer()
-        torch.set_num_threads(self.cfg.train.threads)
-        use_matmul(self.cfg.train.matmul)
+        configure_torch(self.cfg.train.threads, self.cfg.train.matmul)
         if tag is not None:
             t0 = time.perf_counter()
             trainer.load_state_dict(self.store.load(tag))

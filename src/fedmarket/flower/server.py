@@ -63,7 +63,7 @@ from fedmarket.flower.records import (
     record_to_payload,
 )
 from fedmarket.flower.secagg import run_secure_round, secure_aggregation_report
-from fedmarket.matmul import use_matmul
+from fedmarket.matmul import configure_torch
 from fedmarket.methods import get_method
 from fedmarket.methods.base import Method
 
@@ -513,8 +513,7 @@ def serve(grid: Any, run_config: dict[str, Any]) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
     else:
         raise FedmarketError("run config needs run-dir (holding config.yaml) or config (a YAML path)")
-    torch.set_num_threads(cfg.train.threads)
-    use_matmul(cfg.train.matmul)
+    configure_torch(cfg.train.threads, cfg.train.matmul)
     server = FlowerServer(
         grid,
         cfg,
