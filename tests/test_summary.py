@@ -230,7 +230,14 @@ def test_compare_fecosr_headline_puts_the_splits_side_by_side(tmp_path: Path) ->
         {0: dict.fromkeys(MARKETS, 0.3)},
         private=False,
     )
+    # zip: Local text under both stopping rules; the unqualified label and the check go to convergence (p10)
+    _merged_run(merged, f"{zip_}_seq_local_text_p10", "seq_local_text", {0: dict.fromkeys(MARKETS, 0.05)})
+    _merged_run(merged, f"{zip_}_seq_local_text", "seq_local_text", {0: dict.fromkeys(MARKETS, 0.04)})
     text = "\n".join(mod.headline([merged], [age, zip_, "movielens-none"]))
+    assert "| Local text-SASRec | – | – | 5.00 (1) | 10.00 (1) | 0.00 |" in text
+    assert "| Local text-SASRec, patience-3 stop | – | – | 4.00 (1) | 8.00 (1) | 0.00 |" in text
+    assert "| FeCoSR − Local text-SASRec | – | +10.00 (wins 1/1 seeds) |" in text
+    assert "| FeCoSR − Local text-SASRec, patience-3 stop | – | +11.00 (wins 1/1 seeds) |" in text
     assert (
         "| row | movielens-age full NDCG@10 | movielens-age NDCG@10 (1+99) | movielens-zip full NDCG@10 |"
         in text
@@ -244,7 +251,7 @@ def test_compare_fecosr_headline_puts_the_splits_side_by_side(tmp_path: Path) ->
         "| **FeCoSR** (S²CE + fine-tune) | 10.67 ± 0.00 (3) | 21.33 ± 0.00 (3) | 15.00 (1) | 30.00 (1) | 2.00 |"
         in text
     )
-    assert "| Central-shared-IDs † (pooled, NOT private) | – | – | 30.00 (1) | 60.00 (1) | raw data |" in text
+    assert "| Central-shared-IDs †, patience-3 stop | – | – | 30.00 (1) | 60.00 (1) | raw data |" in text
     assert "Local ID-SASRec" not in text  # in no split
     assert "| FeCoSR − one-to-one transfer | +0.67 ± 1.53 (wins 2/3 seeds) | -5.00 (wins 0/1 seeds) |" in text
     assert "S²CE − CE" not in text  # no CE twin anywhere
