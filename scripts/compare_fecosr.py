@@ -652,7 +652,11 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
             "seq_central_shared_ids",
         ),
         ("fecosr_m05_fixed-pt", GAP_LABEL, "seq_local_text", "seq_central_shared_ids"),
-        ("fecosr_m05_fixed-pt", GAP_LABEL + " (references to convergence)", *GAP_P10),
+        (
+            "fecosr_m05_fixed-pt",
+            "FeCoSR (server momentum 0.5, pre-training 150 rounds; Local text and Central to convergence)",
+            *GAP_P10,
+        ),
     ):
         gap = gap_closed(by, "full_ndcg@10", row, low, high)
         if gap:
