@@ -338,10 +338,6 @@ HEADLINE_NOTE = (
 )
 
 
-GAP_LABEL = "FeCoSR (server momentum 0.5, pre-training 150 rounds)"
-GAP_P10 = ("seq_local_text_p10", "seq_central_shared_ids_p10")
-
-
 def upload_cell(m: dict) -> str:
     """MB uploaded per market over the run, or "raw data" for a pooled (not private) row."""
     return "raw data" if not m.get("private", True) else f"{upload_bytes(m) / 1e6:.2f}"
@@ -643,22 +639,16 @@ def summarise(merged: list[Path], dataset: str, out: Path) -> list[str]:
         ]
     lines += stop_lines(found)
     lines += matched_lines(by, out, dataset)
-    for row, label, low, high in (
-        ("fecosr", "FeCoSR", "seq_local_text", "seq_central_shared_ids"),
-        (
-            "fecosr_long-pt",
-            "FeCoSR with pre-training ≤ 150 rounds",
-            "seq_local_text",
-            "seq_central_shared_ids",
-        ),
-        ("fecosr_m05_fixed-pt", GAP_LABEL, "seq_local_text", "seq_central_shared_ids"),
-        (
-            "fecosr_m05_fixed-pt",
-            "FeCoSR (server momentum 0.5, pre-training 150 rounds; Local text and Central to convergence)",
-            *GAP_P10,
-        ),
+    p3 = ("seq_local_text", "seq_central_shared_ids")  # the Local text -> Central references
+    p10 = ("seq_local_text_p10", "seq_central_shared_ids_p10")
+    m05 = "FeCoSR (server momentum 0.5, pre-training 150 rounds"
+    for row, label, refs in (
+        ("fecosr", "FeCoSR", p3),
+        ("fecosr_long-pt", "FeCoSR with pre-training ≤ 150 rounds", p3),
+        ("fecosr_m05_fixed-pt", m05 + ")", p3),
+        ("fecosr_m05_fixed-pt", m05 + "; Local text and Central to convergence)", p10),
     ):
-        gap = gap_closed(by, "full_ndcg@10", row, low, high)
+        gap = gap_closed(by, "full_ndcg@10", row, *refs)
         if gap:
             lines += [f"{label} closes {gap} on full NDCG@10.", ""]
     lines += transfer_lines(found, "full_ndcg@10")
