@@ -445,13 +445,7 @@ def cell(m: dict, key: str) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(m["seeds"]) > 1 else f"{mean:.2f}"
 
 
-def gap_closed(
-    by: dict[str, Path],
-    metric: str,
-    row: str = "fecosr",
-    low: str = "seq_local_text",
-    high: str = "seq_central_shared_ids",
-) -> str | None:
+def gap_closed(by: dict[str, Path], metric: str, row: str, low: str, high: str) -> str | None:
     """Share of the Local text -> Central gap (rows ``low`` -> ``high``) that the FeCoSR row ``row`` closes, per
     seed (mean over seeds)."""
     if not all(k in by for k in (row, low, high)):
