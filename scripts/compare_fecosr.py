@@ -107,6 +107,8 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_local_id_p10", "Local ID-SASRec, to convergence (patience 10, ≤ 300 rounds)"),
     ("seq_local_text_p10", "Local text-SASRec, to convergence (patience 10, ≤ 300 rounds)"),
     ("seq_central_shared_ids_p10", "Central-shared-IDs †, to convergence (patience 10, ≤ 300 rounds)"),
+    ("seq_transfer_id_p10", "One-to-one transfer (IDs) + fine-tune, to convergence (patience 10)"),
+    ("seq_fedavg_id_p10", "FedAvg of the Transformer, local IDs, to convergence (patience 10, ≤ 300 rounds)"),
 ]
 METRICS = ("full_ndcg@10", "full_hr@10", "ndcg@10", "hr@10")
 CHECKS = [  # (a, b, text): a − b per seed
@@ -293,6 +295,8 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("seq_local_text", "seq_local_id", "Local text − Local ID"),
     ("seq_fedavg_id", "seq_local_id", "FedAvg (IDs) − Local ID"),
     ("seq_transfer_id", "seq_local_id", "Transfer (IDs) − Local ID"),
+    ("seq_fedavg_id_p10", "seq_local_id_p10", "FedAvg (IDs) − Local ID, both to convergence"),
+    ("seq_transfer_id_p10", "seq_local_id_p10", "Transfer (IDs) − Local ID, both to convergence"),
 ]
 
 
