@@ -107,6 +107,24 @@ ROWS = [  # (suffix of the config name, label)
     ("seq_local_id_p10", "Local ID-SASRec, to convergence (patience 10, ≤ 300 rounds)"),
     ("seq_local_text_p10", "Local text-SASRec, to convergence (patience 10, ≤ 300 rounds)"),
     ("seq_central_shared_ids_p10", "Central-shared-IDs †, to convergence (patience 10, ≤ 300 rounds)"),
+    (
+        "fecosr_m05_pt-p10",
+        "**FeCoSR**, server momentum 0.5, pre-training to its plateau (patience 10, ≤ 300 rounds)",
+    ),
+    (
+        "seq_fedavg_ft_m05_pt-p10",
+        "FedAvg-CE + fine-tune, server momentum 0.5, pre-training to its plateau (patience 10, ≤ 300 rounds)",
+    ),
+    (
+        "seq_transfer_pt-p10",
+        "One-to-one transfer + fine-tune, source phase to its plateau (patience 10, ≤ 300 rounds)",
+    ),
+    ("fecosr_m05_pt-p10_phase1", "FeCoSR without fine-tune, server momentum 0.5, pre-trained to its plateau"),
+    (
+        "seq_fedavg_ft_m05_pt-p10_phase1",
+        "FedAvg-CE without fine-tune, server momentum 0.5, pre-trained to its plateau",
+    ),
+    ("seq_transfer_pt-p10_phase1", "One-to-one transfer, zero-shot (source phase to its plateau)"),
     ("seq_transfer_id_p10", "One-to-one transfer (IDs) + fine-tune, to convergence (patience 10)"),
     ("seq_fedavg_id_p10", "FedAvg of the Transformer, local IDs, to convergence (patience 10, ≤ 300 rounds)"),
 ]
@@ -295,6 +313,14 @@ CHECKS = [  # (a, b, text): a − b per seed
     ("seq_local_text", "seq_local_id", "Local text − Local ID"),
     ("seq_fedavg_id", "seq_local_id", "FedAvg (IDs) − Local ID"),
     ("seq_transfer_id", "seq_local_id", "Transfer (IDs) − Local ID"),
+    ("fecosr_m05_pt-p10", "seq_transfer_pt-p10", "FeCoSR − one-to-one transfer, every phase to its plateau"),
+    (
+        "seq_fedavg_ft_m05_pt-p10",
+        "seq_transfer_pt-p10",
+        "FedAvg-CE + fine-tune − one-to-one transfer, every phase to its plateau",
+    ),
+    ("fecosr_m05_pt-p10", "seq_fedavg_ft_m05_pt-p10", "S²CE − CE with fine-tune, every phase to its plateau"),
+    ("fecosr_m05_pt-p10", "fecosr_m05_fixed-pt", "FeCoSR, pre-training to its plateau − fixed 150 rounds"),
     ("seq_fedavg_id_p10", "seq_local_id_p10", "FedAvg (IDs) − Local ID, both to convergence"),
     ("seq_transfer_id_p10", "seq_local_id_p10", "Transfer (IDs) − Local ID, both to convergence"),
 ]
@@ -412,6 +438,9 @@ PHASED = (
     "fecosr_m05_fixed-pt",
     "seq_fedavg_ft_m05_fixed-pt",
     "seq_transfer_fixed-pt",
+    "fecosr_m05_pt-p10",
+    "seq_fedavg_ft_m05_pt-p10",
+    "seq_transfer_pt-p10",
 )
 
 
