@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -491,36 +492,52 @@ def gap_closed(by: dict[str, Path], metric: str, row: str, low: str, high: str) 
     return f"{100 * np.mean(shares):.0f} % of the Local text → Central gap (seeds: {len(shares)})"
 
 
+def transfer_reference(suffix: str, method: str, by: dict[str, Any]) -> str | None:
+    """The local row a transfer row is compared with: the same variant of its local reference
+    (``seq_transfer_id_p10`` -> ``seq_local_id_p10``) when that row is present, else the plain reference
+    (``fedmarket.report.TRANSFER_REFERENCE``)."""
+    ref = TRANSFER_REFERENCE[method]
+    if suffix.startswith(method) and ref + suffix[len(method) :] in by:
+        return ref + suffix[len(method) :]
+    return ref if ref in by else None
+
+
 def transfer_lines(found: list[tuple[str, str, Path, dict]], metric: str) -> list[str]:
-    """The transfer's gain over its local reference (``fedmarket.report.gain_over_local``): the source market's
-    gain and how many targets lose (negative transfer)."""
-    result = gain_over_local([m for *_, m in found], [s for s, *_ in found], metric)
-    if result is None:
-        return []
-    gains, ref, source = result
-    transfer = next(s for s, _, _, m in found if m.get("method") in TRANSFER_REFERENCE)
-    g = {mk: 100 * v for mk, v in gains[transfer].items()}
-    targets = [mk for mk in g if mk != source]
-    negative = [mk for mk in targets if g[mk] < 0]
-    text = (
-        f"- `{transfer}` vs `{ref}` ({metric}, ×100, mean over seeds): source `{source}` "
-        f"{g.get(source, float('nan')):+.2f}; negative transfer in {len(negative)} of {len(targets)} targets"
-    )
-    if negative:
-        worst = min(negative, key=g.get)
-        text += f" (worst `{worst}` {g[worst]:+.2f})"
-    lines = [text + "."]
-    run = next(m for s, _, _, m in found if s == transfer)
-    comm = run.get("communication") or {}
-    once = max((float(v.get("down_bytes", 0)) for v in comm.values()), default=0.0)
-    sent = max((float(v.get("up_bytes", 0)) for v in comm.values()), default=0.0)
-    if once > 0 and sent > once:
-        lines.append(
-            f"- The transfer's source uploaded its model {sent / once:.0f} times ({sent / 1e6:.2f} MB), once per "
-            f"source round so that every target could be scored zero-shot each round; a deployment sends it "
-            f"once: {once / 1e6:.2f} MB from the source, {once / len(comm) / 1e6:.2f} MB per market on average "
-            f"(the table's upload column counts the run)."
+    """Each transfer row's gain over its local reference (``transfer_reference``, computed by
+    ``fedmarket.report.gain_over_local``): the source market's gain and how many targets lose (negative
+    transfer)."""
+    by = {s: m for s, _, _, m in found}
+    lines = []
+    for suffix, _, _, run in found:
+        if run.get("method") not in TRANSFER_REFERENCE or suffix.endswith("_phase1"):
+            continue
+        ref_suffix = transfer_reference(suffix, run["method"], by)
+        if ref_suffix is None:
+            continue
+        result = gain_over_local([by[ref_suffix], run], [ref_suffix, suffix], metric)
+        if result is None:
+            continue
+        gains, ref, source = result
+        g = {mk: 100 * v for mk, v in gains[suffix].items()}
+        targets = [mk for mk in g if mk != source]
+        negative = [mk for mk in targets if g[mk] < 0]
+        text = (
+            f"- `{suffix}` vs `{ref}` ({metric}, ×100, mean over seeds): source `{source}` "
+            f"{g.get(source, float('nan')):+.2f}; negative transfer in {len(negative)} of {len(targets)} targets"
         )
+        if negative:
+            text += " (" + ", ".join(f"`{mk}` {g[mk]:+.2f}" for mk in sorted(negative, key=g.get)) + ")"
+        lines.append(text + ".")
+        comm = run.get("communication") or {}
+        once = max((float(v.get("down_bytes", 0)) for v in comm.values()), default=0.0)
+        sent = max((float(v.get("up_bytes", 0)) for v in comm.values()), default=0.0)
+        if once > 0 and sent > once:
+            lines.append(
+                f"  The source uploaded its model {sent / once:.0f} times ({sent / 1e6:.2f} MB), once per "
+                f"source round so that every target could be scored zero-shot each round; a deployment sends it "
+                f"once: {once / 1e6:.2f} MB from the source, {once / len(comm) / 1e6:.2f} MB per market on "
+                f"average (the table's upload column counts the run)."
+            )
     return lines
 
 

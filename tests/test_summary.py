@@ -136,6 +136,16 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         up={"a": 1_000_000},  # 4 uploads of 0.25 MB, each target downloads the model once
         down={"b": 250_000, "c": 250_000},
     )
+    # a second transfer row (source phase 150 rounds) with no local row of its own variant: compared with the
+    # plain Local text row; its own line, c below local
+    _merged_run(
+        merged,
+        f"{ds}_seq_transfer_fixed-pt",
+        "seq_transfer",
+        {s: {"a": 0.15, "b": 0.12, "c": 0.05} for s in seeds},
+        up={"a": 250_000},
+        down={"b": 250_000, "c": 250_000},
+    )
     # validation curves for the matched-round table: S²CE behind CE by 0.002 in rounds 1-3 of seed 0
     for name, level in (("fecosr", 0.298), ("seq_fedavg_ft", 0.3)):
         path = merged / f"{ds}_{name}" / "seeds" / "seed0.json"
@@ -165,11 +175,24 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         in text
     )
     assert "FeCoSR closes 38 % of the Local text → Central gap (seeds: 2)" in text
-    assert "source `a` +5.00; negative transfer in 1 of 2 targets (worst `b` -2.00)" in text
+    assert "source `a` +5.00; negative transfer in 1 of 2 targets (`b` -2.00)" in text
+    assert (
+        "- `seq_transfer_fixed-pt` vs `seq_local_text` (full_ndcg@10, ×100, mean over seeds): source `a` +5.00; negative transfer in 1 of 2 targets (`c` -5.00)."
+        in text
+    )
     assert "uploaded its model 4 times (1.00 MB)" in text
     assert "once: 0.25 MB from the source, 0.08 MB per market on average" in text
     assert (out / f"fecosr_{ds}.png").stat().st_size > 1000
     assert (out / ds / "report.md").is_file()
+
+
+def test_compare_fecosr_transfer_reference_prefers_the_same_variant() -> None:
+    mod = _load_script("compare_fecosr")
+    by = dict.fromkeys(["seq_local_id", "seq_local_id_p10", "seq_local_text"])
+    assert mod.transfer_reference("seq_transfer_id_p10", "seq_transfer_id", by) == "seq_local_id_p10"
+    assert mod.transfer_reference("seq_transfer_id", "seq_transfer_id", by) == "seq_local_id"
+    assert mod.transfer_reference("seq_transfer_fixed-pt", "seq_transfer", by) == "seq_local_text"
+    assert mod.transfer_reference("seq_transfer", "seq_transfer", {}) is None
 
 
 def test_compare_fecosr_names_missing_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
