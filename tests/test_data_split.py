@@ -37,8 +37,13 @@ def hand_made_market(name: str = "toy") -> MarketData:
     )
 
 
+# In the hand-made market every held-out item is cold (no train interaction), so protocol 2 would evaluate
+# nobody on the main metrics; the split mechanics below are the same under both versions and are checked
+# under protocol 1. Protocol 2's catalog rule is tested further down and in test_protocol.py.
+
+
 def test_last_by_time_is_test_and_ties_keep_file_order() -> None:
-    split = leave_one_out(hand_made_market())
+    split = leave_one_out(hand_made_market(), protocol=1)
     test = dict(zip(split.test.users.tolist(), split.test.positives.tolist(), strict=True))
     valid = dict(zip(split.valid.users.tolist(), split.valid.positives.tolist(), strict=True))
     # user 0: items at t=30 are 2 then 3 in file order → 3 is last (test), 2 second-to-last (valid)
@@ -50,7 +55,7 @@ def test_last_by_time_is_test_and_ties_keep_file_order() -> None:
 
 
 def test_users_with_fewer_than_three_interactions_are_not_evaluated() -> None:
-    split = leave_one_out(hand_made_market())
+    split = leave_one_out(hand_made_market(), protocol=1)
     assert 1 not in split.test.users and 1 not in split.valid.users
     assert sorted(split.test.users.tolist()) == [0, 2]
     assert (split.train_users == 1).sum() == 2  # all of user 1's rows stay in train
@@ -58,7 +63,7 @@ def test_users_with_fewer_than_three_interactions_are_not_evaluated() -> None:
 
 def test_candidates_exclude_every_item_of_the_user_and_put_the_positive_first() -> None:
     market = hand_made_market()
-    split = leave_one_out(market)
+    split = leave_one_out(market, protocol=1)
     for eval_set in (split.valid, split.test):
         assert eval_set.candidates.shape == (2, 100)
         for user, row in zip(eval_set.users, eval_set.candidates, strict=True):
@@ -70,16 +75,16 @@ def test_candidates_exclude_every_item_of_the_user_and_put_the_positive_first() 
 
 
 def test_candidates_depend_only_on_split_seed_and_market() -> None:
-    first = leave_one_out(hand_made_market(), split_seed=7)
+    first = leave_one_out(hand_made_market(), split_seed=7, protocol=1)
     # whatever a method does with the global RNGs in between must not change the candidates
     np.random.seed(123)
     np.random.rand(1000)
-    again = leave_one_out(hand_made_market(), split_seed=7)
+    again = leave_one_out(hand_made_market(), split_seed=7, protocol=1)
     np.testing.assert_array_equal(first.test.candidates, again.test.candidates)
     np.testing.assert_array_equal(first.valid.candidates, again.valid.candidates)
-    other_seed = leave_one_out(hand_made_market(), split_seed=8)
+    other_seed = leave_one_out(hand_made_market(), split_seed=8, protocol=1)
     assert not np.array_equal(first.test.candidates, other_seed.test.candidates)
-    other_market = leave_one_out(hand_made_market("toy2"), split_seed=7)
+    other_market = leave_one_out(hand_made_market("toy2"), split_seed=7, protocol=1)
     assert not np.array_equal(first.test.candidates, other_market.test.candidates)
 
 
@@ -93,6 +98,18 @@ def test_seen_sets_for_full_ranking() -> None:
 
 def test_too_few_unseen_items_and_bad_threshold_are_refused() -> None:
     with pytest.raises(DataError, match="unseen items"):
-        leave_one_out(hand_made_market(), num_candidates=NUM_ITEMS - 3)
+        leave_one_out(hand_made_market(), num_candidates=NUM_ITEMS - 3, protocol=1)
+    # under protocol 2 only train items are candidates; the error names the raw user id and the fix
+    with pytest.raises(DataError, match=r"user 'a' has only \d+ unseen items with a train interaction.*at most"):
+        m = hand_made_market()
+        warm = MarketData(  # user c also bought item 2 early: user a's validation item is in the catalog
+            "toy",
+            np.append(m.users, 2),
+            np.append(m.items, 2),
+            np.append(m.timestamps, 1),
+            m.user_ids,
+            m.item_ids,
+        )
+        leave_one_out(warm, num_candidates=5)
     with pytest.raises(ValueError, match="at least 2"):
         leave_one_out(hand_made_market(), min_user_interactions=1)

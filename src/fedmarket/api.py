@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -44,6 +45,34 @@ class PreparedData:
     markets: dict[str, MarketData]
     splits: dict[str, MarketSplit]
 
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the interactions every market holds (names, users, items, times, raw keys): two
+        runs compare only when they ran on the same data."""
+        if not hasattr(self, "_fingerprint"):
+            import hashlib
+
+            sha = hashlib.sha1()
+            for name in sorted(self.markets):
+                m = self.markets[name]
+                sha.update(name.encode())
+                for attr in ("users", "items", "timestamps"):
+                    arr = getattr(m, attr, None)
+                    if isinstance(arr, np.ndarray):
+                        sha.update(np.ascontiguousarray(arr).tobytes())
+                for attr in ("user_ids", "item_ids"):
+                    arr = getattr(m, attr, None)
+                    if arr is not None:
+                        sha.update("\x1f".join(map(str, arr)).encode())
+            self._fingerprint = sha.hexdigest()[:16]
+        return self._fingerprint
+
+    def evaluation(self) -> dict[str, dict[str, Any]]:
+        """``metrics.json`` → ``evaluation``: per market, what the protocol evaluated and left out."""
+        return {
+            n: s.evaluation_summary() for n, s in self.splits.items() if hasattr(s, "evaluation_summary")
+        }
+
 
 _PREPARED: dict[str, PreparedData] = {}
 
@@ -53,7 +82,16 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     same data loads and splits it once)."""
     d = cfg.dataset
     key = json.dumps(
-        [d.name, d.markets, d.data_dir, d.options, cfg.eval.candidates, cfg.eval.split_seed],
+        [
+            d.name,
+            d.markets,
+            d.data_dir,
+            d.options,
+            cfg.eval.candidates,
+            cfg.eval.split_seed,
+            cfg.eval.protocol,
+            cfg.eval.repeats,
+        ],
         sort_keys=True,
         default=str,
     )
@@ -73,7 +111,9 @@ def _split_market(market: Any, cfg: ExperimentConfig) -> Any:
 
     if isinstance(market, MTLMarket):
         return split_impressions(market, seed=cfg.eval.split_seed)
-    return leave_one_out(market, cfg.eval.candidates, cfg.eval.split_seed)
+    return leave_one_out(
+        market, cfg.eval.candidates, cfg.eval.split_seed, protocol=cfg.eval.protocol, repeats=cfg.eval.repeats
+    )
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -244,17 +284,28 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
         log.info("%s: seed %d", cfg.name, seed)
         t0 = time.perf_counter()
         result = run_seed(cfg, seed, data, run_dir / "checkpoints" / f"seed{seed}.pt", resume)
-        record = seed_record(seed, result, time.perf_counter() - t0)
+        record = seed_record(
+            seed, result, time.perf_counter() - t0, cfg.eval.protocol, data_fingerprint=data.fingerprint
+        )
         _write_json(seed_file, record)
         per_seed.append(record)
     write_results(cfg, run_dir, per_seed, time.perf_counter() - started, data=data)
     return run_dir
 
 
-def seed_record(seed: int, result: SimulationResult, seconds: float) -> dict[str, Any]:
-    """One seed's results as stored in ``seeds/seed<N>.json`` (any runtime: in-process or Flower)."""
+def seed_record(
+    seed: int,
+    result: SimulationResult,
+    seconds: float,
+    protocol_version: int,
+    data_fingerprint: str | None = None,
+) -> dict[str, Any]:
+    """One seed's results as stored in ``seeds/seed<N>.json`` (any runtime: in-process or Flower). A record
+    without ``protocol_version`` was made under protocol 1."""
     return {
         "seed": seed,
+        "protocol_version": int(protocol_version),
+        "data_fingerprint": data_fingerprint,
         "test": result.test,
         "history": result.history,
         "communication": result.communication,
@@ -309,6 +360,7 @@ def summarize(
     if data is None and (markets is None or not method.private):
         raise FedmarketError("summarize needs the prepared data (or, for a private method, the market list)")
     markets = list(data.splits) if data is not None else list(markets)
+    protocol, fingerprint = record_protocol(per_seed, f"run {cfg.name!r}")
     per_market_mean, per_market_std = {}, {}
     for m in markets:
         mean, std = mean_std_over_seeds([rec["test"].get(m, {}) for rec in per_seed])
@@ -360,6 +412,9 @@ def summarize(
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
         "private": method.private,
+        "protocol_version": protocol,
+        "data_fingerprint": fingerprint,
+        "evaluation": data.evaluation() if data is not None else {},
         "seeds": [rec["seed"] for rec in per_seed],
         "markets": markets,
         "per_market": per_market_mean,
@@ -379,6 +434,19 @@ def summarize(
         "seconds": seconds,
         "config": cfg.to_dict(),
     }
+
+
+def record_protocol(per_seed: list[dict[str, Any]], where: str) -> tuple[int, str | None]:
+    """The protocol version and data fingerprint shared by seed records; records of different protocol
+    versions or data are never combined (a record without a version was made under protocol 1)."""
+    versions = sorted({int(rec.get("protocol_version") or 1) for rec in per_seed})
+    if len(versions) > 1:
+        seeds = {v: [rec["seed"] for rec in per_seed if int(rec.get("protocol_version") or 1) == v] for v in versions}
+        raise FedmarketError(f"{where}: seeds ran under different evaluation protocols {seeds}; they cannot be combined")
+    prints = sorted({rec["data_fingerprint"] for rec in per_seed if rec.get("data_fingerprint")})
+    if len(prints) > 1:
+        raise FedmarketError(f"{where}: seeds ran on different data (fingerprints {prints}); they cannot be combined")
+    return versions[0], (prints[0] if prints else None)
 
 
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
@@ -442,6 +510,12 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
             rec = json.loads(path.read_text())
             records[seed] = (folder, rec)
             seconds += float(rec.get("seconds", 0.0))
+    for seed, (folder, rec) in records.items():
+        first_folder, first = next(iter(records.values()))
+        try:
+            record_protocol([first, rec], "merge")
+        except FedmarketError as exc:
+            raise FedmarketError(f"cannot merge {folder} with {first_folder}: {exc}") from None
     cfg = cfgs[0]
     cfg.seeds = sorted(records)
     cfg.output_dir = str(out_dir.parent)

@@ -107,8 +107,8 @@ def run_comparison(config_paths: list[str], out: str | None, overrides: dict) ->
     )
     from fedmarket.methods import get_method
 
-    multitask = all(get_method(cfg.method.name).task == "mtl" for cfg in configs)
-    sequential = all(get_method(cfg.method.name).task == "seq" for cfg in configs)
+    tasks = {get_method(cfg.method.name).task for cfg in configs} - {"floor"}  # floors sit in every table
+    multitask, sequential = tasks == {"mtl"}, tasks == {"seq"}
     if multitask:  # CTR + CTCVR over held-out impressions (fedmarket.methods.mtl_trainer)
         report = write_report(run_dirs, out_dir, metrics=MTL_METRICS)
     elif sequential:  # next-item ranking (fedmarket.methods.seq_trainer)
@@ -172,8 +172,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = [Path(p) for p in args.run_dirs]
     get_method("local")  # registers the built-in methods
     kinds = [METHODS.get(str(load_run(p).get("method"))) for p in runs]
-    multitask = all(kind is not None and kind.task == "mtl" for kind in kinds)
-    sequential = all(kind is not None and kind.task == "seq" for kind in kinds)
+    tasks = {kind.task if kind is not None else None for kind in kinds} - {"floor"}  # floors sit in every table
+    multitask, sequential = tasks == {"mtl"}, tasks == {"seq"}
     if multitask:
         print(write_report(runs, out, metrics=MTL_METRICS))
     elif sequential:

@@ -143,9 +143,17 @@ class EvalConfig:
     every: int = 1
     select: str = "best_valid"
     select_metric: str = "auc"
+    # evaluation protocol (fedmarket.data.split): 2 = catalog of train items, cold positives reported apart;
+    # 1 only to reproduce records made under it
+    protocol: int = 2
+    repeats: str = "collapse"  # collapse | keep (repeat-consumption data: repeated (user, item) rows stay)
 
     def validate(self, prefix: str) -> None:
         _positive(self.candidates, f"{prefix}.candidates")
+        if self.protocol not in (1, 2):
+            raise ConfigError(f"{prefix}.protocol must be 1 or 2, got {self.protocol!r}")
+        if self.repeats not in ("collapse", "keep"):
+            raise ConfigError(f"{prefix}.repeats must be 'collapse' or 'keep', got {self.repeats!r}")
         _positive(self.every, f"{prefix}.every")
         if not self.ks or any(k <= 0 for k in self.ks):
             raise ConfigError(f"{prefix}.ks must be a non-empty list of positive integers, got {self.ks}")

@@ -127,7 +127,29 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     run["communication"] = dict(raw.get("communication") or {})
     run["failures"] = list(raw.get("failures") or [])
     run["notes"] = [str(n) for n in raw.get("notes") or []]
+    run["protocol_version"] = int(raw.get("protocol_version") or 1)
     return run
+
+
+def check_comparable(runs: Sequence[Mapping[str, Any]]) -> None:
+    """Refuse to put runs side by side that ran under different evaluation protocols or on different data
+    of the same dataset (their numbers do not measure the same thing)."""
+    versions = {int(r.get("protocol_version") or 1) for r in runs}
+    if len(versions) > 1:
+        by = {v: [str(r["run_dir"]) for r in runs if int(r.get("protocol_version") or 1) == v] for v in versions}
+        raise FedmarketError(f"runs of different evaluation protocol versions cannot be compared: {by}")
+    prints: dict[tuple[str, str], str] = {}
+    for r in runs:
+        fp = r.get("data_fingerprint")
+        if not fp:
+            continue
+        key = (str(r.get("dataset")), str(sorted(r.get("markets") or r["per_market"])))
+        if key in prints and prints[key] != fp:
+            raise FedmarketError(
+                f"{r['run_dir']} ran on other data than a run before it (dataset {key[0]}, fingerprint "
+                f"{fp} vs {prints[key]}); runs on different data cannot be compared"
+            )
+        prints.setdefault(key, fp)
 
 
 def load_rounds(run_dir: str | Path) -> pd.DataFrame | None:
@@ -701,6 +723,7 @@ def write_report(
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise FedmarketError("write_report needs at least one run folder")
+    check_comparable(runs)
     labels = _row_labels(runs)
 
     lines = [f"# {title}", ""]

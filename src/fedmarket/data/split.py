@@ -1,4 +1,4 @@
-"""Leave-one-out splits and seeded 1+N candidate lists (METHODS.md, "Common protocol").
+"""Leave-one-out splits and seeded 1+N candidate lists (docs/protocol.md, "Common protocol").
 
 Per user, by time: last interaction = test, second-to-last = validation, the rest = train. Ties in time
 keep source-file order (a stable sort). Users with fewer than ``min_user_interactions`` (default 3) keep
@@ -6,18 +6,40 @@ everything in train and are not evaluated. Candidates for validation/test are th
 ``num_candidates`` items the user never interacted with (in any split), drawn uniformly without
 replacement from a generator seeded by ``(split_seed, market name)`` only, so every method and every
 training seed sees the same candidates.
+
+Protocol version 2 (the default, `PROTOCOL_VERSION`):
+
+* The evaluation **catalog** of a market is its items with at least one train interaction. Negatives (sampled
+  and full-catalog) come only from it. An item that occurs only in validation/test exists in the data
+  *because* someone interacted with it then; with it in the candidate lists a model could score "has no
+  train history" and the metric would reward that instead of recommendation quality.
+* A held-out positive that is cold (not in the catalog) is left out of the main metrics; it is counted
+  (`MarketSplit.evaluation_summary`) and evaluated apart in the cold-item sets (``cold_valid`` /
+  ``cold_test``: the cold positive plus negatives drawn from *every* item the user never interacted with,
+  cold and warm alike, so a method that cannot score cold items shows chance there).
+* Repeated (user, item) rows are collapsed to the last one by time (``repeats="collapse"``); the number of
+  rows collapsed into each kept row is `MarketSplit.repeat_counts`. ``repeats="keep"`` keeps them for
+  repeat-consumption data and counts the validation/test items that equal one of the user's train items.
+
+Version 1 (``protocol=1``: catalog = every item, cold positives in the main metrics, repeats kept) is kept
+only to reproduce records made under it; runs of different versions are never merged or compared.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 
 from fedmarket.data.market import MarketData
 from fedmarket.errors import DataError
+
+PROTOCOL_VERSION = 2
+"""The evaluation protocol new runs use; written in every ``metrics.json`` as ``protocol_version``."""
+PROTOCOLS = (1, 2)
+REPEATS = ("collapse", "keep")
 
 
 def market_seed(seed: int, market: str, *salt: int) -> np.random.SeedSequence:
@@ -86,6 +108,15 @@ class MarketSplit:
     test: EvalSet
     train_seen: SeenItems  # items in each user's train interactions
     history_seen: SeenItems  # train + validation items (excluded when ranking for test)
+    catalog: np.ndarray | None = None  # bool per item: may be a candidate (v2: has a train interaction)
+    cold_valid: EvalSet | None = None  # held-out positives outside the catalog (v2), evaluated apart
+    cold_test: EvalSet | None = None
+    valid_item: np.ndarray | None = None  # per user: the validation item (-1: user not evaluated)
+    repeat_counts: np.ndarray | None = None  # per interaction row: how many raw rows it stands for
+    protocol: int = PROTOCOL_VERSION
+    collapsed_repeats: int = 0  # raw rows dropped by collapsing repeated (user, item) pairs
+    repeated_heldout: dict[str, int] = field(default_factory=dict)  # repeats kept: held-out == a train item
+    given_candidates: bool = False  # the candidate lists came with the data (no sampling)
 
     @property
     def name(self) -> str:
@@ -108,13 +139,44 @@ class MarketSplit:
         return None if self.market.ratings is None else self.market.ratings[self.train_index]
 
     def eval_set(self, split: str) -> EvalSet:
-        if split not in ("valid", "test"):
-            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-        return self.valid if split == "valid" else self.test
+        """``valid`` / ``test``: the main metrics' sets; ``cold_valid`` / ``cold_test``: the cold-item sets
+        (empty under protocol 1)."""
+        if split in ("valid", "test"):
+            return self.valid if split == "valid" else self.test
+        if split in ("cold_valid", "cold_test"):
+            es = getattr(self, split)
+            if es is None:
+                width = self.valid.candidates.shape[1]
+                return EvalSet(np.zeros(0, np.int64), np.zeros((0, width), np.int64))
+            return es
+        raise ValueError(f"split must be 'valid', 'test', 'cold_valid' or 'cold_test', got {split!r}")
 
     def seen_for(self, split: str) -> SeenItems:
         """Items to exclude when ranking the full catalog for ``split``."""
-        return self.train_seen if split == "valid" else self.history_seen
+        return self.history_seen if split.endswith("test") else self.train_seen
+
+    @property
+    def catalog_mask(self) -> np.ndarray:
+        """Items that may be ranked in the main metrics (every item under protocol 1)."""
+        if self.catalog is None:
+            return np.ones(self.market.num_items, dtype=bool)
+        return self.catalog
+
+    def evaluation_summary(self) -> dict[str, int | bool]:
+        """What ``metrics.json`` → ``evaluation`` says about this market's split."""
+        cold = self.eval_set("cold_test")
+        return {
+            "protocol_version": self.protocol,
+            "evaluated_users": int(len(self.test)),
+            "evaluated_valid_users": int(len(self.valid)),
+            "cold_test_positives": int(len(cold)),
+            "cold_valid_positives": int(len(self.eval_set("cold_valid"))),
+            "catalog_items": int(self.catalog_mask.sum()),
+            "items": int(self.market.num_items),
+            "collapsed_repeats": int(self.collapsed_repeats),
+            "given_candidates": bool(self.given_candidates),
+            **{f"repeated_{k}_items": int(v) for k, v in self.repeated_heldout.items()},
+        }
 
 
 def _sample_candidates(
@@ -123,34 +185,101 @@ def _sample_candidates(
     num_items: int,
     num_negatives: int,
     rng: np.random.Generator,
-    market: str,
+    market: MarketData | str,
+    allowed: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Uniform sampling without replacement from each user's unseen items: the ``num_negatives`` smallest of
-    random keys, with seen items' keys set to +inf. Chunked so memory stays bounded."""
-    free = num_items - all_seen.counts()[users]
+    """Uniform sampling without replacement from each user's unseen items (among ``allowed`` ones, when
+    given): the ``num_negatives`` smallest of random keys, with seen (and not allowed) items' keys set to
+    +inf. Chunked so memory stays bounded."""
+    if allowed is None:
+        free = num_items - all_seen.counts()[users]
+    else:
+        seen_rows = np.repeat(np.arange(len(all_seen.indptr) - 1), all_seen.counts())
+        seen_allowed = np.bincount(
+            seen_rows, weights=allowed[all_seen.indices], minlength=len(all_seen.indptr) - 1
+        ).astype(np.int64)
+        free = int(allowed.sum()) - seen_allowed[users]
     if len(users) and free.min() < num_negatives:
         bad = users[np.argmin(free)]
+        name = market if isinstance(market, str) else market.name
+        raw = "" if isinstance(market, str) else f" {market.user_ids[bad]!r}"
+        where = "unseen items" if allowed is None else "unseen items with a train interaction"
         raise DataError(
-            f"market {market!r}: user index {bad} has only {free.min()} unseen items, fewer than the "
-            f"{num_negatives} sampled negatives asked for (lower eval.candidates)"
+            f"market {name!r}: user{raw} has only {free.min()} {where}, fewer than the "
+            f"{num_negatives} negatives asked for: lower eval.candidates to at most {free.min()}"
         )
     out = np.empty((len(users), num_negatives), dtype=np.int64)
     chunk = max(1, 4_000_000 // max(1, num_items))
     for start in range(0, len(users), chunk):
         block = users[start : start + chunk]
         keys = rng.random((len(block), num_items), dtype=np.float32)
-        for row, u in enumerate(block):
-            keys[row, all_seen.indices[all_seen.indptr[u] : all_seen.indptr[u + 1]]] = np.inf
+        if allowed is not None:
+            keys[:, ~allowed] = np.inf
+        rows, items = _seen_pairs(all_seen, block)
+        keys[rows, items] = np.inf
         part = np.argpartition(keys, num_negatives - 1, axis=1)[:, :num_negatives]
         # order inside the list does not matter for metrics; sort for readability and determinism
         out[start : start + len(block)] = np.sort(part, axis=1)
     return out
 
 
+def _seen_pairs(seen: SeenItems, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row position in ``users``, item) for every seen item of every user in ``users``, without a loop."""
+    starts = seen.indptr[users]
+    lengths = seen.indptr[users + 1] - starts
+    rows = np.repeat(np.arange(len(users), dtype=np.int64), lengths)
+    offset = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return rows, seen.indices[np.repeat(starts, lengths) + offset]
+
+
+def collapse_repeats(market: MarketData) -> tuple[MarketData, np.ndarray]:
+    """``market`` with each repeated (user, item) pair reduced to its last row by (time, file order), and
+    the number of raw rows each kept row stands for (a rating-like signal a method may use)."""
+    n = market.num_interactions
+    order = np.lexsort((np.arange(n), market.timestamps, market.items, market.users))
+    key = market.users[order] * market.num_items + market.items[order]
+    last = np.ones(n, dtype=bool)
+    last[:-1] = key[1:] != key[:-1]
+    keep = np.sort(order[last])
+    if len(keep) == n:
+        return market, np.ones(n, dtype=np.int64)
+    group_end = np.flatnonzero(last)
+    sizes = np.diff(np.concatenate([[-1], group_end]))
+    counts = np.empty(n, dtype=np.int64)
+    counts[order[last]] = sizes
+    from dataclasses import replace
+
+    collapsed = replace(
+        market,
+        users=market.users[keep],
+        items=market.items[keep],
+        timestamps=market.timestamps[keep],
+        ratings=None if market.ratings is None else market.ratings[keep],
+        meta=dict(market.meta),
+    )
+    return collapsed, counts[keep]
+
+
 def leave_one_out(
-    market: MarketData, num_candidates: int = 99, split_seed: int = 2026, min_user_interactions: int = 3
+    market: MarketData,
+    num_candidates: int = 99,
+    split_seed: int = 2026,
+    min_user_interactions: int = 3,
+    protocol: int = PROTOCOL_VERSION,
+    repeats: str = "collapse",
 ) -> MarketSplit:
-    """Split ``market`` per user by time and draw the seeded candidate lists."""
+    """Split ``market`` per user by time and draw the seeded candidate lists (see the module docstring for
+    what ``protocol`` 1 and 2 mean and what ``repeats`` does)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if repeats not in REPEATS:
+        raise ValueError(f"repeats must be one of {REPEATS}, got {repeats!r}")
+    collapsed = 0
+    repeat_counts = None
+    if protocol >= 2 and repeats == "collapse":
+        raw_rows = market.num_interactions
+        market, repeat_counts = collapse_repeats(market)
+        collapsed = raw_rows - market.num_interactions
     if min_user_interactions < 2:
         # a user needs a validation and a test row; with fewer, the index arithmetic below would borrow a
         # row of the neighbouring user
@@ -183,12 +312,45 @@ def leave_one_out(
         market.users[hist_idx], market.items[hist_idx], market.num_users, market.num_items
     )
 
+    valid_item = np.full(market.num_users, -1, dtype=np.int64)
+    valid_item[evaluated] = market.items[valid_rows]
     rng = np.random.default_rng(market_seed(split_seed, market.name, 99))
+    if protocol == 1:
+        eval_sets = {}
+        for split_name, rows in (("valid", valid_rows), ("test", test_rows)):
+            negs = _sample_candidates(evaluated, all_seen, market.num_items, num_candidates, rng, market)
+            cands = np.concatenate([market.items[rows][:, None], negs], axis=1)
+            eval_sets[split_name] = EvalSet(users=evaluated.copy(), candidates=cands)
+        return MarketSplit(
+            market=market,
+            train_index=train_index,
+            valid=eval_sets["valid"],
+            test=eval_sets["test"],
+            train_seen=train_seen,
+            history_seen=history_seen,
+            valid_item=valid_item,
+            protocol=1,
+        )
+
+    catalog = np.bincount(market.items[train_index], minlength=market.num_items) > 0
+    cold_rng = np.random.default_rng(market_seed(split_seed, market.name, 199))
     eval_sets = {}
     for split_name, rows in (("valid", valid_rows), ("test", test_rows)):
-        negs = _sample_candidates(evaluated, all_seen, market.num_items, num_candidates, rng, market.name)
-        cands = np.concatenate([market.items[rows][:, None], negs], axis=1)
-        eval_sets[split_name] = EvalSet(users=evaluated.copy(), candidates=cands)
+        positives = market.items[rows]
+        warm = catalog[positives]
+        negs = _sample_candidates(evaluated[warm], all_seen, market.num_items, num_candidates, rng, market, catalog)
+        eval_sets[split_name] = EvalSet(evaluated[warm], np.concatenate([positives[warm][:, None], negs], axis=1))
+        cold_users = evaluated[~warm]
+        negs = _sample_candidates(cold_users, all_seen, market.num_items, num_candidates, cold_rng, market)
+        eval_sets[f"cold_{split_name}"] = EvalSet(
+            cold_users, np.concatenate([positives[~warm][:, None], negs], axis=1)
+        )
+    repeated = {}
+    if repeats == "keep":
+        repeated = {
+            "valid": int(train_seen.contains(evaluated, market.items[valid_rows]).sum()),
+            "test": int(history_seen.contains(evaluated, market.items[test_rows]).sum()),
+        }
     return MarketSplit(
         market=market,
         train_index=train_index,
@@ -196,6 +358,14 @@ def leave_one_out(
         test=eval_sets["test"],
         train_seen=train_seen,
         history_seen=history_seen,
+        catalog=catalog,
+        cold_valid=eval_sets["cold_valid"],
+        cold_test=eval_sets["cold_test"],
+        valid_item=valid_item,
+        repeat_counts=repeat_counts,
+        protocol=protocol,
+        collapsed_repeats=collapsed,
+        repeated_heldout=repeated,
     )
 
 

@@ -208,6 +208,7 @@ def full_ranking_metrics(
     exclude: SeenItems,
     ks: Iterable[int] = (5, 10, 20),
     chunk_size: int = 1024,
+    catalog: np.ndarray | None = None,
 ) -> dict[str, float]:
     """HR/NDCG/MRR@K of each user's held-out positive ranked against the market's whole catalog.
 
@@ -219,6 +220,8 @@ def full_ranking_metrics(
         exclude: items not to rank per user, normally the user's train items
             (``MarketSplit.seen_for(split)``).
         chunk_size: users scored at once; memory is ``chunk_size × num_items`` scores.
+        catalog: bool per item, the items that may be ranked (``MarketSplit.catalog_mask``: under protocol 2
+            the items with a train interaction); ``None``: every item.
 
     The positive's rank is ``1 + #(non-excluded items other than the positive scoring >= it)``: ties count
     against the positive (see the module docstring). Excluded items are masked out of that count (the
@@ -236,6 +239,7 @@ def full_ranking_metrics(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     ranks = np.empty(len(users), dtype=np.int64)
+    outside = None if catalog is None else torch.as_tensor(~np.asarray(catalog, dtype=bool))
     for start in range(0, len(users), chunk_size):
         chunk_users = users[start : start + chunk_size]
         chunk_pos = positives[start : start + chunk_size]
@@ -253,6 +257,8 @@ def full_ranking_metrics(
         pos_index = torch.as_tensor(chunk_pos, device=device)
         pos_scores = scores[row_index, pos_index].unsqueeze(1)
         beats = scores >= pos_scores
+        if outside is not None and bool(outside.any()):
+            beats[:, outside.to(device)] = False
         seen_rows, seen_items = _csr_rows(exclude, chunk_users)
         beats[torch.as_tensor(seen_rows, device=device), torch.as_tensor(seen_items, device=device)] = False
         beats[row_index, pos_index] = False  # the positive neither beats itself nor is ever excluded

@@ -257,7 +257,9 @@ def split_market(market: Any, cfg: ExperimentConfig) -> Any:
 
     if isinstance(market, MTLMarket):
         return split_impressions(market, seed=cfg.eval.split_seed)
-    return leave_one_out(market, cfg.eval.candidates, cfg.eval.split_seed)
+    return leave_one_out(
+        market, cfg.eval.candidates, cfg.eval.split_seed, protocol=cfg.eval.protocol, repeats=cfg.eval.repeats
+    )
 
 
 def market_split(

@@ -488,7 +488,7 @@ class FlowerServer:
                 continue
             t0 = time.perf_counter()
             result = self.run_seed(seed)
-            record = seed_record(seed, result, time.perf_counter() - t0)
+            record = seed_record(seed, result, time.perf_counter() - t0, self.cfg.eval.protocol)
             _write_json(seed_file, record)
             per_seed.append(record)
             self.nodes, self.known_nodes = {}, set()  # each seed re-discovers (nodes may have changed)

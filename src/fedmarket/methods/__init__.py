@@ -3,6 +3,7 @@
 from fedmarket.methods import (
     ctr_baselines,  # noqa: F401
     fedmm,  # noqa: F401
+    floors,  # noqa: F401  (popularity, popularity_recency)
     mtl_baselines,  # noqa: F401
     pfmsmt,  # noqa: F401
     seq_baselines,  # noqa: F401  (FeCoSR and its baselines; imports fecosr)

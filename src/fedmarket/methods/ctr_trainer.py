@@ -230,34 +230,48 @@ class CTRClient(ClientTrainer):
 
     @torch.no_grad()
     def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
+        """Metrics of ``split`` per market; on ``test`` also the cold-item report (``cold_*`` keys: held-out
+        positives without a train interaction, scored against cold and warm negatives; protocol 2)."""
         if payload:
             load_payload_into(self.model, payload)
         self.model.eval()
         results: MarketMetrics = {}
         for market, view in self.data.views.items():
-            es = view.split.eval_set(split)
-            logits = self.score_candidates(view, es.users, es.candidates)
-            labels = np.zeros(logits.shape, dtype=np.float32)
-            labels[:, 0] = 1.0
-            probs = 1.0 / (1.0 + np.exp(-logits))
-            groups = np.repeat(es.users, logits.shape[1])
-            metrics = ctr_metrics(labels.ravel(), probs.ravel(), groups)
-            metrics.update(candidate_ranking_metrics(logits, ks=self.ks))
-            if full_ranking:
-                item_rows = self.data.item_x[torch.from_numpy(view.item_map)]
-
-                def score_fn(chunk: np.ndarray, view=view, item_rows=item_rows) -> torch.Tensor:
-                    return self.model.score_matrix(
-                        self.data.user_x[torch.from_numpy(view.user_map[chunk])], item_rows
-                    )
-
-                metrics.update(
-                    full_ranking_metrics(
-                        score_fn, es.users, es.positives, view.split.seen_for(split), ks=self.ks
-                    )
-                )
-            results[market] = {k: float(v) for k, v in metrics.items()}
+            metrics = self._evaluate_set(view, split, full_ranking)
+            if split == "test":
+                cold = self._evaluate_set(view, "cold_test", False)
+                metrics.update({f"cold_{k}": v for k, v in cold.items()})
+            results[market] = metrics
         return results
+
+    def _evaluate_set(self, view: MarketView, split: str, full_ranking: bool) -> dict[str, float]:
+        es = view.split.eval_set(split)
+        if len(es) == 0:
+            return {}
+        logits = self.score_candidates(view, es.users, es.candidates)
+        labels = np.zeros(logits.shape, dtype=np.float32)
+        labels[:, 0] = 1.0
+        probs = 1.0 / (1.0 + np.exp(-logits))
+        groups = np.repeat(es.users, logits.shape[1])
+        metrics = ctr_metrics(labels.ravel(), probs.ravel(), groups)
+        metrics.update(candidate_ranking_metrics(logits, ks=self.ks))
+        if full_ranking:
+            item_rows = self.data.item_x[torch.from_numpy(view.item_map)]
+
+            def score_fn(chunk: np.ndarray, view=view, item_rows=item_rows) -> torch.Tensor:
+                return self.model.score_matrix(self.data.user_x[torch.from_numpy(view.user_map[chunk])], item_rows)
+
+            metrics.update(
+                full_ranking_metrics(
+                    score_fn,
+                    es.users,
+                    es.positives,
+                    view.split.seen_for(split),
+                    ks=self.ks,
+                    catalog=view.split.catalog_mask,
+                )
+            )
+        return {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -155,8 +155,15 @@ class SeqView:
 
     split: MarketSplit
     item_map: np.ndarray  # market-local item -> model item
-    valid_inputs: torch.Tensor  # [U_eval, L] in model item space (+1)
-    test_inputs: torch.Tensor
+    inputs: dict[str, torch.Tensor]  # per evaluation split: [len(eval set), L] in model item space (+1)
+
+    @property
+    def valid_inputs(self) -> torch.Tensor:
+        return self.inputs["valid"]
+
+    @property
+    def test_inputs(self) -> torch.Tensor:
+        return self.inputs["test"]
 
 
 @dataclass
@@ -180,15 +187,17 @@ class SeqData:
     @classmethod
     def view_inputs(
         cls, split: MarketSplit, sequences: list[np.ndarray], item_map: np.ndarray, max_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        users = split.valid.users
-        mapped = [item_map[sequences[u]] for u in users]
-        valid_items = item_map[split.valid.positives]
-        valid = last_items(mapped, max_len)
-        test = last_items([np.append(s, v) for s, v in zip(mapped, valid_items, strict=True)], max_len)
-        if not np.array_equal(split.test.users, users):
-            raise ValueError(f"market {split.name!r}: validation and test users differ")
-        return torch.from_numpy(valid), torch.from_numpy(test)
+    ) -> dict[str, torch.Tensor]:
+        """The input sequence of every evaluated user of each split: the train sequence for validation,
+        followed by the validation item for test (whether that item is in the catalog or not)."""
+        out = {}
+        for name in ("valid", "test", "cold_valid", "cold_test"):
+            users = split.eval_set(name).users
+            seqs = [item_map[sequences[u]] for u in users]
+            if name.endswith("test"):
+                seqs = [np.append(s, item_map[split.valid_item[u]]) for s, u in zip(seqs, users, strict=True)]
+            out[name] = torch.from_numpy(last_items(seqs, max_len))
+        return out
 
     @classmethod
     def from_split(
@@ -197,12 +206,12 @@ class SeqData:
         sequences = cls.market_sequences(split)
         inputs, targets = window_pairs(sequences, max_len, last_only)
         ident = np.arange(split.market.num_items)
-        valid, test = cls.view_inputs(split, sequences, ident, max_len)
+        inputs_by_split = cls.view_inputs(split, sequences, ident, max_len)
         return cls(
             num_items=split.market.num_items,
             train_inputs=torch.from_numpy(inputs),
             train_targets=torch.from_numpy(targets),
-            views={split.name: SeqView(split, ident, valid, test)},
+            views={split.name: SeqView(split, ident, inputs_by_split)},
             text_vectors=text_vectors,
         )
 
@@ -230,8 +239,7 @@ class SeqData:
             inputs, targets = window_pairs([item_maps[name][s] for s in local], max_len, last_only)
             all_inputs.append(inputs)
             all_targets.append(targets)
-            valid, test = cls.view_inputs(split, local, item_maps[name], max_len)
-            views[name] = SeqView(split, item_maps[name], valid, test)
+            views[name] = SeqView(split, item_maps[name], cls.view_inputs(split, local, item_maps[name], max_len))
         return cls(
             num_items=len(uniques),
             train_inputs=torch.from_numpy(np.concatenate(all_inputs)),
@@ -392,38 +400,48 @@ class SeqClient(ClientTrainer):
 
     @torch.no_grad()
     def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
+        """Ranking metrics of ``split`` per market; on ``test`` also the cold-item report (``cold_*`` keys:
+        held-out positives without a train interaction, against cold and warm negatives; protocol 2)."""
         if payload:
             load_payload_into(self.model, payload)
         self.model.eval()
         table = self.model.item_table()
         results: MarketMetrics = {}
         for market, view in self.data.views.items():
-            es = view.split.eval_set(split)
-            inputs = view.valid_inputs if split == "valid" else view.test_inputs
-            state = self.states(inputs, table)  # [U, d]
-            market_table = table[torch.from_numpy(view.item_map)]  # the market's own catalog
-            cands = torch.from_numpy(es.candidates)
-            scores = (state.unsqueeze(1) * market_table[cands]).sum(-1)
-            metrics = candidate_ranking_metrics(scores.numpy(), ks=self.ks)
-            if full_ranking:
-                users = es.users
-
-                def score_fn(chunk: np.ndarray, state=state, market_table=market_table, users=users):
-                    rows = torch.from_numpy(np.searchsorted(users, chunk))
-                    return state[rows] @ market_table.T
-
-                metrics.update(
-                    full_ranking_metrics(
-                        score_fn,
-                        es.users,
-                        es.positives,
-                        view.split.seen_for(split),
-                        ks=self.ks,
-                        chunk_size=2048,
-                    )
-                )
-            results[market] = {k: float(v) for k, v in metrics.items()}
+            metrics = self._evaluate_set(view, table, split, full_ranking)
+            if split == "test":
+                cold = self._evaluate_set(view, table, "cold_test", False)
+                metrics.update({f"cold_{k}": v for k, v in cold.items()})
+            results[market] = metrics
         return results
+
+    def _evaluate_set(self, view: SeqView, table: torch.Tensor, split: str, full_ranking: bool) -> dict[str, float]:
+        es = view.split.eval_set(split)
+        if len(es) == 0:
+            return {}
+        state = self.states(view.inputs[split], table)  # [U, d]
+        market_table = table[torch.from_numpy(view.item_map)]  # the market's own catalog
+        scores = (state.unsqueeze(1) * market_table[torch.from_numpy(es.candidates)]).sum(-1)
+        metrics = candidate_ranking_metrics(scores.numpy(), ks=self.ks)
+        if full_ranking:
+            users = es.users
+
+            def score_fn(chunk: np.ndarray, state=state, market_table=market_table, users=users):
+                rows = torch.from_numpy(np.searchsorted(users, chunk))
+                return state[rows] @ market_table.T
+
+            metrics.update(
+                full_ranking_metrics(
+                    score_fn,
+                    es.users,
+                    es.positives,
+                    view.split.seen_for(split),
+                    ks=self.ks,
+                    chunk_size=2048,
+                    catalog=view.split.catalog_mask,
+                )
+            )
+        return {k: float(v) for k, v in metrics.items()}
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
