@@ -100,7 +100,9 @@ def test_too_few_unseen_items_and_bad_threshold_are_refused() -> None:
     with pytest.raises(DataError, match="unseen items"):
         leave_one_out(hand_made_market(), num_candidates=NUM_ITEMS - 3, protocol=1)
     # under protocol 2 only train items are candidates; the error names the raw user id and the fix
-    with pytest.raises(DataError, match=r"user 'a' has only \d+ unseen items with a train interaction.*at most"):
+    with pytest.raises(
+        DataError, match=r"user 'a' has only \d+ unseen items with a train interaction.*at most"
+    ):
         m = hand_made_market()
         warm = MarketData(  # user c also bought item 2 early: user a's validation item is in the catalog
             "toy",

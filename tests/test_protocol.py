@@ -48,7 +48,9 @@ def no_history_scores(split) -> np.ndarray:
 
 
 @pytest.mark.parametrize("market", ["m0", "m1"])
-def test_a_no_history_scorer_is_exactly_chance_on_the_main_metric_and_the_cold_report_shows_it(market) -> None:
+def test_a_no_history_scorer_is_exactly_chance_on_the_main_metric_and_the_cold_report_shows_it(
+    market,
+) -> None:
     split = leave_one_out(planted_market(market, seed=int(market[1:])))
     assert split.protocol == PROTOCOL_VERSION == 2
     scores = no_history_scores(split)
@@ -59,7 +61,9 @@ def test_a_no_history_scorer_is_exactly_chance_on_the_main_metric_and_the_cold_r
     assert main["gauc"] == 0.5
     # the held-out positives that are cold are counted and evaluated apart, where the scorer's signal shows
     summary = split.evaluation_summary()
-    assert summary["cold_test_positives"] > 0.4 * (summary["cold_test_positives"] + summary["evaluated_users"])
+    assert summary["cold_test_positives"] > 0.4 * (
+        summary["cold_test_positives"] + summary["evaluated_users"]
+    )
     cold = evaluate_item_scores(split, scores, "cold_test", full_ranking=False)
     assert cold["auc"] > 0.7
     # under protocol 1 (catalog = every item) the same scorer would "win": the artefact this rule removes
@@ -107,7 +111,8 @@ def test_every_run_writes_the_evaluation_block_and_its_protocol_version(tmp_path
     for k, name in enumerate(("a", "b")):
         m = planted_market(name, seed=k)
         lines = ["user,item,timestamp"] + [
-            f"{m.user_ids[u]},{m.item_ids[i]},{t}" for u, i, t in zip(m.users, m.items, m.timestamps, strict=True)
+            f"{m.user_ids[u]},{m.item_ids[i]},{t}"
+            for u, i, t in zip(m.users, m.items, m.timestamps, strict=True)
         ]
         (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
     cfg = config_from_dict(
@@ -129,3 +134,61 @@ def test_every_run_writes_the_evaluation_block_and_its_protocol_version(tmp_path
         assert {"cold_valid_positives", "collapsed_repeats", "catalog_items"} <= set(ev)
         # the floor places every cold item at its median score: about chance in the cold-item report
         assert abs(metrics["per_market"][market]["cold_auc"] - 0.5) < 0.05
+
+
+def test_a_file_without_timestamps_is_named_in_a_warning_and_data_info_counts_repeats(
+    tmp_path, caplog
+) -> None:
+    from fedmarket.data import dataset_info
+
+    path = tmp_path / "shop.csv"
+    path.write_text("user,item\nu1,a\nu1,b\nu1,b\nu1,c\nu2,a\nu2,c\nu2,b\n")
+    with caplog.at_level("WARNING"):
+        info = dataset_info("generic", path=str(path), use_cache=False)
+    assert "shop.csv: no 'timestamp' column" in caplog.text
+    row = info.iloc[0]
+    assert row["repeated_rows"] == 1 and row["time"] == "file row"
+
+
+def _write_lists(path, split, es, shuffle_seed=0) -> None:
+    rng = np.random.default_rng(shuffle_seed)
+    m = split.market
+    rows = [
+        (m.user_ids[u], m.item_ids[i], int(j == 0))
+        for u, row in zip(es.users, es.candidates, strict=True)
+        for j, i in enumerate(row)
+    ]
+    rows = [rows[k] for k in rng.permutation(len(rows))]  # a kit's file need not be grouped or ordered
+    path.write_text("user\titem\tlabel\n" + "".join(f"{u}\t{i}\t{y}\n" for u, i, y in rows))
+
+
+def test_given_candidate_lists_on_a_real_market_are_scored_exactly(data_dir, tmp_path) -> None:
+    from dataclasses import replace
+
+    from fedmarket.data import load_dataset
+    from fedmarket.data.split import use_given_candidates
+    from fedmarket.errors import DataError
+
+    market = load_dataset("xmrec", data_dir=data_dir, markets=["in"])["in"]
+    split = leave_one_out(market)
+    # a kit's test file: the first 100 evaluated users, each with its positive and 99 negatives
+    kit = replace(split.test, users=split.test.users[:100], candidates=split.test.candidates[:100])
+    _write_lists(tmp_path / "in.test.tsv", split, kit)
+    given = use_given_candidates(split, tmp_path)
+    np.testing.assert_array_equal(given.test.users, kit.users)
+    np.testing.assert_array_equal(np.sort(given.test.candidates[:, 1:], 1), np.sort(kit.candidates[:, 1:], 1))
+    np.testing.assert_array_equal(given.test.positives, kit.positives)
+    assert given.evaluation_summary()["given_candidates"] is True
+    scores = np.random.default_rng(0).random(market.num_items)
+    a = evaluate_item_scores(given, scores, "test", full_ranking=False)
+    b = evaluate_item_scores(replace(split, test=kit), scores, "test", full_ranking=False)
+    assert a["auc"] == pytest.approx(b["auc"]) and a["ndcg@10"] == pytest.approx(b["ndcg@10"])
+    # a list whose positive is not the user's held-out item: one line naming file, line and user
+    text = (tmp_path / "in.test.tsv").read_text().splitlines()
+    k = next(j for j, line in enumerate(text) if line.endswith("\t1"))
+    u, _, _ = text[k].split("\t")
+    other = market.item_ids[kit.candidates[0, 1]]
+    text[k] = f"{u}\t{other}\t1"
+    (tmp_path / "in.test.tsv").write_text("\n".join(text) + "\n")
+    with pytest.raises(DataError, match=r"in\.test\.tsv.*(positive|positives)"):
+        use_given_candidates(split, tmp_path)

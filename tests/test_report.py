@@ -53,6 +53,13 @@ def _fake_run(
         "notes": [f"{label} note"],
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    (run_dir / "seeds").mkdir()
+    for seed in (0, 1, 2):  # per-seed test records: the paired verdicts read them
+        test = {
+            m: {k: v + (0.0005 * seed if k == "auc" else 0.0) for k, v in pm.items()}
+            for m, pm in per_market.items()
+        }
+        (run_dir / "seeds" / f"seed{seed}.json").write_text(json.dumps({"seed": seed, "test": test}))
     rows = [
         {
             "seed": seed,
@@ -269,19 +276,26 @@ def test_winners_per_market_leave_out_pooled_runs_and_screen_the_margin(
     assert list(table.index) == [*MARKETS, "average"]
     assert set(table["best"]) == {"fedavg-deepfm"} and set(table["runner-up"]) == {"local-deepfm"}
     assert table.loc["de", "margin"] == pytest.approx(0.0038)
-    assert set(table["margin > std"]) == {"yes"}
+    # the same +0.0038 on every paired seed: the interval excludes 0
+    assert set(table["paired verdict"]) == {"wins"}
     assert table.loc["de", "best uploads per round"] == "300 kB"
-    # equal log loss everywhere: a zero margin is not clear
-    assert set(winners_table(runs, labels, "logloss")["margin > std"]) == {"no"}
-    # lower log loss wins; one seed means no spread is known
+    # equal log loss everywhere: a zero difference is a tie
+    assert set(winners_table(runs, labels, "logloss")["paired verdict"]) == {"tie"}
+    # lower log loss is better; one seed gives no interval: untested, never a win
     low = _fake_run(tmp_path, "low_run", "fedprox-deepfm", 0.70, up_bytes=0)
     metrics = json.loads((low / "metrics.json").read_text())
     metrics["per_market"]["jp"]["logloss"] = 0.1
     metrics["seeds"] = [0]
     (low / "metrics.json").write_text(json.dumps(metrics))
+    for seed in (1, 2):
+        (low / "seeds" / f"seed{seed}.json").unlink()
+    rec = json.loads((low / "seeds" / "seed0.json").read_text())
+    rec["test"]["jp"]["logloss"] = 0.1
+    (low / "seeds" / "seed0.json").write_text(json.dumps(rec))
     runs.append(load_run(low))
     table = winners_table(runs, [*labels, "fedprox-deepfm"], "logloss")
-    assert table.loc["jp", "best"] == "fedprox-deepfm" and table.loc["jp", "margin > std"] == "1 seed"
+    assert table.loc["jp", "best"] == "fedprox-deepfm" and table.loc["jp", "paired verdict"] == "untested"
+    assert "1 seed: untested" in table.loc["jp", "best − runner-up [95% CI]"]
     assert table.loc["jp", "best uploads per round"] == "nothing"
     text = write_report([*two_runs, low], tmp_path / "rep").read_text()
     assert "## Which run wins where (auc)" in text and "Markets won: fedavg-deepfm 3" in text

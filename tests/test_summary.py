@@ -73,9 +73,12 @@ def test_per_seed_average_and_paired(tmp_path: Path) -> None:
     )
     assert per_seed_average(a, "full_ndcg@10") == pytest.approx({0: 0.2, 1: 0.5})
     assert per_seed_average(a, "ndcg@10") == pytest.approx({0: 0.4, 1: 1.0})
-    # differences +0.1 and -0.3: mean -0.1, std (ddof 1) 0.2828, ahead in 1 of 2
-    assert paired({0: 0.3, 1: 0.2, 2: 9.0}, {0: 0.2, 1: 0.5}) == "-0.1000 ± 0.2828 (wins 1/2 seeds)"
-    assert paired({0: 0.3}, {0: 0.25}, scale=100, digits=2) == "+5.00 (wins 1/1 seeds)"
+    # two paired seeds: no interval, so no verdict
+    assert paired({0: 0.3, 1: 0.2, 2: 9.0}, {0: 0.2, 1: 0.5}) == "-0.1000 (2 seeds: untested)"
+    assert paired({0: 0.3}, {0: 0.25}, scale=100, digits=2) == "+5.00 (1 seed: untested)"
+    # three: differences +0.1, +0.2, +0.3: mean +0.2, t(2) 95 % half-width 4.303 * 0.1 / sqrt(3) = 0.2484
+    assert paired({0: 0.3, 1: 0.4, 2: 0.5}, {0: 0.2, 1: 0.2, 2: 0.2}) == "+0.2000 [-0.0484, +0.4484] tie"
+    assert paired({0: 0.3, 1: 0.31, 2: 0.32}, {0: 0.2, 1: 0.2, 2: 0.2}).endswith("wins")
     assert paired({0: 0.3}, {1: 0.25}) == "no common seeds"
 
 
@@ -169,9 +172,9 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "| **FeCoSR** (S²CE + fine-tune) | 2 | 20, phase 1 ended at 10 | 17.50 ± 0.00 |" in text
     assert "| 2.00 |" in text  # FeCoSR's upload, MB per market
     assert "raw data" in text  # Central
-    # FeCoSR − FedAvg-CE + FT: +0.04 and -0.01 -> +1.50 ± 3.54, ahead in 1 of 2
+    # FeCoSR − FedAvg-CE + FT: +0.04 and -0.01 -> +1.50 over 2 seeds: no interval, no verdict
     assert (
-        "| FeCoSR − FedAvg-CE + fine-tune (S²CE vs CE, with fine-tune) | +1.50 ± 3.54 (wins 1/2 seeds) |"
+        "| FeCoSR − FedAvg-CE + fine-tune (S²CE vs CE, with fine-tune) | +1.50 (2 seeds: untested) |"
         in text
     )
     assert "FeCoSR closes 38 % of the Local text → Central gap (seeds: 2)" in text
@@ -259,8 +262,8 @@ def test_compare_fecosr_headline_puts_the_splits_side_by_side(tmp_path: Path) ->
     text = "\n".join(mod.headline([merged], [age, zip_, "movielens-none"]))
     assert "| Local text-SASRec | – | – | 5.00 (1) | 10.00 (1) | 0.00 |" in text
     assert "| Local text-SASRec, patience-3 stop | – | – | 4.00 (1) | 8.00 (1) | 0.00 |" in text
-    assert "| FeCoSR − Local text-SASRec | – | +10.00 (wins 1/1 seeds) |" in text
-    assert "| FeCoSR − Local text-SASRec, patience-3 stop | – | +11.00 (wins 1/1 seeds) |" in text
+    assert "| FeCoSR − Local text-SASRec | – | +10.00 (1 seed: untested) |" in text
+    assert "| FeCoSR − Local text-SASRec, patience-3 stop | – | +11.00 (1 seed: untested) |" in text
     assert (
         "| row | movielens-age full NDCG@10 | movielens-age NDCG@10 (1+99) | movielens-zip full NDCG@10 |"
         in text
@@ -276,7 +279,7 @@ def test_compare_fecosr_headline_puts_the_splits_side_by_side(tmp_path: Path) ->
     )
     assert "| Central-shared-IDs †, patience-3 stop | – | – | 30.00 (1) | 60.00 (1) | raw data |" in text
     assert "Local ID-SASRec" not in text  # in no split
-    assert "| FeCoSR − one-to-one transfer | +0.67 ± 1.53 (wins 2/3 seeds) | -5.00 (wins 0/1 seeds) |" in text
+    assert "| FeCoSR − one-to-one transfer | +0.67 [-3.13, +4.46] tie | -5.00 (1 seed: untested) |" in text
     assert "S²CE − CE" not in text  # no CE twin anywhere
     assert mod.headline([merged], ["movielens-none"]) == []
 

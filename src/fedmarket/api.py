@@ -28,7 +28,7 @@ import yaml
 from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
 from fedmarket.data.market import MarketData
-from fedmarket.data.split import MarketSplit, leave_one_out
+from fedmarket.data.split import MarketSplit, split_for_config
 from fedmarket.errors import ConfigError, FedmarketError
 from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
 from fedmarket.federation.core import ClientTrainer, Strategy
@@ -69,9 +69,7 @@ class PreparedData:
 
     def evaluation(self) -> dict[str, dict[str, Any]]:
         """``metrics.json`` → ``evaluation``: per market, what the protocol evaluated and left out."""
-        return {
-            n: s.evaluation_summary() for n, s in self.splits.items() if hasattr(s, "evaluation_summary")
-        }
+        return {n: s.evaluation_summary() for n, s in self.splits.items() if hasattr(s, "evaluation_summary")}
 
 
 _PREPARED: dict[str, PreparedData] = {}
@@ -91,6 +89,7 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
             cfg.eval.split_seed,
             cfg.eval.protocol,
             cfg.eval.repeats,
+            cfg.eval.given_candidates,
         ],
         sort_keys=True,
         default=str,
@@ -99,21 +98,9 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
         markets = load_dataset(
             d.name, data_dir=d.data_dir, markets=d.markets, use_cache=d.use_cache, **d.options
         )
-        splits = {n: _split_market(m, cfg) for n, m in markets.items()}
+        splits = {n: split_for_config(m, cfg.eval) for n, m in markets.items()}
         _PREPARED[key] = PreparedData(markets, splits)
     return _PREPARED[key]
-
-
-def _split_market(market: Any, cfg: ExperimentConfig) -> Any:
-    """Leave-one-out for interaction markets; a per-user temporal impression split for multi-task
-    scenarios (`fedmarket.data.mtl.MTLMarket`, which carry their own click/conversion labels)."""
-    from fedmarket.data.mtl import MTLMarket, split_impressions
-
-    if isinstance(market, MTLMarket):
-        return split_impressions(market, seed=cfg.eval.split_seed)
-    return leave_one_out(
-        market, cfg.eval.candidates, cfg.eval.split_seed, protocol=cfg.eval.protocol, repeats=cfg.eval.repeats
-    )
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -441,11 +428,18 @@ def record_protocol(per_seed: list[dict[str, Any]], where: str) -> tuple[int, st
     versions or data are never combined (a record without a version was made under protocol 1)."""
     versions = sorted({int(rec.get("protocol_version") or 1) for rec in per_seed})
     if len(versions) > 1:
-        seeds = {v: [rec["seed"] for rec in per_seed if int(rec.get("protocol_version") or 1) == v] for v in versions}
-        raise FedmarketError(f"{where}: seeds ran under different evaluation protocols {seeds}; they cannot be combined")
+        seeds = {
+            v: [rec["seed"] for rec in per_seed if int(rec.get("protocol_version") or 1) == v]
+            for v in versions
+        }
+        raise FedmarketError(
+            f"{where}: seeds ran under different evaluation protocols {seeds}; they cannot be combined"
+        )
     prints = sorted({rec["data_fingerprint"] for rec in per_seed if rec.get("data_fingerprint")})
     if len(prints) > 1:
-        raise FedmarketError(f"{where}: seeds ran on different data (fingerprints {prints}); they cannot be combined")
+        raise FedmarketError(
+            f"{where}: seeds ran on different data (fingerprints {prints}); they cannot be combined"
+        )
     return versions[0], (prints[0] if prints else None)
 
 
@@ -510,8 +504,8 @@ def merge_runs(run_dirs: list[str | Path], out_dir: str | Path) -> Path:
             rec = json.loads(path.read_text())
             records[seed] = (folder, rec)
             seconds += float(rec.get("seconds", 0.0))
-    for seed, (folder, rec) in records.items():
-        first_folder, first = next(iter(records.values()))
+    first_folder, first = next(iter(records.values()))
+    for folder, rec in records.values():
         try:
             record_protocol([first, rec], "merge")
         except FedmarketError as exc:

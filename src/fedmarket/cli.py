@@ -172,7 +172,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = [Path(p) for p in args.run_dirs]
     get_method("local")  # registers the built-in methods
     kinds = [METHODS.get(str(load_run(p).get("method"))) for p in runs]
-    tasks = {kind.task if kind is not None else None for kind in kinds} - {"floor"}  # floors sit in every table
+    tasks = {kind.task if kind is not None else None for kind in kinds} - {
+        "floor"
+    }  # floors sit in every table
     multitask, sequential = tasks == {"mtl"}, tasks == {"seq"}
     if multitask:
         print(write_report(runs, out, metrics=MTL_METRICS))

@@ -45,6 +45,10 @@ class ModelConfig:
     dropout: float = 0.1
     num_cross_layers: int = 2
     use_side_features: bool = True
+    # CTR baselines: the market-comparable item statistics FedMM derives from a market's train data, as
+    # categorical fields (none | buckets: each statistic's within-market quantile bucket)
+    item_features: str = "none"
+    item_feature_buckets: int = 10
     # MMoE (multi-task methods): ``hidden`` = expert MLP sizes
     num_experts: int = 4
     tower_hidden: list[int] = field(default_factory=lambda: [32])
@@ -57,6 +61,12 @@ class ModelConfig:
                 f"{prefix}.name must be one of ['dcnv2', 'deepfm', 'mmoe', 'sasrec'], got {self.name!r}"
             )
         _positive(self.num_experts, f"{prefix}.num_experts")
+        if self.item_features not in ("none", "buckets"):
+            raise ConfigError(
+                f"{prefix}.item_features must be 'none' or 'buckets', got {self.item_features!r}"
+            )
+        if self.item_feature_buckets < 2:
+            raise ConfigError(f"{prefix}.item_feature_buckets must be >= 2, got {self.item_feature_buckets}")
         if any(h <= 0 for h in self.tower_hidden):
             raise ConfigError(f"{prefix}.tower_hidden must hold positive sizes, got {self.tower_hidden}")
         if self.ctcvr_mode not in ("esmm", "direct"):
@@ -147,6 +157,9 @@ class EvalConfig:
     # 1 only to reproduce records made under it
     protocol: int = 2
     repeats: str = "collapse"  # collapse | keep (repeat-consumption data: repeated (user, item) rows stay)
+    # a folder of candidate lists that came with the data (<market>.test.csv, optional <market>.valid.csv:
+    # user, item, label); then those lists are scored exactly instead of sampled ones
+    given_candidates: str | None = None
 
     def validate(self, prefix: str) -> None:
         _positive(self.candidates, f"{prefix}.candidates")

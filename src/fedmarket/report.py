@@ -136,7 +136,9 @@ def check_comparable(runs: Sequence[Mapping[str, Any]]) -> None:
     of the same dataset (their numbers do not measure the same thing)."""
     versions = {int(r.get("protocol_version") or 1) for r in runs}
     if len(versions) > 1:
-        by = {v: [str(r["run_dir"]) for r in runs if int(r.get("protocol_version") or 1) == v] for v in versions}
+        by = {
+            v: [str(r["run_dir"]) for r in runs if int(r.get("protocol_version") or 1) == v] for v in versions
+        }
         raise FedmarketError(f"runs of different evaluation protocol versions cannot be compared: {by}")
     prints: dict[tuple[str, str], str] = {}
     for r in runs:
@@ -647,13 +649,53 @@ def _transfer_section(
     return lines
 
 
+def _seed_values(run: Mapping[str, Any], metric: str) -> dict[str, dict[int, float]]:
+    """A loaded run's per-seed test values of ``metric`` (``{market or "average": {seed: value}}``), read
+    from its ``seeds/`` records once and cached in the run dict."""
+    from fedmarket.eval.verdicts import per_seed_metric
+
+    cache = run.setdefault("_per_seed", {}) if isinstance(run, dict) else {}
+    if metric not in cache:
+        folder = run.get("run_dir")
+        cache[metric] = per_seed_metric(folder, metric) if folder is not None else {}
+    return cache[metric]
+
+
+def verdict_table(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str, reference: str
+) -> pd.DataFrame:
+    """Per run (rows) and market (+ average): the paired difference to the run labelled ``reference`` over
+    the seeds both ran, its 95 % interval and the verdict (`fedmarket.eval.verdicts.paired_verdict`)."""
+    from fedmarket.eval.verdicts import format_verdict, paired_verdict
+
+    by_label = dict(zip(labels, runs, strict=True))
+    if reference not in by_label:
+        raise FedmarketError(f"no run labelled {reference!r} among {list(labels)}")
+    ref = _seed_values(by_label[reference], metric)
+    rows = {}
+    for label, run in by_label.items():
+        if label == reference:
+            continue
+        mine = _seed_values(run, metric)
+        rows[label] = {
+            m: format_verdict(paired_verdict(mine.get(m, {}), ref.get(m, {}), metric))
+            for m in [*_markets(runs), AVERAGE]
+        }
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    table.index.name = f"{metric}: run − {reference}"
+    return table
+
+
 def winners_table(
     runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str
 ) -> pd.DataFrame | None:
-    """Per market (and the average): the private run with the best test ``metric``, the runner-up, the margin
-    between them, whether that margin exceeds both runs' std over seeds ("margin > std"; "1 seed" when either
-    has a single seed, so no spread is known) and the winner's upload per market per round. Runs that are not
-    private (pooled data) are ceilings, not contenders. None when fewer than two private runs report ``metric``."""
+    """Per market (and the average): the private run with the best mean test ``metric``, the runner-up, the
+    margin between them, the paired verdict of best against runner-up over the seeds both ran
+    (`fedmarket.eval.verdicts`: "wins" only when the 95 % interval excludes 0, else "tie"; "untested" with
+    fewer than 3 paired seeds) and the winner's upload per market per round. Runs that are not private
+    (pooled data) are ceilings, not contenders. None when fewer than two private runs report ``metric``."""
+    from fedmarket.eval.verdicts import format_verdict, paired_verdict
+
     private = {label: run for label, run in zip(labels, runs, strict=True) if run.get("private", True)}
     if len(private) < 2:
         return None
@@ -667,16 +709,19 @@ def winners_table(
             continue
         best, second = col.index[0], col.index[1]
         margin = abs(col[best] - col[second])
-        spread = [std.at[best, market], std.at[second, market]]
-        one_seed = any(len(private[x].get("seeds") or [0]) < 2 for x in (best, second))
-        clear = "1 seed" if one_seed or np.isnan(spread).any() else ("yes" if margin > max(spread) else "no")
+        v = paired_verdict(
+            _seed_values(private[best], metric).get(market, {}),
+            _seed_values(private[second], metric).get(market, {}),
+            metric,
+        )
         upload = _upload_per_market_round(private[best])
         rows[market] = {
             "best": best,
             metric: col[best],
             "runner-up": second,
             "margin": margin,
-            "margin > std": clear,
+            "paired verdict": v["verdict"] if v["n"] else "untested",
+            "best − runner-up [95% CI]": format_verdict(v),
             "best uploads per round": _human_bytes(float(f"{upload:.3g}")) if upload else "nothing",
         }
     if not rows:
@@ -694,15 +739,17 @@ def _winners_section(
         return []
     metric, table = found
     markets = table.drop(index=AVERAGE, errors="ignore")
-    counts = markets["best"].value_counts()
-    tally = ", ".join(f"{label} {n}" for label, n in counts.items())
+    clear = markets[markets["paired verdict"] == "wins"]
+    counts = clear["best"].value_counts()
+    tally = ", ".join(f"{label} {n}" for label, n in counts.items()) or "none"
     return [
         f"## Which run wins where ({metric})",
         "",
-        f"Per market, the private run with the best test {metric} ({'lower' if lower_is_better(metric) else 'higher'} "
-        "is better) and its margin over the runner-up; `margin > std`: the margin is larger than both runs' "
-        "std over seeds (a rough screen, not a test; `1 seed`: no spread known). "
-        f"Markets won: {tally}.",
+        f"Per market, the private run with the best mean test {metric} "
+        f"({'lower' if lower_is_better(metric) else 'higher'} is better), the runner-up, and the paired "
+        "verdict of the two over the seeds both ran: a paired t-test over seeds gives a 95 % interval of the "
+        "difference; `wins` only when it excludes 0, else `tie`; `untested` with fewer than 3 paired seeds "
+        f"(then no run wins). Markets won: {tally}.",
         "",
         _markdown(table),
         "",

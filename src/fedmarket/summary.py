@@ -56,14 +56,18 @@ def upload_bytes(metrics: Mapping[str, Any], per_round: bool = False) -> float:
 
 
 def paired(a: Mapping[int, float], b: Mapping[int, float], scale: float = 1.0, digits: int = 4) -> str:
-    """``a − b`` on the seeds both have: mean ± std (ddof 1) over seeds and in how many seeds ``a`` is ahead (wins)."""
+    """``a − b`` on the seeds both have: the mean difference, its 95 % interval from a paired t-test over
+    seeds and the verdict (`fedmarket.eval.verdicts`: ``wins`` only when the interval excludes 0, else
+    ``tie``; ``untested`` below 3 paired seeds, where no interval is printed)."""
+    from fedmarket.eval.verdicts import paired_verdict
+
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return "no common seeds"
-    d = np.array([a[s] - b[s] for s in seeds]) * scale
-    wins = int((d > 0).sum())
-    std = f" ± {d.std(ddof=1):.{digits}f}" if len(d) > 1 else ""
-    return f"{d.mean():+.{digits}f}{std} (wins {wins}/{len(seeds)} seeds)"
+    v = paired_verdict({s: a[s] * scale for s in seeds}, {s: b[s] * scale for s in seeds}, "score")
+    if v["low"] is None:
+        return f"{v['mean']:+.{digits}f} ({v['n']} seed{'s' if v['n'] != 1 else ''}: untested)"
+    return f"{v['mean']:+.{digits}f} [{v['low']:+.{digits}f}, {v['high']:+.{digits}f}] {v['verdict']}"
 
 
 def find_rows(

@@ -5,7 +5,8 @@ seconds, or an ISO-8601 date/time string, converted to Unix seconds UTC) and ``t
 first non-empty text is used, later ones are ignored). Other columns are ignored.
 
 * Without ``timestamp`` the file order is the time order (timestamp = 0-based row number), which is what
-  leave-one-out then uses.
+  leave-one-out then uses; a warning names the file, since time-based features (FedMM's item statistics, the
+  popularity + recency floor) then measure file position.
 * A folder holds one market per ``.csv``, ``.csv.gz``, ``.tsv`` or ``.parquet`` file, named by the file's
   stem, in name order; other files (a README) are ignored.
 * CSV ids are read as text, so ``007`` stays ``007``; Parquet ids keep their type.
@@ -15,6 +16,7 @@ first non-empty text is used, later ones are ignored). Other columns are ignored
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,7 +28,9 @@ from fedmarket.data.cache import cached_markets
 from fedmarket.data.market import MarketData
 from fedmarket.errors import DataError
 
-LOADER_VERSION = "1"
+log = logging.getLogger(__name__)
+
+LOADER_VERSION = "2"  # 2: meta records where time comes from
 SUFFIXES = (".csv.gz", ".csv", ".tsv", ".parquet")
 REQUIRED = ("user", "item")
 OPTIONAL = ("rating", "timestamp", "text")
@@ -145,7 +149,11 @@ def parse_market_file(path: Path, name: str) -> MarketData:
         frame["item"].to_numpy(dtype=object),
         timestamps,
         ratings=ratings,
-        meta={"source": "generic", "file": path.name},
+        meta={
+            "source": "generic",
+            "file": path.name,
+            "time": "timestamp" if "timestamp" in frame else "file row",
+        },
     )
     if "text" in frame:
         texts = frame[["item", "text"]].dropna().drop_duplicates("item", keep="first")
@@ -171,4 +179,10 @@ def load_generic(
             lambda file=file, name=name: {name: parse_market_file(file, name)},
             use_cache=use_cache,
         )[name]
+        if out[name].meta.get("time") == "file row":
+            log.warning(
+                "%s: no 'timestamp' column; the file's row order is taken as time order (leave-one-out split, "
+                "FedMM's first/median/last-seen statistics and the recency floor then measure file position)",
+                file,
+            )
     return out

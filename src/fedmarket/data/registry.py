@@ -234,6 +234,16 @@ def dataset_info(
     use_cache: bool = True,
     **options: Any,
 ) -> pd.DataFrame:
-    """One row per market: market, users, items, interactions, density (for ``fedmarket data info``)."""
+    """One row per market (for ``fedmarket data info``): market, users, items, interactions, density, the
+    repeated (user, item) rows protocol 2 collapses, and where time comes from."""
+    from fedmarket.data.split import collapse_repeats
+
     loaded = load_dataset(name, data_dir, markets, use_cache, **options)
-    return pd.DataFrame([market.summary() for market in loaded.values()])
+    rows = []
+    for market in loaded.values():
+        row = market.summary()
+        if hasattr(market, "items") and hasattr(market, "timestamps"):
+            row["repeated_rows"] = int(market.num_interactions - collapse_repeats(market)[0].num_interactions)
+            row["time"] = market.meta.get("time", "timestamp")
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -338,8 +339,12 @@ def leave_one_out(
     for split_name, rows in (("valid", valid_rows), ("test", test_rows)):
         positives = market.items[rows]
         warm = catalog[positives]
-        negs = _sample_candidates(evaluated[warm], all_seen, market.num_items, num_candidates, rng, market, catalog)
-        eval_sets[split_name] = EvalSet(evaluated[warm], np.concatenate([positives[warm][:, None], negs], axis=1))
+        negs = _sample_candidates(
+            evaluated[warm], all_seen, market.num_items, num_candidates, rng, market, catalog
+        )
+        eval_sets[split_name] = EvalSet(
+            evaluated[warm], np.concatenate([positives[warm][:, None], negs], axis=1)
+        )
         cold_users = evaluated[~warm]
         negs = _sample_candidates(cold_users, all_seen, market.num_items, num_candidates, cold_rng, market)
         eval_sets[f"cold_{split_name}"] = EvalSet(
@@ -369,6 +374,106 @@ def leave_one_out(
     )
 
 
+def read_given_candidates(split: MarketSplit, path: Path, which: str) -> EvalSet:
+    """The evaluation set of ``which`` ("valid" or "test") from a candidate file that came with the data: CSV
+    or TSV with columns ``user``, ``item``, ``label`` (raw ids; 1 = the held-out positive, 0 = a negative),
+    one positive and the same number N of negatives per user, as public benchmark kits ship them. The lists
+    are scored exactly as given (no sampling, no catalog rule). The positive must be the user's held-out item
+    of that split; users not in the file are not evaluated. Every problem is one error naming the file, and
+    the line where there is one."""
+    import pandas as pd
+
+    m = split.market
+    sep = "\t" if path.suffix in (".tsv", ".txt") else ","
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype={"user": str, "item": str})
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read it as a candidate file ({exc})") from None
+    missing = [c for c in ("user", "item", "label") if c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing} (need user, item, label)")
+    line = np.arange(len(frame)) + 2  # 1-based, header = line 1
+    labels = pd.to_numeric(frame["label"], errors="coerce").to_numpy()
+    bad = ~np.isin(labels, (0, 1))
+    if bad.any():
+        raise DataError(
+            f"{path}, line {line[bad][0]}: label must be 0 or 1, got {frame['label'].iloc[np.argmax(bad)]!r}"
+        )
+    user_index = {str(u): i for i, u in enumerate(m.user_ids)}
+    item_index = {str(i): j for j, i in enumerate(m.item_ids)}
+    users = frame["user"].map(user_index)
+    items = frame["item"].map(item_index)
+    for col, mapped in (("user", users), ("item", items)):
+        unknown = mapped.isna().to_numpy()
+        if unknown.any():
+            raise DataError(
+                f"{path}, line {line[unknown][0]}: {col} {frame[col].iloc[np.argmax(unknown)]!r} is not in market {m.name!r}"
+            )
+    users, items = users.to_numpy(np.int64), items.to_numpy(np.int64)
+    order = np.lexsort((-labels, users))  # per user: the positive first, then the negatives in file order
+    users, items, labels, line = users[order], items[order], labels[order], line[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    sizes = np.diff(np.r_[starts, len(users)])
+    positives = np.add.reduceat(labels, starts)
+    if (positives != 1).any():
+        k = int(np.argmax(positives != 1))
+        raise DataError(
+            f"{path}: user {m.user_ids[users[starts[k]]]!r} has {int(positives[k])} positives (label 1); exactly one is needed"
+        )
+    if (sizes != sizes[0]).any():
+        k = int(np.argmax(sizes != sizes[0]))
+        raise DataError(
+            f"{path}: user {m.user_ids[users[starts[k]]]!r} has {sizes[k] - 1} negatives, the first user {sizes[0] - 1}; "
+            "every list needs the same length"
+        )
+    list_users = users[starts]
+    cands = items.reshape(len(starts), sizes[0])
+    held = split.valid_item if which == "valid" else _test_items(split)
+    wrong = held[list_users] != cands[:, 0]
+    if wrong.any():
+        k = int(np.argmax(wrong))
+        raise DataError(
+            f"{path}, line {line[starts[k]]}: the positive of user {m.user_ids[list_users[k]]!r} is "
+            f"{m.item_ids[cands[k, 0]]!r}, but the user's held-out {which} item is "
+            f"{m.item_ids[held[list_users[k]]] if held[list_users[k]] >= 0 else 'none (too few interactions)'!r}"
+        )
+    return EvalSet(list_users, cands)
+
+
+def _test_items(split: MarketSplit) -> np.ndarray:
+    """Per user, the held-out test item (-1 for users not evaluated)."""
+    out = np.full(split.market.num_users, -1, dtype=np.int64)
+    for es in (split.test, split.cold_test):
+        if es is not None:
+            out[es.users] = es.positives
+    return out
+
+
+def use_given_candidates(split: MarketSplit, folder: Path) -> MarketSplit:
+    """``split`` with the candidate lists of ``folder/<market>.test.{csv,tsv}`` (and ``<market>.valid.*`` when
+    present; validation keeps its sampled lists otherwise); see `read_given_candidates`."""
+    from dataclasses import replace
+
+    found = {}
+    for which in ("valid", "test"):
+        for suffix in (".csv", ".tsv"):
+            path = folder / f"{split.name}.{which}{suffix}"
+            if path.is_file():
+                found[which] = read_given_candidates(split, path, which)
+                break
+    if "test" not in found:
+        raise DataError(f"eval.given_candidates: no {split.name}.test.csv (or .tsv) in {folder}")
+    empty = EvalSet(np.zeros(0, np.int64), np.zeros((0, found["test"].candidates.shape[1]), np.int64))
+    return replace(
+        split,
+        test=found["test"],
+        valid=found.get("valid", split.valid),
+        cold_test=empty,
+        cold_valid=split.cold_valid if "valid" not in found else empty,
+        given_candidates=True,
+    )
+
+
 def sample_train_negatives(
     users: np.ndarray, seen: SeenItems, num_items: int, per_positive: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -382,3 +487,18 @@ def sample_train_negatives(
             break
         items[bad] = rng.integers(0, num_items, size=int(bad.sum()))
     return items.reshape(len(users), per_positive)
+
+
+def split_for_config(market, ev) -> MarketSplit:
+    """The split every runtime (in-process, Flower ClientApp) makes of one market under an `EvalConfig`:
+    leave-one-out (protocol, repeats, given candidate lists) for interaction markets; the per-user temporal
+    impression split for multi-task scenarios (`fedmarket.data.mtl.MTLMarket`, which carry their own
+    click/conversion labels)."""
+    from fedmarket.data.mtl import MTLMarket, split_impressions
+
+    if isinstance(market, MTLMarket):
+        return split_impressions(market, seed=ev.split_seed)
+    split = leave_one_out(market, ev.candidates, ev.split_seed, protocol=ev.protocol, repeats=ev.repeats)
+    if ev.given_candidates:
+        split = use_given_candidates(split, Path(ev.given_candidates).expanduser())
+    return split

@@ -2,7 +2,7 @@
 
 The market comes from the SuperNode's node config (``--node-config 'market="de" data-dir="/data"'``) or, in
 simulation, from ``partition-id`` into the experiment's market list. The client loads ONLY that market
-(``load_dataset(..., markets=[market])`` + `leave_one_out` with the experiment's eval settings: splits depend
+(``load_dataset(..., markets=[market])`` + `split_for_config` with the experiment's eval settings: splits depend
 only on ``eval.split_seed`` and the market, so they equal the in-process ones).
 
 Trainer state across messages. Under the Deployment Engine every message starts a fresh ClientApp process,
@@ -35,7 +35,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
-from fedmarket.data.split import MarketSplit, leave_one_out
+from fedmarket.data.split import MarketSplit, split_for_config
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import ClientTrainer, RoundConfig
 from fedmarket.flower.records import (
@@ -250,18 +250,6 @@ def resolve_market(node_config: dict[str, Any], cfg: ExperimentConfig) -> str:
     raise FedmarketError("SuperNode has no market: start it with --node-config 'market=\"<name>\"'")
 
 
-def split_market(market: Any, cfg: ExperimentConfig) -> Any:
-    """The same split as the in-process runtime (`fedmarket.api._split_market`): leave-one-out for
-    interaction markets, the per-user temporal impression split for multi-task scenarios."""
-    from fedmarket.data.mtl import MTLMarket, split_impressions
-
-    if isinstance(market, MTLMarket):
-        return split_impressions(market, seed=cfg.eval.split_seed)
-    return leave_one_out(
-        market, cfg.eval.candidates, cfg.eval.split_seed, protocol=cfg.eval.protocol, repeats=cfg.eval.repeats
-    )
-
-
 def market_split(
     cfg: ExperimentConfig, market: str, data_dir: str | None, timing: Timing, cache_dir: Path | None = None
 ) -> MarketSplit:
@@ -272,7 +260,17 @@ def market_split(
     a stale one."""
     d = cfg.dataset
     key = json.dumps(
-        [d.name, market, data_dir, d.options, cfg.eval.candidates, cfg.eval.split_seed],
+        [
+            d.name,
+            market,
+            data_dir,
+            d.options,
+            cfg.eval.candidates,
+            cfg.eval.split_seed,
+            cfg.eval.protocol,
+            cfg.eval.repeats,
+            cfg.eval.given_candidates,
+        ],
         sort_keys=True,
         default=str,
     )
@@ -290,7 +288,7 @@ def market_split(
             )
             if market not in markets:
                 raise FedmarketError(f"dataset {d.name!r} has no market {market!r}")
-            _SPLITS[key] = split_market(markets[market], cfg)
+            _SPLITS[key] = split_for_config(markets[market], cfg.eval)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(f".{os.getpid()}.tmp")

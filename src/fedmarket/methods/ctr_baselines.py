@@ -5,7 +5,11 @@ What leaves a market (the one place this is declared for these methods):
 - Local: nothing.
 - FedAvg / FedProx: the dense layers (``dnn.*``, ``cross.*``, ``head.*``, ``bias``). ID embeddings and
   side-feature tables stay local: IDs are disjoint across markets, so averaging them would mix unrelated items.
-- FedPer (Arivazhagan et al. 2019): the dense body (``dnn.*``, ``cross.*``); the head stays local.
+  With ``model.item_features: buckets`` also the tables of the item-statistic buckets (``stat_*``): a bucket
+  is a within-market quantile of a market-comparable statistic, so it means the same in every market (as
+  FedMM's level-1 code table, which FedMM federates the same way).
+- FedPer (Arivazhagan et al. 2019): the dense body (``dnn.*``, ``cross.*``) and the ``stat_*`` tables; the
+  head stays local.
 - Centralized / Central-shared-IDs: NOT PRIVATE. Raw interactions are pooled into one model, either with
   market-prefixed IDs (no cross-market identity) or keyed by the real shared item key (e.g. ASIN), the
   ceiling of the cross-market signal in the data. Their "upload" is the raw train interactions.
@@ -26,13 +30,17 @@ from fedmarket.federation.payload import UploadDeclaration
 from fedmarket.federation.strategies import FedAvg, NoFederation
 from fedmarket.methods.base import FedAvgOptions, FedProxOptions, Method, NoOptions, register
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData, MarketView
+from fedmarket.methods.item_stats import item_stat_buckets
 
 LOCAL_UPLOAD = UploadDeclaration((), "nothing leaves a market")
+STAT_TABLES = ("features.embedding.stat_*", "features.linear.stat_*")
 DENSE_UPLOAD = UploadDeclaration(
-    ("dnn.*", "cross.*", "head.*", "bias"), "dense layers only; ID embeddings stay local"
+    ("dnn.*", "cross.*", "head.*", "bias", *STAT_TABLES),
+    "dense layers (and item-statistic bucket tables with model.item_features) only; ID embeddings stay local",
 )
 FEDPER_UPLOAD = UploadDeclaration(
-    ("dnn.*", "cross.*"), "dense body only; the head and ID embeddings stay local"
+    ("dnn.*", "cross.*", *STAT_TABLES),
+    "dense body (and item-statistic bucket tables) only; the head and ID embeddings stay local",
 )
 POOLED_UPLOAD = UploadDeclaration(
     (), "not private: raw train interactions are pooled, no parameters are exchanged"
@@ -57,13 +65,22 @@ def ctr_client_kwargs(cfg, seed: int) -> dict:
     )
 
 
+def item_feature_fields(cfg, split: MarketSplit) -> dict[str, tuple[np.ndarray, int]] | None:
+    """The ``model.item_features`` fields of one market (None when off)."""
+    if cfg.model.item_features == "none":
+        return None
+    return item_stat_buckets(split, cfg.model.item_feature_buckets)
+
+
 def per_market_clients(
     cfg, splits: dict[str, MarketSplit], seed: int, declaration: UploadDeclaration
 ) -> dict[str, ClientTrainer]:
     return {
         name: CTRClient(
             name,
-            CTRData.from_split(split, cfg.model.use_side_features),
+            CTRData.from_split(
+                split, cfg.model.use_side_features, extra_item_fields=item_feature_fields(cfg, split)
+            ),
             declaration,
             **ctr_client_kwargs(cfg, seed),
         )
@@ -89,10 +106,15 @@ def build_fedper(cfg, opts, splits, seed):
 
 
 # ---------------------------------------------------------------- pooled (not private)
-def pool_markets(splits: dict[str, MarketSplit], item_key: str, use_side_features: bool) -> CTRData:
+def pool_markets(splits: dict[str, MarketSplit], item_key: str, use_side_features: bool, cfg=None) -> CTRData:
     """One index space over all markets. Users are always market-prefixed (disjoint); items are prefixed
     (``item_key="market"``) or unified by their raw key (``item_key="raw"``, e.g. ASIN or title)."""
-    per = {n: CTRData.from_split(s, use_side_features) for n, s in splits.items()}
+    per = {
+        n: CTRData.from_split(
+            s, use_side_features, extra_item_fields=None if cfg is None else item_feature_fields(cfg, s)
+        )
+        for n, s in splits.items()
+    }
     first = next(iter(per.values()))
     for name, d in per.items():
         if list(d.fields) != list(first.fields):
@@ -151,7 +173,7 @@ class CentralizedOptions:
 
 
 def build_centralized(cfg, opts, splits, seed):
-    data = pool_markets(splits, opts.item_key, cfg.model.use_side_features)
+    data = pool_markets(splits, opts.item_key, cfg.model.use_side_features, cfg)
     client = CTRClient("pooled", data, POOLED_UPLOAD, **ctr_client_kwargs(cfg, seed))
     return {"pooled": client}, NoFederation()
 

@@ -259,7 +259,9 @@ class CTRClient(ClientTrainer):
             item_rows = self.data.item_x[torch.from_numpy(view.item_map)]
 
             def score_fn(chunk: np.ndarray, view=view, item_rows=item_rows) -> torch.Tensor:
-                return self.model.score_matrix(self.data.user_x[torch.from_numpy(view.user_map[chunk])], item_rows)
+                return self.model.score_matrix(
+                    self.data.user_x[torch.from_numpy(view.user_map[chunk])], item_rows
+                )
 
             metrics.update(
                 full_ranking_metrics(

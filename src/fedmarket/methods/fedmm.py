@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from fedmarket.data.split import MarketSplit, market_seed
@@ -54,6 +53,7 @@ from fedmarket.federation.payload import Payload, UploadDeclaration
 from fedmarket.methods.base import Method, ServerStepOptions, register
 from fedmarket.methods.ctr_baselines import ctr_client_kwargs
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData
+from fedmarket.methods.item_stats import ITEM_STAT_NAMES, item_statistics
 from fedmarket.models.collab import train_collaborative_embeddings
 from fedmarket.models.rqvae import DualCodebookRQVAE, code_statistics, code_usage, kmeans
 
@@ -253,75 +253,6 @@ def _strip_prefix(payload: Payload | None, prefix: str) -> Payload:
 
 
 # ----------------------------------------------------------------------------- step 1: item inputs
-ITEM_STAT_NAMES = (
-    "popularity",
-    "rating_mean",
-    "rating_std",
-    "first_seen",
-    "median_seen",
-    "last_seen",
-    "audience_activity",
-)
-_DAY = 86400.0
-_CALENDAR_ORIGIN_DAYS = 16436.0  # 2015-01-01; a fixed calendar reference shared by every market
-
-
-def item_statistics(split: MarketSplit, scaling: str = "calendar") -> np.ndarray:
-    """Market-comparable item statistics from train interactions only, ``[num_items, 7]``: percentile of
-    log popularity, rating mean and spread, the item's first / median / last interaction time, and the mean
-    activity percentile of the item's audience. No raw key is involved.
-
-    ``scaling="calendar"`` (default) keeps times on the shared calendar (years from 2015-01-01, /2) and uses
-    fixed scales for every column, so a value means the same in every market: the same product tends to
-    be reviewed at the same dates everywhere (analysis on XMarket: corr. 0.35-0.68 of first-review dates
-    of shared ASINs between markets, against 0.08-0.54 for popularity percentiles).
-    ``scaling="market"`` z-scores every column within the market and measures times as a fraction of
-    the market's own time range (the first variant tried; it discards the shared calendar).
-    """
-    if scaling not in ("calendar", "market"):
-        raise ValueError(f"scaling must be 'calendar' or 'market', got {scaling!r}")
-    m = split.market
-    items, users = split.train_items, split.train_users
-    days = split.train_timestamps.astype(np.float64) / _DAY
-    num_items = m.num_items
-    index = range(num_items)
-    counts = np.bincount(items, minlength=num_items).astype(np.float64)
-    frame = pd.DataFrame({"item": items, "user": users, "t": days})
-    if split.train_ratings is not None:
-        frame["r"] = split.train_ratings
-    cols = [pd.Series(np.log1p(counts)).rank(pct=True).to_numpy()]
-    if "r" in frame:
-        grouped = frame.groupby("item")["r"]
-        mean = grouped.mean().reindex(index).fillna(frame["r"].mean()).to_numpy()
-        std = grouped.std().reindex(index).fillna(0.0).to_numpy()
-        cols += [(mean - 4.0), std]
-    else:  # no ratings in this market (e.g. es): neutral constants
-        cols += [np.zeros(num_items), np.zeros(num_items)]
-    # Items with no train interaction get the market's *first* day. Not its last: in a leave-one-out
-    # benchmark such items exist only because of held-out interactions, so calling them "new" would hand
-    # the model the protocol (in jp, 24% of test positives against 14% of negatives have no train row).
-    t_first, t_last = frame["t"].min(), frame["t"].max()
-    by_item = frame.groupby("item")["t"]
-    times = [
-        agg().reindex(index).fillna(t_first).to_numpy() for agg in (by_item.min, by_item.median, by_item.max)
-    ]
-    if scaling == "market":
-        times = [(t - t_first) / max(t_last - t_first, 1.0) for t in times]
-    else:
-        times = [(t - _CALENDAR_ORIGIN_DAYS) / (2 * 365.0) for t in times]
-    cols += times
-    user_pct = pd.Series(np.bincount(users, minlength=m.num_users)).rank(pct=True).to_numpy()
-    frame["activity"] = user_pct[users]
-    cols.append(frame.groupby("item")["activity"].mean().reindex(index).fillna(0.5).to_numpy())
-    stats = np.stack(cols, axis=1)
-    if scaling == "market":
-        return ((stats - stats.mean(0)) / np.maximum(stats.std(0), 1e-6)).astype(np.float32)
-    # percentiles in [0, 1] → unit variance around 0; rating and time columns are already on fixed scales
-    for j in (0, 6):
-        stats[:, j] = (stats[:, j] - 0.5) * np.sqrt(12.0)
-    return stats.astype(np.float32)
-
-
 def user_history_codes(users: np.ndarray, item_codes: np.ndarray, num_users: int, vocab: int) -> np.ndarray:
     """Per user, the most frequent code among the items of the user's interactions (``users[j]`` interacted
     with an item of code ``item_codes[j]``); ties → the smallest code; a user without interactions gets
@@ -896,6 +827,13 @@ def build_fedmm(cfg, opts: FedMMOptions, splits: dict[str, MarketSplit], seed: i
     # secure aggregation makes the RQ-VAE rounds after the first a sum of weighted uploads; under DP the
     # markets' updates are deltas from the download instead (the DP wrappers), so it stays off there
     secure_sums = cfg.secure_aggregation.enabled and cfg.privacy.mode == "off"
+    untimed = [n for n, s in splits.items() if s.market.meta.get("time") == "file row"]
+    if untimed and opts.item_stats != "none":
+        log.warning(
+            "FedMM: markets %s have no timestamps; the first/median/last-seen item statistics fall back to "
+            "positions in the file (row numbers), which mean nothing across markets",
+            untimed,
+        )
     trainers = {
         name: FedMMClient(split, opts, schedule, kwargs, cfg.model.use_side_features, secure_sums)
         for name, split in splits.items()

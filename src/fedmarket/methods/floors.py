@@ -120,7 +120,9 @@ def evaluate_item_scores(
 def _builder(recency: bool):
     def build(cfg, opts, splits, seed):
         clients = {
-            name: FloorClient(name, split, item_scores(split, recency, opts.half_life_fraction), tuple(cfg.eval.ks))
+            name: FloorClient(
+                name, split, item_scores(split, recency, opts.half_life_fraction), tuple(cfg.eval.ks)
+            )
             for name, split in splits.items()
         }
         return clients, NoFederation()

@@ -239,7 +239,9 @@ class SeqData:
             inputs, targets = window_pairs([item_maps[name][s] for s in local], max_len, last_only)
             all_inputs.append(inputs)
             all_targets.append(targets)
-            views[name] = SeqView(split, item_maps[name], cls.view_inputs(split, local, item_maps[name], max_len))
+            views[name] = SeqView(
+                split, item_maps[name], cls.view_inputs(split, local, item_maps[name], max_len)
+            )
         return cls(
             num_items=len(uniques),
             train_inputs=torch.from_numpy(np.concatenate(all_inputs)),
@@ -415,7 +417,9 @@ class SeqClient(ClientTrainer):
             results[market] = metrics
         return results
 
-    def _evaluate_set(self, view: SeqView, table: torch.Tensor, split: str, full_ranking: bool) -> dict[str, float]:
+    def _evaluate_set(
+        self, view: SeqView, table: torch.Tensor, split: str, full_ranking: bool
+    ) -> dict[str, float]:
         es = view.split.eval_set(split)
         if len(es) == 0:
             return {}
