@@ -100,8 +100,11 @@ def test_xmrec_subset_keeps_requested_order(module_cache) -> None:
 
 def test_leave_one_out_on_a_real_market(xmrec: dict[str, MarketData]) -> None:
     split = leave_one_out(xmrec["in"])
-    assert len(split.test) == 239  # every FOREC user has >= 7 rows
-    assert len(split.train_index) == 2_015 - 2 * 239
+    # every FOREC user has >= 7 rows; protocol 2 evaluates the 195 whose test item has a train interaction
+    # and reports the other 44 apart; 42 repeated (user, item) rows are collapsed first
+    assert len(split.test) + len(split.cold_test) == 239 and len(split.cold_test) == 44
+    assert split.collapsed_repeats == 42
+    assert len(split.train_index) == 2_015 - 42 - 2 * 239
 
 
 # ---------------------------------------------------------------- MovieLens (real)
