@@ -174,8 +174,7 @@ def test_compare_fecosr_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "raw data" in text  # Central
     # FeCoSR − FedAvg-CE + FT: +0.04 and -0.01 -> +1.50 over 2 seeds: no interval, no verdict
     assert (
-        "| FeCoSR − FedAvg-CE + fine-tune (S²CE vs CE, with fine-tune) | +1.50 (2 seeds: untested) |"
-        in text
+        "| FeCoSR − FedAvg-CE + fine-tune (S²CE vs CE, with fine-tune) | +1.50 (2 seeds: untested) |" in text
     )
     assert "FeCoSR closes 38 % of the Local text → Central gap (seeds: 2)" in text
     assert "source `a` +5.00; negative transfer in 1 of 2 targets (`b` -2.00)" in text
