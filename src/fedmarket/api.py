@@ -141,7 +141,7 @@ def run_seed(
     sim = Simulator(
         trainers,
         strategy,
-        method.declaration,
+        method.declaration_for(cfg, opts),
         rounds=rounds,
         local_epochs=cfg.train.local_epochs,
         seed=seed,
@@ -410,8 +410,8 @@ def summarize(
         "average_std": average_std,
         "communication": communication,
         "upload_declaration": {
-            "patterns": list(method.declaration.patterns),
-            "reason": method.declaration.reason,
+            "patterns": list(method.declaration_for(cfg).patterns),
+            "reason": method.declaration_for(cfg).reason,
         },
         "selected_round": {str(rec["seed"]): rec["selected_round"] for rec in per_seed},
         "convergence": {str(rec["seed"]): rec["convergence"] for rec in per_seed if rec.get("convergence")},

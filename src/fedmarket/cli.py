@@ -148,6 +148,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise FedmarketError(
             f"demo configs not found: {missing} (run from the project root or pass --config-dir)"
         )
+    print(
+        "demo: a short fixed budget (10 CTR rounds, one seed) to show the workflow; it is not a verdict. "
+        "Comparisons train every row to its validation plateau over 3 seeds: see docs/protocol.md and "
+        "scripts/grids/xmrec_protocol2.yaml.",
+        flush=True,
+    )
     run_comparison(paths, args.out, _overrides(args))
     return 0
 

@@ -206,6 +206,8 @@ def _mean_std_frames(runs: Sequence[Mapping[str, Any]], metric: str) -> tuple[pd
             std.loc[label, market] = run["per_market_std"].get(market, {}).get(metric, np.nan)
         mean.loc[label, AVERAGE] = run["average"].get(metric, np.nan)
         std.loc[label, AVERAGE] = run["average_std"].get(metric, np.nan)
+        if len(run.get("seeds") or []) == 1:  # one seed: no spread is known, so none is printed
+            std.loc[label, :] = np.nan
     return mean, std
 
 

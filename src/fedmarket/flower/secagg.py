@@ -132,7 +132,7 @@ def _bridge(call_next: Any) -> Any:
         market = body["market"]
         cfg = experiment_config(request["experiment"])
         # the checks the server makes on a plain upload, made here (the server never sees this one)
-        get_method(cfg.method.name).declaration.check(upload, market)
+        get_method(cfg.method.name).declaration_for(cfg).check(upload, market)
         validate_update(upload, download if download else None, market)
         up_keys = sorted(upload)
         for k in up_keys:

@@ -107,6 +107,7 @@ class FlowerServer:
         self.state_dir = state_dir
         self.poll_interval = poll_interval
         self.method = get_method(cfg.method.name)
+        self.declaration = self.method.declaration_for(cfg)  # the declaration in force for these options
         self.experiment = json.dumps(cfg.to_dict())
         self.key = run_dir.name  # names the markets' state folders; stable across a resume
         self.nodes: dict[str, int] = {}  # market -> node id
@@ -379,7 +380,7 @@ class FlowerServer:
                 upload = record_to_payload(reply.content[ARRAYS])
                 metrics = dict(reply.content[METRICS])
                 num_examples = int(metrics.pop("num_examples"))
-                self.method.declaration.check(upload, market)
+                self.declaration.check(upload, market)
                 validate_update(upload, down if down else None, market)
             except Exception as exc:
                 self._fail(state, seed, server_round, market, "fit", f"{type(exc).__name__}: {exc}")

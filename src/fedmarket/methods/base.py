@@ -30,6 +30,22 @@ class Method:
     private: bool = True
     task: str = "ctr"
     summary: str = ""
+    # the declaration in force for a run's options (``declare(cfg, opts)``), a subset of ``declaration`` (the
+    # union over every option); None: ``declaration`` itself
+    declare: Callable[[ExperimentConfig, Any], UploadDeclaration] | None = None
+
+    def declaration_for(self, cfg: ExperimentConfig, opts: Any = None) -> UploadDeclaration:
+        """What may leave a market in a run with ``cfg`` (and its parsed ``method.options``): the runtime checks
+        every upload against this, not against the union ``declaration``."""
+        if self.declare is None:
+            return self.declaration
+        narrowed = self.declare(cfg, self.parse_options(cfg.method.options) if opts is None else opts)
+        wider = [p for p in narrowed.patterns if not self.declaration.allows(p.replace("*", "x"))]
+        if wider:
+            raise ValueError(
+                f"method {self.name!r}: the declaration in force has patterns {wider} outside {self.declaration.patterns}"
+            )
+        return narrowed
 
     def parse_options(self, raw: dict[str, Any]) -> Any:
         opts = _build(self.options, raw, "method.options")

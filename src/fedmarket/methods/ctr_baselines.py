@@ -65,6 +65,20 @@ def ctr_client_kwargs(cfg, seed: int) -> dict:
     )
 
 
+def in_force(declaration: UploadDeclaration):
+    """``Method.declare`` of the dense-layer methods: the item-statistic bucket tables are in force only with
+    ``model.item_features`` set."""
+
+    def declare(cfg, opts) -> UploadDeclaration:
+        if cfg.model.item_features != "none":
+            return declaration
+        return UploadDeclaration(
+            tuple(p for p in declaration.patterns if p not in STAT_TABLES), declaration.reason
+        )
+
+    return declare
+
+
 def item_feature_fields(cfg, split: MarketSplit) -> dict[str, tuple[np.ndarray, int]] | None:
     """The ``model.item_features`` fields of one market (None when off)."""
     if cfg.model.item_features == "none":
@@ -183,10 +197,35 @@ def build_central_shared(cfg, opts, splits, seed):
 
 
 register(Method("local", LOCAL_UPLOAD, build_local, NoOptions, summary="each market alone, no federation"))
-register(Method("fedavg", DENSE_UPLOAD, build_fedavg, FedAvgOptions, summary="FedAvg over the dense layers"))
-register(Method("fedprox", DENSE_UPLOAD, build_fedprox, FedProxOptions, summary="FedProx (proximal term μ)"))
 register(
-    Method("fedper", FEDPER_UPLOAD, build_fedper, FedAvgOptions, summary="FedPer: shared body, local head")
+    Method(
+        "fedavg",
+        DENSE_UPLOAD,
+        build_fedavg,
+        FedAvgOptions,
+        summary="FedAvg over the dense layers",
+        declare=in_force(DENSE_UPLOAD),
+    )
+)
+register(
+    Method(
+        "fedprox",
+        DENSE_UPLOAD,
+        build_fedprox,
+        FedProxOptions,
+        summary="FedProx (proximal term μ)",
+        declare=in_force(DENSE_UPLOAD),
+    )
+)
+register(
+    Method(
+        "fedper",
+        FEDPER_UPLOAD,
+        build_fedper,
+        FedAvgOptions,
+        summary="FedPer: shared body, local head",
+        declare=in_force(FEDPER_UPLOAD),
+    )
 )
 register(
     Method(

@@ -21,7 +21,8 @@ collaborative embeddings (``item_stats="only"``), with the encoder/decoder feder
 collaborative embeddings alone agree across markets only at chance level on XMarket.
 
 What may leave a market is declared once, in `FEDMM_UPLOAD` below; `upload_declaration(options)` narrows
-it to what a given configuration actually sends, and the trainer builds its uploads from that.
+it to what a given configuration actually sends (`Method.declaration_for`): the runtimes enforce that
+narrowed declaration, and the trainer builds its uploads from it.
 With secure aggregation on (and no DP), the RQ-VAE rounds after the first upload (u·G, u, n·θ) with weight
 1 instead of (G, u, θ) with weight n, so the server's merge needs only their sums (`merge_codebook_sums`);
 the first merge clusters the markets' centroids and stays in the clear.
@@ -821,12 +822,16 @@ class FedMMStrategy(Strategy):
 
 
 # ----------------------------------------------------------------------------- build + register
+def uses_secure_sums(cfg) -> bool:
+    """Secure aggregation makes the RQ-VAE rounds after the first a sum of weighted uploads; under DP the
+    markets' updates are deltas from the download instead (the DP wrappers), so it stays off there."""
+    return cfg.secure_aggregation.enabled and cfg.privacy.mode == "off"
+
+
 def build_fedmm(cfg, opts: FedMMOptions, splits: dict[str, MarketSplit], seed: int):
     schedule = Schedule.from_options(opts, cfg.train.rounds)
     kwargs = ctr_client_kwargs(cfg, seed)
-    # secure aggregation makes the RQ-VAE rounds after the first a sum of weighted uploads; under DP the
-    # markets' updates are deltas from the download instead (the DP wrappers), so it stays off there
-    secure_sums = cfg.secure_aggregation.enabled and cfg.privacy.mode == "off"
+    secure_sums = uses_secure_sums(cfg)
     untimed = [n for n, s in splits.items() if s.market.meta.get("time") == "file row"]
     if untimed and opts.item_stats != "none":
         log.warning(
@@ -848,6 +853,7 @@ register(
         build_fedmm,
         FedMMOptions,
         summary="FedMM: federated level-1 RQ-VAE codebook, codes into the CTR model",
+        declare=lambda cfg, opts: upload_declaration(opts, uses_secure_sums(cfg)),
     )
 )
 

@@ -1,0 +1,69 @@
+"""The declaration in force is computed from the run's options and is what the runtime enforces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedmarket.config import config_from_dict
+from fedmarket.errors import PayloadError
+from fedmarket.methods import get_method
+
+
+def cfg(method: str, **sections):
+    return config_from_dict({"name": "t", "method": {"name": method}, **sections})
+
+
+def test_dense_methods_declare_the_statistic_tables_only_when_they_use_them() -> None:
+    for name in ("fedavg", "fedprox", "fedper"):
+        m = get_method(name)
+        off = m.declaration_for(cfg(name))
+        on = m.declaration_for(cfg(name, model={"item_features": "buckets"}))
+        key = "features.embedding.stat_popularity.weight"
+        assert not off.allows(key) and on.allows(key)
+        assert m.declaration.allows(key)  # the union over options holds it
+        with pytest.raises(PayloadError, match="undeclared"):
+            off.check({key: np.zeros(3)}, "ca")
+
+
+def test_fedmm_enforces_its_narrowed_declaration() -> None:
+    m = get_method("fedmm")
+    options = {"codebook": "local", "ctr_federation": "none", "federate_autoencoder": False}
+    narrowed = m.declaration_for(
+        config_from_dict({"name": "t", "method": {"name": "fedmm", "options": options}})
+    )
+    assert narrowed.patterns == ()  # nothing leaves: local codebooks, no autoencoder or CTR federation
+    assert m.declaration.allows("rqvae.global_codebook")  # the union over options allows it
+    with pytest.raises(PayloadError):
+        narrowed.check({"rqvae.global_codebook": np.zeros((2, 2))}, "jp")
+
+
+def test_the_runtime_rejects_a_key_outside_the_declaration_in_force(tmp_path) -> None:
+    """FedAvg without item features: a market that uploads a statistic table fails alone."""
+    from fedmarket.data.synthetic import make_synthetic_markets
+    from fedmarket.data.split import leave_one_out
+    from fedmarket.federation.core import Update
+    from fedmarket.federation.runtime import Simulator
+
+    markets = make_synthetic_markets(2, [60, 50], 80, (8, 14), seed=1)
+    splits = {n: leave_one_out(mk, num_candidates=20, split_seed=1) for n, mk in markets.items()}
+    c = config_from_dict(
+        {"name": "t", "method": {"name": "fedavg"}, "eval": {"candidates": 20}, "progress": False}
+    )
+    m = get_method("fedavg")
+    trainers, strategy = m.build(c, m.parse_options({}), splits, 0)
+    bad = next(iter(trainers))
+    fit = trainers[bad].fit
+
+    def leaky(payload, config):
+        up = fit(payload, config)
+        return Update(
+            {**up.payload, "features.embedding.stat_popularity.weight": np.zeros((11, 16), np.float32)},
+            up.num_examples,
+        )
+
+    trainers[bad].fit = leaky
+    sim = Simulator(trainers, strategy, m.declaration_for(c), rounds=1, seed=0, progress=False)
+    result = sim.run()
+    assert [f["market"] for f in result.failures] == [bad]
+    assert "undeclared" in result.failures[0]["error"]
