@@ -67,3 +67,44 @@ def test_the_runtime_rejects_a_key_outside_the_declaration_in_force(tmp_path) ->
     result = sim.run()
     assert [f["market"] for f in result.failures] == [bad]
     assert "undeclared" in result.failures[0]["error"]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"train_user_u0_last_item": 17.0}, {"loss": float("inf")}, {"loss": [1.0, 2.0]}, {"loss": "0.3"}],
+)
+def test_a_market_reporting_an_undeclared_or_non_scalar_metric_fails_alone(bad) -> None:
+    from fedmarket.data.split import leave_one_out
+    from fedmarket.data.synthetic import make_synthetic_markets
+    from fedmarket.federation.core import Update
+    from fedmarket.federation.runtime import Simulator
+
+    markets = make_synthetic_markets(3, [60, 50, 40], 80, (8, 14), seed=1)
+    splits = {n: leave_one_out(mk, num_candidates=20, split_seed=1) for n, mk in markets.items()}
+    c = config_from_dict(
+        {"name": "t", "method": {"name": "fedavg"}, "eval": {"candidates": 20}, "progress": False}
+    )
+    m = get_method("fedavg")
+
+    def run(poison: bool):
+        trainers, strategy = m.build(c, m.parse_options({}), splits, 0)
+        if poison:
+            liar = trainers["m1"]
+            fit = liar.fit
+            liar.fit = lambda p, cfg: (lambda u: Update(u.payload, u.num_examples, {**u.metrics, **bad}))(
+                fit(p, cfg)
+            )
+        return Simulator(trainers, strategy, m.declaration_for(c), rounds=2, seed=0, progress=False).run()
+
+    result = run(True)
+    assert {f["market"] for f in result.failures} == {"m1"}
+    assert all(not any(k in row for k in ("train_train_user_u0_last_item",)) for row in result.history)
+    clean = run(False)
+    # the other markets' uploads were unaffected in round 1 (m1 was left out of the aggregate from round 1)
+    assert set(result.test) == {"m0", "m1", "m2"} and set(clean.test) == set(result.test)
+
+
+def test_the_declared_metrics_are_written_to_metrics_json_for_the_report() -> None:
+    decl = get_method("fedmm").declaration_for(cfg("fedmm"))
+    assert "recon" in decl.metric_patterns and "auc" in decl.metric_patterns
+    assert not decl.allows_metric("train_user_u0_last_item")

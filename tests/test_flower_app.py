@@ -87,7 +87,10 @@ class MemoryGrid:
                     # what a SuperNode returns when the ClientApp raises
                     reply = Message(Error(code=0, reason="ClientApp raised RuntimeError"), reply_to=msg)
                 else:
-                    reply = handle(msg, self.contexts[node])
+                    try:
+                        reply = handle(msg, self.contexts[node])
+                    except Exception as exc:  # what a SuperNode returns when the ClientApp raises
+                        reply = Message(Error(code=0, reason=f"ClientApp raised {exc!r}"), reply_to=msg)
                 self.inbox[msg.metadata.message_id] = reply
             ids.append(msg.metadata.message_id)
         return ids
@@ -172,6 +175,54 @@ def test_a_market_that_fails_is_reported_and_the_round_goes_on(tmp_path):
     assert [(f["round"], f["market"], f["stage"]) for f in metrics["failures"]] == [(2, "m1", "fit")]
     assert set(metrics["per_market"]) == {"m0", "m1", "m2"}  # m1 still evaluated and tested
     assert metrics["communication"]["m1"]["rounds"] == 2 and metrics["communication"]["m0"]["rounds"] == 3
+
+
+def test_an_undeclared_metric_never_leaves_a_market_and_a_lying_market_fails_alone(tmp_path, monkeypatch):
+    from fedmarket.flower.records import METRICS
+    from fedmarket.methods.ctr_trainer import CTRClient
+
+    fit = CTRClient.fit
+
+    def leaky_fit(self, payload, config):  # a method bug: a per-user value among the training metrics
+        up = fit(self, payload, config)
+        if self.market == "m1":
+            up.metrics["train_user_u0_last_item"] = 17.0
+        return up
+
+    monkeypatch.setattr(CTRClient, "fit", leaky_fit)
+    run_dir = tmp_path / "run"
+    FlowerServer(
+        memory_grid(tmp_path), config_from_dict(synthetic_cfg(tmp_path, rounds=2)), run_dir, wait_nodes=0
+    ).run()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # refused on the client, before sending: m1 fails its fit steps, the others train on
+    assert {(f["market"], f["stage"]) for f in metrics["failures"]} == {("m1", "fit")}
+    assert "undeclared" in metrics["failures"][0]["error"]
+    assert metrics["communication"]["m0"]["rounds"] == 2
+    assert "user_u0" not in (run_dir / "rounds.csv").read_text()
+
+    # a lying ClientApp that skips its own check: the server refuses the reply
+    monkeypatch.setattr(CTRClient, "fit", fit)
+    train = flower_client.MarketClient.train
+
+    def lying_train(self, payload, server_round):
+        content = train(self, payload, server_round)
+        if self.market == "m2":
+            content[METRICS]["train_user_u0_last_item"] = 17.0
+        return content
+
+    monkeypatch.setattr(flower_client.MarketClient, "train", lying_train)
+    flower_client._TRAINERS.clear()
+    run_dir = tmp_path / "run2"
+    FlowerServer(
+        memory_grid(tmp_path / "b"),
+        config_from_dict(synthetic_cfg(tmp_path, rounds=2)),
+        run_dir,
+        wait_nodes=0,
+    ).run()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert {(f["market"], f["stage"]) for f in metrics["failures"]} == {("m2", "fit")}
+    assert "user_u0" not in (run_dir / "rounds.csv").read_text()
 
 
 def test_a_missing_node_fails_its_steps_and_a_returning_node_rejoins(tmp_path):

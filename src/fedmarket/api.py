@@ -412,6 +412,7 @@ def summarize(
         "upload_declaration": {
             "patterns": list(method.declaration_for(cfg).patterns),
             "reason": method.declaration_for(cfg).reason,
+            "metrics": list(method.declaration_for(cfg).metric_patterns),
         },
         "selected_round": {str(rec["seed"]): rec["selected_round"] for rec in per_seed},
         "convergence": {str(rec["seed"]): rec["convergence"] for rec in per_seed if rec.get("convergence")},

@@ -892,6 +892,13 @@ def _upload_audit_section(run_dir: Path, run: dict) -> list[str]:
     if patterns is not None:
         shown = ", ".join(f"`{p}`" for p in patterns) or "nothing"
         lines += [f"Declared: {shown}. {declaration.get('reason', '')}".rstrip(), ""]
+    if declaration.get("metrics"):
+        keys = ", ".join(f"`{p}`" for p in declaration["metrics"])
+        lines += [
+            f"Metrics that may leave each market (scalars per market and round; nothing per user): {keys}. "
+            "Metrics travel in the clear, also with secure aggregation.",
+            "",
+        ]
     path = run_dir / "uploads.csv"
     if not path.exists():
         return [*lines, "No upload log in this run folder.", ""]

@@ -3,6 +3,12 @@
 A payload is ``dict[str, numpy.ndarray]`` (it maps 1:1 to a Flower ``ArrayRecord``). Every method declares,
 in one place, the key patterns that may leave a market (`UploadDeclaration`); the runtime checks every
 upload against it, so an undeclared key is an error, never a silent leak.
+
+Metrics leave a market too (training metrics with each upload, validation and test metrics per market), so
+the same declaration names the metric keys a market may report (`UploadDeclaration.metric_patterns`: the
+shared evaluation and training metrics, plus the method's own ``metrics``), and each value must be a real
+scalar, finite or NaN ("not computed"). `UploadDeclaration.check_metrics` enforces it: in the in-process
+runtime, on the Flower client before sending and on the Flower server on receipt.
 """
 
 from __future__ import annotations
@@ -26,16 +32,69 @@ def payload_bytes(payload: Mapping[str, np.ndarray] | None) -> int:
     return int(sum(np.asarray(v).nbytes for v in payload.values()))
 
 
+EVALUATION_METRICS = (
+    "auc",
+    "logloss",
+    "gauc",
+    "hr@*",
+    "ndcg@*",
+    "mrr@*",
+    "full_hr@*",
+    "full_ndcg@*",
+    "full_mrr@*",
+    "cold_*",
+    "ctr_auc",
+    "ctcvr_auc",
+    "ctr_logloss",
+    "ctcvr_logloss",
+    "mean_auc",
+)
+"""Metrics every method may report per market (aggregates over a market's held-out users; no per-user value)."""
+TRAINING_METRICS = ("loss", "dp_update_norm", "dp_clipped", "poisoned")
+"""Per-round training metrics sent with an upload (the mean train loss; what the DP and attack-simulation
+wrappers add)."""
+
+
 @dataclass(frozen=True)
 class UploadDeclaration:
-    """The parameter-name patterns (fnmatch) that a method lets leave a market, and why.
+    """The parameter-name patterns (fnmatch) that a method lets leave a market, and why; and the metric keys
+    beyond the shared ones (`EVALUATION_METRICS`, `TRAINING_METRICS`) it may report.
 
     Example: ``UploadDeclaration(("dense.*",), "dense layers; ID embeddings stay local")``.
-    An empty pattern tuple means nothing ever leaves (Local).
+    An empty pattern tuple means no parameter ever leaves (Local); metrics still do.
     """
 
     patterns: tuple[str, ...]
     reason: str = ""
+    metrics: tuple[str, ...] = ()
+
+    @property
+    def metric_patterns(self) -> tuple[str, ...]:
+        return (*EVALUATION_METRICS, *TRAINING_METRICS, *self.metrics)
+
+    def allows_metric(self, key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) for p in self.metric_patterns)
+
+    def check_metrics(
+        self, metrics: Mapping[str, object], market: str, where: str = "metrics"
+    ) -> dict[str, float]:
+        """The metrics as floats; `PayloadError` naming the market and the key if one is undeclared or not a
+        real scalar (finite or NaN: a value that could not be computed)."""
+        out: dict[str, float] = {}
+        for key, value in metrics.items():
+            if not isinstance(key, str) or not self.allows_metric(key):
+                raise PayloadError(
+                    f"market {market!r} tried to report undeclared {where} key {key!r}; declared metric patterns: "
+                    f"{list(self.metric_patterns)}"
+                )
+            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+                raise PayloadError(
+                    f"market {market!r}: {where} {key!r} must be a real scalar, got {type(value).__name__}"
+                )
+            if np.isinf(value):
+                raise PayloadError(f"market {market!r}: {where} {key!r} is {value} (must be finite or NaN)")
+            out[key] = float(value)
+        return out
 
     def allows(self, key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, p) for p in self.patterns)

@@ -326,6 +326,8 @@ class Simulator:
             try:
                 update = self.trainers[market].fit(down, cfg)
                 self.declaration.check(update.payload, market)
+                metrics = self.declaration.check_metrics(update.metrics, market, "training metric")
+                update = Update(update.payload, update.num_examples, metrics)
                 validate_update(update.payload, down if down else None, market)
             except Exception as exc:  # a failing market must not stop the others
                 self._fail(server_round, market, "fit", exc)
@@ -353,6 +355,10 @@ class Simulator:
         if server_round % self.eval_every == 0 or server_round == self.rounds:
             self._evaluate_round(server_round, updates)
 
+    def _declared(self, by_market: dict[str, dict[str, float]], where: str) -> dict[str, dict[str, float]]:
+        """A trainer's metrics per market, each checked against the declaration (`check_metrics`)."""
+        return {m: self.declaration.check_metrics(v, m, where) for m, v in by_market.items()}
+
     def _round_metrics(self, server_round: int) -> dict[str, float]:
         """Server-side per-round columns for rounds.csv (e.g. ε from `fedmarket.federation.privacy`)."""
         hook = getattr(self.strategy, "round_metrics", None)
@@ -362,7 +368,9 @@ class Simulator:
         eval_payloads = self.strategy.configure_evaluate(server_round, list(self.trainers))
         for name, trainer in self.trainers.items():
             try:
-                metrics = trainer.evaluate(eval_payloads.get(name), "valid")
+                metrics = self._declared(
+                    trainer.evaluate(eval_payloads.get(name), "valid"), "validation metric"
+                )
             except Exception as exc:
                 self._fail(server_round, name, "evaluate", exc)
                 continue
@@ -444,7 +452,11 @@ class Simulator:
                 trainer.load_state_dict(copy.deepcopy(best["state"]))
                 selected[name] = best["round"]
             try:
-                test.update(trainer.evaluate(None, "test", full_ranking=self.full_ranking))
+                test.update(
+                    self._declared(
+                        trainer.evaluate(None, "test", full_ranking=self.full_ranking), "test metric"
+                    )
+                )
             except Exception as exc:
                 self._fail(server_round, name, "test", exc)
         return test, selected

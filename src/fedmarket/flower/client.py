@@ -318,6 +318,8 @@ class MarketClient:
         self.store = StateStore(Path(str(state_root)) / request["key"] / f"seed{self.seed}" / self.market)
         self.split_cache = Path(str(state_root)) / request["key"]  # the market's split, shared by seeds
         self.cache_key = (request["key"], self.seed, self.market)
+        # what may leave this market: uploads and metrics (checked before anything is sent)
+        self.declaration = get_method(self.cfg.method.name).declaration_for(self.cfg)
 
     def _fresh_trainer(self) -> ClientTrainer:
         split = market_split(self.cfg, self.market, self.data_dir, self.timing, self.split_cache)
@@ -376,8 +378,9 @@ class MarketClient:
         self.timing.compute = time.perf_counter() - t0
         self.save(trainer, (server_round, "fit"), int(req.get("keep_round", 0)))
         metrics = MetricRecord({"num_examples": int(update.num_examples)})
-        for k, v in update.metrics.items():
-            metrics[k] = float(v)
+        # only declared metric keys leave the market, checked here before sending (and again on the server)
+        for k, v in self.declaration.check_metrics(update.metrics, self.market, "training metric").items():
+            metrics[k] = v
         return RecordDict(
             {
                 ARRAYS: payload_to_record(update.payload),
@@ -399,6 +402,7 @@ class MarketClient:
         trainer = self.trainer_at(tag)
         t0 = time.perf_counter()
         metrics = trainer.evaluate(payload or None, split, full_ranking=bool(req.get("full_ranking", False)))
+        metrics = {m: self.declaration.check_metrics(v, m, f"{split} metric") for m, v in metrics.items()}
         self.timing.compute = time.perf_counter() - t0
         if split == "valid":  # the evaluated state (payload loaded) is what a best round restores
             self.save(trainer, (server_round, "eval"), int(req.get("keep_round", 0)))

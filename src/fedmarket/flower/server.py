@@ -381,6 +381,7 @@ class FlowerServer:
                 metrics = dict(reply.content[METRICS])
                 num_examples = int(metrics.pop("num_examples"))
                 self.declaration.check(upload, market)
+                metrics = self.declaration.check_metrics(metrics, market, "training metric")
                 validate_update(upload, down if down else None, market)
             except Exception as exc:
                 self._fail(state, seed, server_round, market, "fit", f"{type(exc).__name__}: {exc}")
@@ -427,7 +428,9 @@ class FlowerServer:
         for name in self.markets:
             if name not in replies:
                 continue
-            metrics = open_envelope(replies[name].content[ENVELOPE])["metrics"]
+            metrics = self._reported(state, seed, server_round, name, replies[name], "evaluate")
+            if metrics is None:
+                continue
             for market, values in metrics.items():
                 row = {"seed": seed, "round": server_round, "market": market, "split": "valid", **values}
                 row.update(extra)
@@ -459,8 +462,20 @@ class FlowerServer:
         test: dict[str, dict[str, float]] = {}
         for market in self.markets:
             if market in replies:
-                test.update(open_envelope(replies[market].content[ENVELOPE])["metrics"])
+                test.update(self._reported(state, seed, server_round, market, replies[market], "test") or {})
         return test, {m: b["round"] for m, b in state["best"].items()}
+
+    def _reported(
+        self, state: dict, seed: int, server_round: int, name: str, reply: Any, stage: str
+    ) -> dict[str, dict[str, float]] | None:
+        """The per-market metrics of an evaluate reply, checked against the declaration in force (undeclared
+        keys or non-scalar values: that market fails this stage, recorded; None)."""
+        try:
+            metrics = open_envelope(reply.content[ENVELOPE])["metrics"]
+            return {m: self.declaration.check_metrics(v, m, f"{stage} metric") for m, v in metrics.items()}
+        except Exception as exc:
+            self._fail(state, seed, server_round, name, stage, f"{type(exc).__name__}: {exc}")
+            return None
 
     def finish(self, seed: int, state: dict) -> SimulationResult:
         test, selected = self._test_best(seed, state, state["round"])

@@ -41,6 +41,7 @@ class Method:
             return self.declaration
         narrowed = self.declare(cfg, self.parse_options(cfg.method.options) if opts is None else opts)
         wider = [p for p in narrowed.patterns if not self.declaration.allows(p.replace("*", "x"))]
+        wider += [m for m in narrowed.metrics if m not in self.declaration.metrics]
         if wider:
             raise ValueError(
                 f"method {self.name!r}: the declaration in force has patterns {wider} outside {self.declaration.patterns}"

@@ -102,6 +102,8 @@ FEDMM_UPLOAD = UploadDeclaration(
     ),
     "level-1 codebook + per-code usage counts; optionally the code tables and dense layers of the CTR "
     "model; user/item IDs, their embeddings, item statistics and codes stay local",
+    # RQ-VAE rounds: reconstruction loss and code-usage diagnostics (shares, perplexities, collision rate)
+    metrics=("recon", "usage_g", "usage_l", "perplexity_g", "perplexity_l", "collision_rate"),
 )
 CTR_DENSE = ("dnn.*", "cross.*", "head.*", "bias")
 CODE_TABLES = {
@@ -208,7 +210,7 @@ def upload_declaration(opts: FedMMOptions, secure_sums: bool = False) -> UploadD
     if opts.ctr_federation == "codes_dense":
         keys += [f"ctr.{k}" for f in ("c2", "u2")[: 1 + user] for k in CODE_TABLES[f]]
     assert all(FEDMM_UPLOAD.allows(k.replace("*", "x")) for k in keys), keys
-    return UploadDeclaration(tuple(keys), FEDMM_UPLOAD.reason)
+    return UploadDeclaration(tuple(keys), FEDMM_UPLOAD.reason, FEDMM_UPLOAD.metrics)
 
 
 # ----------------------------------------------------------------------------- the round schedule
