@@ -40,8 +40,8 @@ def test_fedmm_enforces_its_narrowed_declaration() -> None:
 
 def test_the_runtime_rejects_a_key_outside_the_declaration_in_force(tmp_path) -> None:
     """FedAvg without item features: a market that uploads a statistic table fails alone."""
-    from fedmarket.data.synthetic import make_synthetic_markets
     from fedmarket.data.split import leave_one_out
+    from fedmarket.data.synthetic import make_synthetic_markets
     from fedmarket.federation.core import Update
     from fedmarket.federation.runtime import Simulator
 
