@@ -122,7 +122,7 @@ def test_client_side_noise_scale_and_clip():
 
 
 def test_server_side_noise_is_on_the_uniform_mean():
-    settings = DPSettings("server", clip_norm=1.0, noise_multiplier=2.0, delta=1e-5)
+    settings = DPSettings("server", clip_norm=1.0, noise_multiplier=2.0, delta=1e-5, accountant="rdp")
     n = 20_000
     trainers = {m: FixedDelta(m, np.full(n, 0.0)) for m in "abcd"}
     trainers, strategy = wrap_private(trainers, FedAvg(), settings, seed=1)
@@ -148,20 +148,23 @@ def test_server_side_without_noise_is_the_uniform_mean_of_clipped_deltas():
     assert strategy.inner.global_payload["w"] == pytest.approx([1 + (0.6 + 0.1) / 2, 1 + 0.8 / 2], rel=1e-6)
 
 
-def make_dp_sim(target=None, rounds=6, mode="server"):
-    settings = DPSettings(mode, clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, target_epsilon=target)
+def make_dp_sim(target=None, rounds=6, mode="server", accountant="rdp"):
+    settings = DPSettings(
+        mode, clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, target_epsilon=target, accountant=accountant
+    )
     trainers = {m: FixedDelta(m, [0.01, -0.01]) for m in "abc"}
     trainers, strategy = wrap_private(trainers, FedAvg(), settings, seed=0)
     return Simulator(trainers, strategy, UploadDeclaration(("w",)), rounds=rounds, progress=False)
 
 
-def test_epsilon_in_history_and_stop_at_target():
-    full = make_dp_sim().run()
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_epsilon_in_history_and_stop_at_target(accountant):
+    full = make_dp_sim(accountant=accountant).run()
     eps = [h["epsilon"] for h in full.history if h["market"] == "a"]
     assert len(eps) == 6 and all(np.diff(eps) > 0)
     assert full.privacy["epsilon"] == pytest.approx(eps[-1])
     target = (eps[2] + eps[3]) / 2  # between the 3rd and 4th round
-    stopped = make_dp_sim(target=target).run()
+    stopped = make_dp_sim(target=target, accountant=accountant).run()
     assert max(h["round"] for h in stopped.history) == 3
     assert stopped.privacy["stopped_before_round"] == 4
     assert stopped.privacy["epsilon"] <= target
@@ -183,6 +186,12 @@ def test_privacy_config_validation_names_the_key():
         config_from_dict({"privacy": {"delta": 1.5}})
     with pytest.raises(ConfigError, match="bogus"):
         config_from_dict({"privacy": {"bogus": 1}})
+    for key in ("noise_multiplier", "clip_norm", "target_epsilon"):
+        for bad in (float("nan"), float("inf")):
+            with pytest.raises(ConfigError, match=f"privacy.{key}"):
+                config_from_dict({"privacy": {"mode": "server", key: bad}})
+    with pytest.raises(ConfigError, match="privacy.accountant"):
+        config_from_dict({"privacy": {"accountant": "moments"}})
     cfg = config_from_dict({"privacy": {"mode": "client", "target_epsilon": 8, "clipping": "per_key"}})
     assert cfg.privacy.target_epsilon == 8.0
 
@@ -204,3 +213,100 @@ def test_count_keys_are_privatised_as_values_not_deltas():
     noisy = DPSettings("client", clip_norm=1.0, noise_multiplier=50.0, delta=1e-5, count_keys=("*usage",))
     released = PrivateClient(Counts("a", [0.0, 0.0]), noisy).fit(download, RoundConfig(1, 1, 0)).payload
     assert (released["usage"] >= 0).all()  # clamped after the noise
+
+
+# (q, σ, rounds, δ) -> ε from dp-accounting 0.6.0's PLD accountant (Poisson-sampled Gaussian), computed once
+PLD_EPSILONS = {(1.0, 1.0, 10, 1e-5): 17.856586848893034}
+
+
+def test_pld_accountant_matches_dp_accounting_and_is_tighter_than_rdp():
+    from fedmarket.federation.privacy import PLDAccountant
+
+    acc = PLDAccountant()
+    acc.step(1.0, 1.0, count=10)
+    assert acc.epsilon(1e-5) == pytest.approx(PLD_EPSILONS[(1.0, 1.0, 10, 1e-5)], rel=1e-6)
+    rdp = RDPAccountant()
+    rdp.step(1.0, 1.0, count=10)
+    assert rdp.epsilon(1e-5) == pytest.approx(19.80, abs=0.01)  # about 10 % looser
+    dp = pytest.importorskip("dp_accounting")
+    from dp_accounting import pld
+
+    for q, sigma, rounds, delta in [(0.5, 1.0, 3, 1e-5), (0.25, 1.3, 40, 1e-6), (1.0, 0.8, 5, 1e-4)]:
+        event = (
+            dp.GaussianDpEvent(sigma) if q == 1 else dp.PoissonSampledDpEvent(q, dp.GaussianDpEvent(sigma))
+        )
+        ref = pld.PLDAccountant()
+        ref.compose(dp.SelfComposedDpEvent(event, rounds))
+        mine = PLDAccountant()
+        for _ in range(rounds):  # round by round, as the runtime steps it
+            mine.step(q, sigma)
+        assert mine.epsilon(delta) == pytest.approx(ref.get_epsilon(delta), rel=1e-6)
+        r = RDPAccountant()
+        r.step(q, sigma, count=rounds)
+        assert mine.epsilon(delta) <= r.epsilon(delta)
+        state = mine.state_dict()
+        again = PLDAccountant()
+        again.load_state_dict(state)
+        assert again.epsilon(delta) == mine.epsilon(delta)
+
+
+def test_the_accounted_rate_is_the_rate_that_ran_and_amplification_needs_a_secret_draw():
+    from fedmarket.federation.privacy import accounted_sampling
+
+    # 8 markets, client_fraction 0.1, min_markets 4: 4 of 8 take part every round
+    assert accounted_sampling(8, 0.1, 4, secret=True)[0] == 0.5
+    q, note = accounted_sampling(8, 0.1, 4, secret=False)
+    assert q == 1.0 and "public seed" in note
+    assert accounted_sampling(8, 0.1, 1, secret=True)[0] == 1 / 8
+    assert accounted_sampling(8, 1.0, 1, secret=True)[0] == 1.0
+
+
+def test_a_run_accounts_with_the_participation_that_ran(tmp_path):
+    """The example that used to under-report: 8 markets, client_fraction 0.1, min_markets 4, σ 1, 3 rounds."""
+    from fedmarket.api import dp_settings
+
+    cfg = config_from_dict(
+        {
+            "train": {"client_fraction": 0.1, "min_markets": 4},
+            "privacy": {
+                "mode": "server",
+                "noise_multiplier": 1.0,
+                "accountant": "rdp",
+                "secret_sampling": True,
+            },
+        }
+    )
+    settings = dp_settings(cfg, num_markets=8)
+    trainers = {m: FixedDelta(m, [0.01, -0.01]) for m in "abcdefgh"}
+    trainers, strategy = wrap_private(trainers, FedAvg(), settings, seed=0)
+
+    def sim(path):
+        return Simulator(
+            trainers,
+            strategy,
+            UploadDeclaration(("w",)),
+            rounds=3,
+            client_fraction=0.1,
+            min_markets=4,
+            secret_sampling=True,
+            checkpoint_path=path,
+            progress=False,
+        )
+
+    first = sim(tmp_path / "a.pt")
+    result = first.run()
+    assert all(len(d) == 4 for d in first.draws.values())
+    expected = RDPAccountant()
+    expected.step(0.5, 1.0, count=3)
+    assert result.privacy["epsilon"] == pytest.approx(expected.epsilon(1e-5)) == pytest.approx(6.54, abs=0.01)
+    assert "4/8" in result.privacy["sampling"]
+    # the draw is secret (OS randomness): another run with the same seed draws otherwise; a resumed run
+    # replays the recorded draw
+    trainers, strategy = wrap_private(
+        {m: FixedDelta(m, [0.01, -0.01]) for m in "abcdefgh"}, FedAvg(), settings, 0
+    )
+    other = sim(tmp_path / "b.pt")
+    other.run()
+    assert other.draws != first.draws
+    resumed = sim(tmp_path / "a.pt")
+    assert resumed.load_checkpoint() and resumed.draws == first.draws

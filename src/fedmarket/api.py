@@ -147,6 +147,7 @@ def run_seed(
         seed=seed,
         client_fraction=cfg.train.client_fraction,
         min_markets=cfg.train.min_markets,
+        secret_sampling=cfg.privacy.mode != "off" and cfg.privacy.secret_sampling,
         eval_every=cfg.eval.every,
         select=cfg.eval.select,
         select_metric=cfg.eval.select_metric,
@@ -180,16 +181,22 @@ def protect(
             cfg.attack.scale,
         )
     trainers = {m: protect_trainer(cfg, t) for m, t in trainers.items()}
-    return trainers, protect_strategy(cfg, strategy, seed)
+    markets = {m for t in trainers.values() for m in t.markets}
+    return trainers, protect_strategy(cfg, strategy, seed, num_markets=len(markets))
 
 
-def dp_settings(cfg: ExperimentConfig) -> Any:
-    """The config's `fedmarket.federation.privacy.DPSettings` (None with ``privacy.mode: off``)."""
+def dp_settings(cfg: ExperimentConfig, num_markets: int | None = None) -> Any:
+    """The config's `fedmarket.federation.privacy.DPSettings` (None with ``privacy.mode: off``).
+    ``num_markets``: how many markets the run has (the accounted sampling rate depends on it; None: the
+    market side, which needs no rate)."""
     from fedmarket.federation import privacy
 
     p = cfg.privacy
     if p.mode == "off":
         return None
+    q, note = privacy.accounted_sampling(
+        num_markets or 1, cfg.train.client_fraction, cfg.train.min_markets, p.secret_sampling
+    )
     return privacy.DPSettings(
         mode=p.mode,
         clip_norm=p.clip_norm,
@@ -197,7 +204,9 @@ def dp_settings(cfg: ExperimentConfig) -> Any:
         delta=p.delta,
         target_epsilon=p.target_epsilon,
         clipping=p.clipping,
-        sampling_rate=cfg.train.client_fraction,
+        sampling_rate=q,
+        sampling_note=note,
+        accountant=p.accountant,
         count_keys=tuple(p.count_keys),
     )
 
@@ -216,7 +225,11 @@ def protect_trainer(cfg: ExperimentConfig, trainer: ClientTrainer) -> ClientTrai
 
 
 def protect_strategy(
-    cfg: ExperimentConfig, strategy: Strategy, seed: int, simulate_secure_aggregation: bool = True
+    cfg: ExperimentConfig,
+    strategy: Strategy,
+    seed: int,
+    simulate_secure_aggregation: bool = True,
+    num_markets: int = 1,
 ) -> Strategy:
     """The server side of `protect`: simulated secure aggregation (in process only: a runtime with a real
     protocol, the Flower ServerApp with SecAgg+, passes ``simulate_secure_aggregation=False``), then the DP
@@ -227,7 +240,7 @@ def protect_strategy(
     simulate = sa.enabled and simulate_secure_aggregation
     if simulate and p.mode != "server":
         strategy = secagg.SecureAggregation(strategy, seed, sa.fraction_bits)
-    settings = dp_settings(cfg)
+    settings = dp_settings(cfg, num_markets)
     if settings is not None:
         # mode server + secure aggregation: the server learns only the sum of clipped deltas, then adds noise
         secure_sum = secagg.summer(seed, sa.fraction_bits) if simulate and p.mode == "server" else None

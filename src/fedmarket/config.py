@@ -187,13 +187,22 @@ class PrivacyConfig:
     # keys (fnmatch) holding per-market counts that the server sums (e.g. FedMM's codebook usage): privatised as
     # absolute values (not deltas from the download) and clamped at 0 after the noise (post-processing)
     count_keys: list[str] = field(default_factory=list)
+    # the accountant of the reported ε: pld (dp-accounting's privacy-loss distributions, tight) or rdp
+    accountant: str = "pld"
+    # draw each round's markets from OS randomness (kept secret from everyone, recorded for resume) so that
+    # sampling amplifies privacy; with a seeded (public) draw ε is accounted with q = 1
+    secret_sampling: bool = False
 
     def validate(self, prefix: str) -> None:
         if self.mode not in ("off", "server", "client"):
             raise ConfigError(f"{prefix}.mode must be 'off', 'server' or 'client', got {self.mode!r}")
         _positive(self.clip_norm, f"{prefix}.clip_norm")
-        if self.noise_multiplier < 0:
-            raise ConfigError(f"{prefix}.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0 <= self.noise_multiplier < math.inf:
+            raise ConfigError(
+                f"{prefix}.noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}"
+            )
+        if self.accountant not in ("pld", "rdp"):
+            raise ConfigError(f"{prefix}.accountant must be 'pld' or 'rdp', got {self.accountant!r}")
         if not 0 < self.delta < 1:
             raise ConfigError(f"{prefix}.delta must be in (0, 1), got {self.delta}")
         if self.target_epsilon is not None:
@@ -275,8 +284,8 @@ class ExperimentConfig:
 
 
 def _positive(value: float, key: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
+    if not value > 0 or value == math.inf:  # NaN fails the comparison
+        raise ConfigError(f"{key} must be a finite number > 0, got {value}")
 
 
 def _check_type(value: Any, annotation: Any, key: str) -> Any:

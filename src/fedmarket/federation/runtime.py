@@ -15,6 +15,7 @@ import copy
 import logging
 import math
 import os
+import secrets
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -56,13 +57,26 @@ class SimulationResult:
 # Pure functions, so the in-process `Simulator` and the Flower ServerApp (`fedmarket.flower.server`) select
 # markets and rounds identically.
 def select_markets(
-    names: list[str], seed: int, server_round: int, client_fraction: float, min_markets: int
+    names: list[str],
+    seed: int,
+    server_round: int,
+    client_fraction: float,
+    min_markets: int,
+    draws: dict[int, list[str]] | None = None,
 ) -> list[str]:
-    """The markets that train in ``server_round``: all of them, or a seeded ``client_fraction`` sample
-    (never fewer than ``min_markets``), drawn from (seed, round) only so a resumed run draws the same."""
+    """The markets that train in ``server_round``: all of them, or a ``client_fraction`` sample (never fewer
+    than ``min_markets``). Without ``draws`` the sample is seeded by (seed, round) only, so a resumed run
+    draws the same, and anyone who knows the config can predict it. With ``draws`` (secret sampling, for
+    privacy amplification) it comes from OS randomness and is recorded there, so a resumed run replays it."""
     k = max(min(min_markets, len(names)), math.ceil(client_fraction * len(names)))
     if k >= len(names):
         return list(names)
+    if draws is not None:
+        if server_round not in draws:
+            rng = np.random.default_rng(secrets.randbits(128))
+            picked = set(rng.choice(len(names), size=k, replace=False).tolist())
+            draws[server_round] = [n for i, n in enumerate(names) if i in picked]
+        return list(draws[server_round])
     rng = np.random.default_rng(market_seed(seed, "__server__", server_round))
     chosen = set(rng.choice(len(names), size=k, replace=False).tolist())
     return [n for i, n in enumerate(names) if i in chosen]
@@ -204,6 +218,7 @@ class Simulator:
         seed: int = 0,
         client_fraction: float = 1.0,
         min_markets: int = 1,
+        secret_sampling: bool = False,
         eval_every: int = 1,
         select: str = "best_valid",
         select_metric: str = "auc",
@@ -225,6 +240,8 @@ class Simulator:
         self.local_epochs = local_epochs
         self.seed = seed
         self.client_fraction = client_fraction
+        # secret sampling: each round's draw from OS randomness, kept here (and in the checkpoint) for resume
+        self.draws: dict[int, list[str]] | None = {} if secret_sampling else None
         self.min_markets = min(min_markets, len(trainers))
         self.eval_every = eval_every
         self.select = select
@@ -262,6 +279,7 @@ class Simulator:
             "best": self.best,
             "plateau": self.plateau.state_dict(),
             "phase_tests": self.phase_tests,
+            "draws": self.draws,
         }
 
     def save_checkpoint(self) -> None:
@@ -292,12 +310,14 @@ class Simulator:
         self.best = state["best"]
         self.plateau.load_state_dict(state.get("plateau"))
         self.phase_tests = state.get("phase_tests", [])
+        if self.draws is not None:
+            self.draws = {int(r): list(d) for r, d in (state.get("draws") or {}).items()}
         return True
 
     # ----------------------------------------------------------------- rounds
     def _select_markets(self, server_round: int) -> list[str]:
         return select_markets(
-            list(self.trainers), self.seed, server_round, self.client_fraction, self.min_markets
+            list(self.trainers), self.seed, server_round, self.client_fraction, self.min_markets, self.draws
         )
 
     def _fail(self, server_round: int, market: str, stage: str, exc: BaseException) -> None:

@@ -208,7 +208,9 @@ def run_secure_round(
     cfg = server.cfg
     record = state.setdefault("secure_aggregation", [])
     is_sum, why = server_step_kind(strategy, server_round)
-    selected = select_markets(server.markets, seed, server_round, cfg.train.client_fraction, min_markets)
+    selected = select_markets(
+        server.markets, seed, server_round, cfg.train.client_fraction, min_markets, server.secret_draws(state)
+    )
     reachable = [m for m in selected if m in server.nodes]
     if is_sum and len(reachable) < 2:
         is_sum, why = False, "fewer than 2 markets reachable: a sum of one upload is that upload"

@@ -217,7 +217,9 @@ class FlowerServer:
         base_strategy = server_strategy(self.method, cfg, seed)
         # the same server-side wrappers as in process (DP noise + accountant); secure aggregation is Flower's
         # SecAgg+ (`fedmarket.flower.secagg`), not the in-process simulation
-        strategy = protect_strategy(cfg, base_strategy, seed, simulate_secure_aggregation=False)
+        strategy = protect_strategy(
+            cfg, base_strategy, seed, simulate_secure_aggregation=False, num_markets=len(self.markets)
+        )
         ckpt = self.run_dir / "checkpoints" / f"seed{seed}.pt"
         state = self._fresh_state()
         resumed = self.resume and ckpt.exists()
@@ -355,7 +357,9 @@ class FlowerServer:
         ):
             return  # a weighted-sum round went through Flower's SecAgg+ (`fedmarket.flower.secagg`)
         cfg = self.cfg
-        selected = select_markets(self.markets, seed, server_round, cfg.train.client_fraction, min_markets)
+        selected = select_markets(
+            self.markets, seed, server_round, cfg.train.client_fraction, min_markets, self.secret_draws(state)
+        )
         downloads = strategy.configure_train(server_round, selected)
         options = strategy.round_options(server_round)
         requests = {}
@@ -464,6 +468,17 @@ class FlowerServer:
             if market in replies:
                 test.update(self._reported(state, seed, server_round, market, replies[market], "test") or {})
         return test, {m: b["round"] for m, b in state["best"].items()}
+
+    def secret_draws(self, state: dict) -> dict[int, list[str]] | None:
+        """With ``privacy.secret_sampling`` (and DP on), the record of each round's secret draw, kept in the
+        server's checkpointed state for resume (`select_markets`); None: the seeded, public draw."""
+        p = self.cfg.privacy
+        if p.mode == "off" or not p.secret_sampling:
+            return None
+        draws = state.setdefault("draws", {})
+        for key in [k for k in draws if isinstance(k, str)]:  # JSON-restored keys
+            draws[int(key)] = draws.pop(key)
+        return draws
 
     def _reported(
         self, state: dict, seed: int, server_round: int, name: str, reply: Any, stage: str
