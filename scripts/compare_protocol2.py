@@ -95,6 +95,38 @@ def model_section(restored: Path, model: str, suffix: str) -> list[str]:
     return lines
 
 
+def summary_rows(restored: Path, suffix: str = "") -> list[str]:
+    """The README's short table: per row, average AUC and full NDCG@10 (mean ± std), the paired verdicts
+    against the popularity + recency floor (AUC) and against FedAvg (full NDCG@10), the upload."""
+    from fedmarket.eval.verdicts import format_verdict, paired_verdict
+    from fedmarket.report import _seed_values, load_run
+
+    found = rows_for(restored, suffix)
+    runs = {label: load_run(folder) for label, folder in found}
+    floor, fedavg = runs["popularity + recency (no learning)"], runs["FedAvg"]
+    out = []
+    for label, run in runs.items():
+        a, s = run["average"], run["average_std"]
+
+        def cell(metric: str, a=a, s=s) -> str:
+            return f"{a[metric]:.4f} ± {s.get(metric, 0.0):.4f}"
+
+        def versus(ref: dict, metric: str, label=label, run=run) -> str:
+            if run is ref:
+                return "–"
+            v = paired_verdict(
+                _seed_values(run, metric).get("average", {}), _seed_values(ref, metric).get("average", {}), metric
+            )
+            return format_verdict(v)
+
+        up = overview([run], [label]).iloc[0]["upload KB / market / round"]
+        out.append(
+            f"| {label} | {cell('auc')} | {cell('full_ndcg@10')} | {versus(floor, 'auc')} | "
+            f"{versus(fedavg, 'full_ndcg@10')} | {up} |"
+        )
+    return out
+
+
 def evaluation_section(restored: Path) -> list[str]:
     from fedmarket.report import _markdown
 
@@ -121,6 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--archive", default="results/xmrec_p2")
     ap.add_argument("--out", default="docs/results_xmrec_protocol2.md")
+    ap.add_argument("--summary", action="store_true", help="also print the README's short DeepFM table")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from fedmarket.api import restore_runs
@@ -142,6 +175,8 @@ def main() -> None:
         for model, suffix in MODELS.items():
             lines += model_section(restored, model, suffix)
         lines += evaluation_section(restored)
+        if args.summary:
+            print("\n".join(summary_rows(restored)))
     Path(args.out).write_text("\n".join(lines).rstrip() + "\n")
     print(args.out)
 
