@@ -80,7 +80,12 @@ def test_auto_keeps_fp32_accuracy_on_the_catalog_shapes():
 
 
 def test_a_sequential_step_is_the_same_either_way():
-    """One FeCoSR training loss and its gradients with the BLAS and with oneDNN: equal to fp32 rounding."""
+    """One FeCoSR training loss and its gradients with the BLAS and with oneDNN: equal to fp32 rounding,
+    wherever oneDNN computes in fp32. On a CPU where it computes in bf16 (Intel AMX) forcing it differs by
+    ~1 %, so there is nothing to compare; `auto` then keeps the BLAS (asserted)."""
+    if matmul.onednn_relative_error() >= 1e-5:
+        assert matmul.resolve_matmul("auto") == "blas"
+        pytest.skip("oneDNN computes fp32 matmuls in bf16 on this CPU; auto keeps the BLAS here")
     from fedmarket.data import leave_one_out
     from fedmarket.data.synthetic import make_synthetic_markets
     from fedmarket.federation.payload import UploadDeclaration

@@ -148,6 +148,7 @@ def run_seed(
         client_fraction=cfg.train.client_fraction,
         min_markets=cfg.train.min_markets,
         secret_sampling=cfg.privacy.mode != "off" and cfg.privacy.secret_sampling,
+        max_examples=cfg.train.max_examples,
         eval_every=cfg.eval.every,
         select=cfg.eval.select,
         select_metric=cfg.eval.select_metric,

@@ -92,6 +92,9 @@ class TrainConfig:
     negatives: int = 4
     client_fraction: float = 1.0
     min_markets: int = 1
+    # the largest example count a market may report with an upload (its aggregation weight); a larger,
+    # non-integer, non-finite or non-positive one fails that market's round
+    max_examples: int = 1_000_000_000
     threads: int = 1  # small models and batches: a second intra-op thread costs more than it gives here
     # fp32 CPU matmul kernels (`fedmarket.matmul`): "auto" = oneDNN where it computes in fp32 (≈ 2× MKL's speed
     # on this project's AMD EPYC), else the BLAS; "blas" = PyTorch's default (every record before
@@ -116,6 +119,7 @@ class TrainConfig:
         for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
             _positive(getattr(self, key), f"{prefix}.{key}")
         _positive(self.lr, f"{prefix}.lr")
+        _positive(self.max_examples, f"{prefix}.max_examples")
         if self.weight_decay < 0:
             raise ConfigError(f"{prefix}.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 < self.client_fraction <= 1:

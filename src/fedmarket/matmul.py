@@ -47,7 +47,9 @@ def onednn_relative_error() -> float:
         err = 0.0
         try:
             flag.fp32_precision = "bf16"
-            for m, k, n in ((128, 64, 512), (64, 1024, 64)):  # a short and a long inner dimension
+            # a short and a long inner dimension, and the shapes of a sequential step (batch × d, d × d,
+            # text 384 → d): oneDNN may pick bf16 kernels for some shapes only, so every kind is probed
+            for m, k, n in ((128, 64, 512), (64, 1024, 64), (32, 64, 64), (1600, 64, 64), (256, 384, 64)):
                 a = torch.randn(m, k, generator=gen, dtype=torch.float32)
                 b = torch.randn(k, n, generator=gen, dtype=torch.float32)
                 ref = a.double() @ b.double()

@@ -112,6 +112,26 @@ class UploadDeclaration:
             )
 
 
+def validate_num_examples(num_examples: object, market: str, maximum: int, uploaded: bool = True) -> int:
+    """A market's reported example count (its aggregation weight) as an int; `PayloadError` naming the market
+    unless it is a finite integer, positive when the market uploaded something (0 allowed with an empty
+    upload), and at most ``maximum``. A NaN count would otherwise poison the weighted mean (or, quantised for
+    secure aggregation, become INT64_MIN), and a negative one would break it."""
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int | float | np.integer | np.floating):
+        raise PayloadError(
+            f"market {market!r}: num_examples must be a number, got {type(num_examples).__name__}"
+        )
+    value = float(num_examples)
+    if not np.isfinite(value) or value != int(value):
+        raise PayloadError(f"market {market!r}: num_examples must be a finite integer, got {num_examples}")
+    lowest = 1 if uploaded else 0
+    if value < lowest or value > maximum:
+        raise PayloadError(
+            f"market {market!r}: num_examples {int(value)} outside [{lowest}, {maximum}] (train.max_examples)"
+        )
+    return int(value)
+
+
 def validate_update(
     payload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None, market: str
 ) -> None:

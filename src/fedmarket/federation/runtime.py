@@ -30,7 +30,12 @@ from fedmarket.data.split import market_seed
 from fedmarket.errors import FedmarketError
 from fedmarket.eval.metrics import lower_is_better
 from fedmarket.federation.core import ClientTrainer, RoundConfig, Strategy, Update
-from fedmarket.federation.payload import UploadDeclaration, payload_bytes, validate_update
+from fedmarket.federation.payload import (
+    UploadDeclaration,
+    payload_bytes,
+    validate_num_examples,
+    validate_update,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +224,7 @@ class Simulator:
         client_fraction: float = 1.0,
         min_markets: int = 1,
         secret_sampling: bool = False,
+        max_examples: int = 1_000_000_000,
         eval_every: int = 1,
         select: str = "best_valid",
         select_metric: str = "auc",
@@ -240,6 +246,7 @@ class Simulator:
         self.local_epochs = local_epochs
         self.seed = seed
         self.client_fraction = client_fraction
+        self.max_examples = max_examples
         # secret sampling: each round's draw from OS randomness, kept here (and in the checkpoint) for resume
         self.draws: dict[int, list[str]] | None = {} if secret_sampling else None
         self.min_markets = min(min_markets, len(trainers))
@@ -347,7 +354,10 @@ class Simulator:
                 update = self.trainers[market].fit(down, cfg)
                 self.declaration.check(update.payload, market)
                 metrics = self.declaration.check_metrics(update.metrics, market, "training metric")
-                update = Update(update.payload, update.num_examples, metrics)
+                count = validate_num_examples(
+                    update.num_examples, market, self.max_examples, uploaded=bool(update.payload)
+                )
+                update = Update(update.payload, count, metrics)
                 validate_update(update.payload, down if down else None, market)
             except Exception as exc:  # a failing market must not stop the others
                 self._fail(server_round, market, "fit", exc)

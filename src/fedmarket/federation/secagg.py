@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from fedmarket.data.split import market_seed
+from fedmarket.errors import PayloadError
 from fedmarket.federation.core import Strategy, Update
 from fedmarket.federation.payload import Payload
 
@@ -47,8 +48,12 @@ DEFAULT_FRACTION_BITS = 24
 
 
 def quantize(x: np.ndarray, fraction_bits: int = DEFAULT_FRACTION_BITS) -> np.ndarray:
-    """round(x · 2^f) as uint64 (two's complement)."""
-    scaled = np.round(np.asarray(x, dtype=np.float64) * 2.0**fraction_bits)
+    """round(x · 2^f) as uint64 (two's complement). Non-finite input is refused: cast to an integer it would
+    become INT64_MIN and silently corrupt the sum."""
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(x).all():
+        raise PayloadError("secure aggregation: a value to quantise is NaN or infinite")
+    scaled = np.round(x * 2.0**fraction_bits)
     if np.abs(scaled).max(initial=0) >= 2.0**62:
         raise OverflowError(f"value too large for {fraction_bits} fraction bits in 64-bit fixed point")
     return scaled.astype(np.int64).view(np.uint64)

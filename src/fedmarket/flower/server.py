@@ -44,7 +44,7 @@ from fedmarket.api import (
 from fedmarket.config import ExperimentConfig, load_config
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import Strategy, Update
-from fedmarket.federation.payload import payload_bytes, validate_update
+from fedmarket.federation.payload import payload_bytes, validate_num_examples, validate_update
 from fedmarket.federation.runtime import (
     Plateau,
     SimulationResult,
@@ -383,7 +383,12 @@ class FlowerServer:
             try:
                 upload = record_to_payload(reply.content[ARRAYS])
                 metrics = dict(reply.content[METRICS])
-                num_examples = int(metrics.pop("num_examples"))
+                num_examples = validate_num_examples(
+                    metrics.pop("num_examples", None),
+                    market,
+                    self.cfg.train.max_examples,
+                    uploaded=bool(upload),
+                )
                 self.declaration.check(upload, market)
                 metrics = self.declaration.check_metrics(metrics, market, "training metric")
                 validate_update(upload, down if down else None, market)
