@@ -59,7 +59,9 @@ def overview(runs: list[dict], labels: list[str]) -> pd.DataFrame:
                 "row": label,
                 "seeds": len(run["seeds"]),
                 "rounds trained (per seed)": ", ".join(str(c) for c in conv) if conv else "–",
-                "upload KB / market / round": ("raw data" if not run.get("private", True) else f"{up / 1e3:.1f}"),
+                "upload KB / market / round": (
+                    "raw data" if not run.get("private", True) else f"{up / 1e3:.1f}"
+                ),
                 "cold-item AUC": f"{run['average'].get('cold_auc', float('nan')):.3f}",
             }
         )
@@ -115,7 +117,9 @@ def summary_rows(restored: Path, suffix: str = "") -> list[str]:
             if run is ref:
                 return "–"
             v = paired_verdict(
-                _seed_values(run, metric).get("average", {}), _seed_values(ref, metric).get("average", {}), metric
+                _seed_values(run, metric).get("average", {}),
+                _seed_values(ref, metric).get("average", {}),
+                metric,
             )
             return format_verdict(v)
 
@@ -133,7 +137,14 @@ def evaluation_section(restored: Path) -> list[str]:
     any_run = next(p for p in sorted(restored.glob("*/metrics.json")))
     ev = json.loads(any_run.read_text()).get("evaluation") or {}
     frame = pd.DataFrame(ev).T[
-        ["evaluated_users", "cold_test_positives", "cold_valid_positives", "catalog_items", "items", "collapsed_repeats"]
+        [
+            "evaluated_users",
+            "cold_test_positives",
+            "cold_valid_positives",
+            "catalog_items",
+            "items",
+            "collapsed_repeats",
+        ]
     ]
     frame.index.name = "market"
     return [

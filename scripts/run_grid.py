@@ -79,7 +79,7 @@ def resumable(job: dict, out: Path, threads: int) -> Path | None:
     want = same_run_config(load_config(job["config"], job_overrides(job, threads)))
     for folder in sorted((out / f"seed{seed}").glob("*"), key=lambda f: f.stat().st_mtime, reverse=True):
         if (folder / "seeds" / f"seed{seed}.json").exists() or not (
-            folder / "checkpoints" / f"seed{seed}.pt"
+            folder / "checkpoints" / f"seed{seed}.ckpt"
         ).exists():
             continue
         try:

@@ -43,7 +43,7 @@ def test_run_writes_the_documented_run_folder(tmp_path, data_dir, capsys):
         assert m in metrics["per_market"]["in"]
     assert 0.5 < metrics["average"]["auc"] < 1
     assert metrics["communication"]["in"]["up_bytes"] > 0
-    for name in ("config.yaml", "rounds.csv", "uploads.csv", "report.md", "checkpoints/seed0.pt"):
+    for name in ("config.yaml", "rounds.csv", "uploads.csv", "report.md", "checkpoints/seed0.ckpt"):
         assert (run / name).exists(), name
     assert list(run.glob("*.png"))
     report = (run / "report.md").read_text()

@@ -187,7 +187,15 @@ def test_ml100k_alone_has_all_user_features(module_cache) -> None:
 def test_dataset_info_table(module_cache) -> None:
     real_data_dir()
     info = dataset_info("movielens-zip", markets=["zip8", "zip3"])
-    assert list(info.columns) == ["market", "users", "items", "interactions", "density", "repeated_rows", "time"]
+    assert list(info.columns) == [
+        "market",
+        "users",
+        "items",
+        "interactions",
+        "density",
+        "repeated_rows",
+        "time",
+    ]
     assert info["market"].tolist() == ["zip8", "zip3"]
     assert info["repeated_rows"].tolist() == [0, 0] and set(info["time"]) == {"timestamp"}
     assert info["interactions"].tolist() == [52_848, 63_496]

@@ -188,7 +188,7 @@ def make_sim(tmp_path=None, fail_round=None, nan_round=None, rounds=4):
         UploadDeclaration(("w",)),
         rounds=rounds,
         seed=3,
-        checkpoint_path=None if tmp_path is None else tmp_path / "ckpt.pt",
+        checkpoint_path=None if tmp_path is None else tmp_path / "ckpt.ckpt",
         progress=False,
     )
 

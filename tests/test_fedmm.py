@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fedmarket.api import prepare_data, run_seed
+from fedmarket.checkpoint import load_state
 from fedmarket.config import config_from_dict
 from fedmarket.errors import ConfigError, PayloadError
 from fedmarket.federation.core import RoundConfig, Update
@@ -133,7 +134,7 @@ def test_every_declared_pattern_is_in_the_method_declaration():
 def test_end_to_end_selects_a_ctr_round_and_stores_codes(tmp_path):
     cfg = fedmm_cfg(synthetic(), {"federate_autoencoder": False}, rounds=5)
     data = prepare_data(cfg)
-    result = run_seed(cfg, 0, data, tmp_path / "ckpt.pt", resume=False)
+    result = run_seed(cfg, 0, data, tmp_path / "ckpt.ckpt", resume=False)
     first_ctr = 1 + FAST["rqvae_rounds"] + 1
     pre = [h for h in result.history if h["round"] < first_ctr]
     assert pre and all("auc" not in h for h in pre)
@@ -145,7 +146,7 @@ def test_end_to_end_selects_a_ctr_round_and_stores_codes(tmp_path):
     rq = [u for u in result.uploads if 1 < u["round"] < first_ctr]
     assert rq and all(set(u["keys"]) == {GLOBAL_CODEBOOK, GLOBAL_USAGE} for u in rq)
     assert all(u["bytes"] == 16 * 32 * 4 + 16 * 4 for u in rq)
-    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    state = load_state(tmp_path / "ckpt.ckpt")
     for trainer_state in state["trainers"].values():
         c1, c2 = trainer_state["codes"]
         assert c1.max() < 16 and c2.max() < 8

@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from test_fedmm import FAST, check_uploads, fedmm_cfg, synthetic
 
 from fedmarket.api import run_experiment
+from fedmarket.checkpoint import load_state
 from fedmarket.config import config_from_dict
 from fedmarket.federation.secagg import server_step_kind
 from fedmarket.methods.fedmm import (
@@ -67,7 +67,7 @@ def _run(tmp_path, name, secure):
         "secure_aggregation": {"enabled": secure},
     }
     run_dir = run_experiment(config_from_dict(cfg))
-    state = torch.load(run_dir / "checkpoints" / "seed0.pt", weights_only=False)["strategy"]
+    state = load_state(run_dir / "checkpoints" / "seed0.ckpt")["strategy"]
     state = state.get("inner", state)  # SecureAggregation wraps the FedMM strategy
     return json.loads((run_dir / "metrics.json").read_text()), state["state"]["rqvae"]
 

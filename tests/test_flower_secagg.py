@@ -9,12 +9,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Error, Message
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from test_flower_app import MemoryGrid
 
 from fedmarket.api import run_experiment
+from fedmarket.checkpoint import load_state
 from fedmarket.config import config_from_dict
 from fedmarket.errors import FedmarketError
 from fedmarket.flower.app import client_app
@@ -98,7 +98,7 @@ def run(tmp_path, name, cfg_dict):
     run_dir = tmp_path / name / "run"
     FlowerServer(grid, config_from_dict(cfg_dict), run_dir, wait_nodes=0).run()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    aggregate = torch.load(run_dir / "checkpoints" / "seed0.pt", weights_only=False)["strategy"]
+    aggregate = load_state(run_dir / "checkpoints" / "seed0.ckpt")["strategy"]
     return grid, metrics, aggregate
 
 
@@ -187,7 +187,7 @@ def test_a_market_dropping_after_masking_is_recovered_by_secaggplus(tmp_path):
     assert [(f["market"], f["error"]) for f in metrics["failures"] if f["stage"] == "fit"] == [
         ("m2", "dropped out of SecAgg+")
     ]
-    got = torch.load(run_dir / "checkpoints" / "seed0.pt", weights_only=False)["strategy"]["global_payload"]
+    got = load_state(run_dir / "checkpoints" / "seed0.ckpt")["strategy"]["global_payload"]
     survivors = [uploads["m0"], uploads["m1"]]
     total = sum(n for _, n in survivors)
     n, c, w = 2, 4.0, 100000.0
@@ -207,7 +207,7 @@ def test_fedmm_rounds_after_the_first_codebook_merge_go_through_secaggplus(tmp_p
     cfg = {**base, "secure_aggregation": {"enabled": True, "clipping_range": c, "max_weight": w}}
     expected = json.loads((run_experiment(config_from_dict(cfg)) / "metrics.json").read_text())
     plain_dir = run_experiment(config_from_dict({**base, "output_dir": str(tmp_path / "plain")}))
-    plain = torch.load(plain_dir / "checkpoints" / "seed0.pt", weights_only=False)["strategy"]
+    plain = load_state(plain_dir / "checkpoints" / "seed0.ckpt")["strategy"]
     plain = plain["state"]["rqvae"]
     markets = cfg["dataset"]["markets"]
     grid = AppGrid(
@@ -229,7 +229,7 @@ def test_fedmm_rounds_after_the_first_codebook_merge_go_through_secaggplus(tmp_p
     # G_k = M·mean(u·G)_k / Σu_k and θ = M·mean(n·θ) / Σn
     m = len(markets)
     eps = 2 * c / round(quantization_range(m) / w)
-    secure = torch.load(tmp_path / "run" / "checkpoints" / "seed0.pt", weights_only=False)["strategy"]
+    secure = load_state(tmp_path / "run" / "checkpoints" / "seed0.ckpt")["strategy"]
     secure = secure["state"]["rqvae"]
     assert sorted(secure) == sorted(plain)
     usage = np.asarray(plain[GLOBAL_USAGE], np.float64)

@@ -87,10 +87,10 @@ def test_run_grid_drops_only_the_checkpoints_of_its_own_finished_jobs(tmp_path: 
     mine, other = tmp_path / "seed0" / "a-1", tmp_path / "seed0" / "b-2"
     for folder in (mine, other):
         (folder / "checkpoints").mkdir(parents=True)
-        (folder / "checkpoints" / "seed0.pt").write_bytes(b"x")
+        (folder / "checkpoints" / "seed0.ckpt").write_bytes(b"x")
     module.drop_checkpoints([mine])
     assert not (mine / "checkpoints").exists()
-    assert (other / "checkpoints" / "seed0.pt").read_bytes() == b"x"
+    assert (other / "checkpoints" / "seed0.ckpt").read_bytes() == b"x"
 
 
 def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_pa
     # the interruption: a 2-round run of the 3-round job, its results gone, its round-2 checkpoint kept
     cut = dict(base, train=dict(base["train"], rounds=2))
     folder = run_experiment(config_from_dict(cut))
-    assert (folder / "checkpoints" / "seed0.pt").exists()
+    assert (folder / "checkpoints" / "seed0.ckpt").exists()
     for f in ("metrics.json", "seeds/seed0.json", "rounds.csv"):
         (folder / f).unlink(missing_ok=True)
     full = dict(base, train=dict(base["train"], rounds=3))

@@ -152,7 +152,7 @@ def test_fedavg_finetune_fine_tunes_after_the_federated_plateau(splits) -> None:
 
 def test_resume_after_convergence_does_not_train_more(splits, tmp_path) -> None:
     cfg = _cfg("mtl_fedavg", rounds=10, patience=1, min_delta=0.5)
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt.ckpt"
     first = run_seed(cfg, 0, _Prepared(splits), ckpt, False)
     again = run_seed(cfg, 0, _Prepared(splits), ckpt, True)
     assert again.convergence == first.convergence and again.test == first.test
@@ -255,7 +255,7 @@ def test_a_phase_end_records_the_test_metrics_of_the_run_stopped_there(splits) -
 
 def test_phase_tests_survive_a_resume(splits, tmp_path) -> None:
     cfg = _cfg("mtl_fedavg_ft", {"federated_rounds": 8}, rounds=10, patience=1, min_delta=0.5)
-    ckpt = tmp_path / "ckpt.pt"
+    ckpt = tmp_path / "ckpt.ckpt"
     first = run_seed(cfg, 0, _Prepared(splits), ckpt, False)
     again = run_seed(cfg, 0, _Prepared(splits), ckpt, True)
     assert again.phase_tests == first.phase_tests and len(first.phase_tests) == 1

@@ -21,7 +21,7 @@ def _run_folder(root, name, seeds):
 def test_finds_run_folders_below_a_root_and_lists_pending_seeds(tmp_path):
     a = _run_folder(tmp_path / "grid" / "seed0", "a", [0, 1])
     b = _run_folder(tmp_path / "grid" / "seed1", "b", [1])
-    (a / "checkpoints" / "seed7.pt").write_bytes(b"not a checkpoint")
+    (a / "checkpoints" / "seed7.ckpt").write_bytes(b"not a checkpoint")
     assert find_run_dirs([tmp_path / "grid"]) == [a, b]
     rows = run_status(a)
     assert [(r["seed"], r["state"]) for r in rows] == [(0, "pending"), (1, "pending"), (7, "unreadable")]

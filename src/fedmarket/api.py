@@ -126,7 +126,12 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run_seed(
-    cfg: ExperimentConfig, seed: int, data: PreparedData, checkpoint: Path | None, resume: bool
+    cfg: ExperimentConfig,
+    seed: int,
+    data: PreparedData,
+    checkpoint: Path | None,
+    resume: bool,
+    checkpoint_fallback: bool = False,
 ) -> SimulationResult:
     method = get_method(cfg.method.name)
     opts = method.parse_options(cfg.method.options)
@@ -154,6 +159,7 @@ def run_seed(
         select_metric=cfg.eval.select_metric,
         full_ranking=cfg.eval.full_ranking,
         checkpoint_path=checkpoint,
+        checkpoint_fallback=checkpoint_fallback,
         progress=cfg.progress,
         patience=cfg.train.patience,
         min_delta=cfg.train.min_delta,
@@ -263,7 +269,12 @@ def describe_server_step(strategy: Strategy, rounds: int) -> dict[str, Any]:
     }
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, resume: bool = False) -> Path:
+def run_experiment(
+    cfg: ExperimentConfig,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    checkpoint_fallback: bool = False,
+) -> Path:
     """Run every seed of ``cfg`` and write the run folder. With ``resume=True`` and an existing
     ``run_dir``, finished seeds are kept and an interrupted seed continues from its last round checkpoint."""
     method = get_method(cfg.method.name)
@@ -284,7 +295,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path | None = None, res
             continue
         log.info("%s: seed %d", cfg.name, seed)
         t0 = time.perf_counter()
-        result = run_seed(cfg, seed, data, run_dir / "checkpoints" / f"seed{seed}.pt", resume)
+        checkpoint = run_dir / "checkpoints" / f"seed{seed}.ckpt"
+        result = run_seed(cfg, seed, data, checkpoint, resume, checkpoint_fallback)
         record = seed_record(
             seed, result, time.perf_counter() - t0, cfg.eval.protocol, data_fingerprint=data.fingerprint
         )

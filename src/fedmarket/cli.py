@@ -55,10 +55,20 @@ def _overrides(args: argparse.Namespace) -> dict:
         if "=" not in item:
             raise FedmarketError(f"--set expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
-        import yaml
-
-        out[key] = yaml.safe_load(raw)
+        out[key] = _parse_value(raw)
     return out
+
+
+def _parse_value(raw: str):
+    """A ``--set`` value as YAML, except that a number YAML 1.1 reads as a string (``1e-3``) is a number."""
+    import re
+
+    import yaml
+
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", value.strip()):
+        return float(value)
+    return value
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,9 +76,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedmarket.config import load_config
 
     if args.resume:
+        changes = sorted(k for k in _overrides(args) if k != "progress")
+        if changes:
+            raise FedmarketError(
+                f"--resume continues {args.resume} with its saved config.yaml; {changes} cannot change it "
+                "(start a new run to change the config)"
+            )
         cfg = load_run_config(args.resume)
         print(f"resuming {args.resume} (its saved config.yaml is used)")
-        run_dir = run_experiment(cfg, run_dir=args.resume, resume=True)
+        run_dir = run_experiment(
+            cfg, run_dir=args.resume, resume=True, checkpoint_fallback=args.previous_checkpoint
+        )
     else:
         cfg = load_config(args.config, _overrides(args))
         run_dir = run_experiment(cfg)
@@ -316,6 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one experiment config")
     r.add_argument("config", nargs="?")
     r.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run folder")
+    r.add_argument(
+        "--previous-checkpoint",
+        action="store_true",
+        help="with --resume: if a seed's checkpoint is corrupt, continue from the one before it",
+    )
     common(r)
     r.set_defaults(func=cmd_run)
 

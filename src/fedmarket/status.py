@@ -2,7 +2,7 @@
 
 A run trains for hours; its folder already says how far it got. For each seed of each run folder (a folder with a
 ``config.yaml``; a root is searched for them): ``done`` (``seeds/seed<N>.json``: rounds run, selected round, the
-headline test metric), ``running`` / ``stalled`` (``checkpoints/seed<N>.pt``, written after every round: the
+headline test metric), ``running`` / ``stalled`` (``checkpoints/seed<N>.ckpt``, written after every round: the
 round reached, the phase, the latest and best validation score, the slope the ``train.stop_slope`` guard reads,
 and how long ago the checkpoint was written; ``stalled`` when longer than ``stale_after`` seconds — a killed job
 that ``--resume`` continues) or ``pending``. Reads only; works the same on in-process and Flower checkpoints.
@@ -86,14 +86,14 @@ def seed_status(
                 row["test"] = (name, float(np.mean(values)))
                 break
         return row
-    ckpt = run_dir / "checkpoints" / f"seed{seed}.pt"
+    ckpt = run_dir / "checkpoints" / f"seed{seed}.ckpt"
     if not ckpt.is_file():
         row["state"] = "pending"
         return row
-    import torch
+    from fedmarket.checkpoint import load_state
 
     try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_state(ckpt)
     except Exception as exc:  # noqa: BLE001 - a torn or foreign file is reported, not raised
         row.update(state="unreadable", error=f"{type(exc).__name__}: {exc}")
         return row
@@ -125,7 +125,7 @@ def run_status(
         raise FedmarketError(f"{run_dir} is not a run folder: {path} is missing")
     cfg = yaml.safe_load(path.read_text()) or {}
     seeds = {int(s) for s in cfg.get("seeds") or [0]}
-    for sub, suffix in (("seeds", ".json"), ("checkpoints", ".pt")):
+    for sub, suffix in (("seeds", ".json"), ("checkpoints", ".ckpt")):
         for f in (run_dir / sub).glob(f"seed*{suffix}"):
             digits = f.name[4 : -len(suffix)]
             if digits.isdigit():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import secrets
 import time
 import traceback
@@ -23,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from fedmarket.checkpoint import load_state, save_state
 from fedmarket.data.split import market_seed
 from fedmarket.errors import FedmarketError
 from fedmarket.eval.metrics import lower_is_better
@@ -230,6 +229,7 @@ class Simulator:
         select_metric: str = "auc",
         full_ranking: bool = True,
         checkpoint_path: str | Path | None = None,
+        checkpoint_fallback: bool = False,
         progress: bool = True,
         patience: int = 0,
         min_delta: float = 0.0,
@@ -255,6 +255,7 @@ class Simulator:
         self.select_metric = select_metric
         self.full_ranking = full_ranking
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.checkpoint_fallback = checkpoint_fallback
         self.progress = progress
         # mutable run state (checkpointed)
         self.round = 0
@@ -292,15 +293,12 @@ class Simulator:
     def save_checkpoint(self) -> None:
         if self.checkpoint_path is None:
             return
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(self._state(), tmp)
-        os.replace(tmp, self.checkpoint_path)  # atomic: a kill never leaves a torn checkpoint
+        save_state(self.checkpoint_path, self._state())  # atomic, checksummed, the previous one kept
 
     def load_checkpoint(self) -> bool:
         if self.checkpoint_path is None or not self.checkpoint_path.exists():
             return False
-        state = torch.load(self.checkpoint_path, weights_only=False)
+        state = load_state(self.checkpoint_path, fallback=self.checkpoint_fallback)
         if set(state["trainers"]) != set(self.trainers):
             raise FedmarketError(
                 f"checkpoint {self.checkpoint_path} holds markets {sorted(state['trainers'])}, "

@@ -7,7 +7,7 @@ only on ``eval.split_seed`` and the market, so they equal the in-process ones).
 
 Trainer state across messages. Under the Deployment Engine every message starts a fresh ClientApp process,
 so the trainer's ``state_dict`` is written to a per-market state folder after every train/evaluate step,
-named by (round, stage): ``<state-dir>/<run key>/seed<S>/<market>/r00003-eval.pt``. A train message for round
+named by (round, stage): ``<state-dir>/<run key>/seed<S>/<market>/r00003-eval.ckpt``. A train message for round
 r loads the latest state before r, an evaluate message the latest up to r, the final test the selected
 round. Keying by round, not "latest", is what makes both failure paths exact: a SuperLink killed mid-round
 resumes that round from the states before it, and a SuperNode restarted on the same state folder rejoins
@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
+from fedmarket.checkpoint import load_state, save_state
 from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
 from fedmarket.data.split import MarketSplit, split_for_config
@@ -152,7 +153,7 @@ def skip_dynamo_import() -> int:
 
 
 # ------------------------------------------------------------------------------------------ state store
-_TAG = re.compile(r"r(\d{5})-(init|fit|eval)\.pt$")
+_TAG = re.compile(r"r(\d{5})-(init|fit|eval)\.ckpt$")
 
 
 class StateStore:
@@ -177,18 +178,16 @@ class StateStore:
         return max(candidates, key=lambda t: (t[0], t[1] == "eval")) if candidates else None
 
     def path(self, tag: tuple[int, str]) -> Path:
-        return self.root / f"r{tag[0]:05d}-{tag[1]}.pt"
+        return self.root / f"r{tag[0]:05d}-{tag[1]}.ckpt"
 
     def save(self, tag: tuple[int, str], state: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(tag).with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path(tag))
+        save_state(self.path(tag), state, keep_previous=False)
         if tag[1] == "eval":  # the evaluated state supersedes the round's post-fit state
             self.path((tag[0], "fit")).unlink(missing_ok=True)
 
     def load(self, tag: tuple[int, str]) -> dict[str, Any]:
-        return torch.load(self.path(tag), weights_only=False)
+        return load_state(self.path(tag))
 
     def prune(self, keep_round: int) -> None:
         """Keep the two newest rounds (a resumed round needs the one before it) and ``keep_round`` (the

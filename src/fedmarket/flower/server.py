@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
 from flwr.app import Message, RecordDict
 
@@ -41,6 +39,7 @@ from fedmarket.api import (
     seed_record,
     write_results,
 )
+from fedmarket.checkpoint import load_state, save_state
 from fedmarket.config import ExperimentConfig, load_config
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import Strategy, Update
@@ -220,11 +219,11 @@ class FlowerServer:
         strategy = protect_strategy(
             cfg, base_strategy, seed, simulate_secure_aggregation=False, num_markets=len(self.markets)
         )
-        ckpt = self.run_dir / "checkpoints" / f"seed{seed}.pt"
+        ckpt = self.run_dir / "checkpoints" / f"seed{seed}.ckpt"
         state = self._fresh_state()
         resumed = self.resume and ckpt.exists()
         if resumed:
-            saved = torch.load(ckpt, weights_only=False)
+            saved = load_state(ckpt)
             strategy.load_state_dict(saved["strategy"])
             state = {k: saved.get(k, v) for k, v in state.items()}  # older checkpoints lack new keys
             self.markets = saved["markets"]
@@ -302,12 +301,9 @@ class FlowerServer:
         }
 
     def _checkpoint(self, path: Path, strategy: Strategy, state: dict[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(
-            {**state, "strategy": strategy.state_dict(), "markets": self.markets, "runtime": "flower"}, tmp
+        save_state(
+            path, {**state, "strategy": strategy.state_dict(), "markets": self.markets, "runtime": "flower"}
         )
-        os.replace(tmp, path)
 
     def _fail(self, state: dict, seed: int, server_round: int, market: str, stage: str, error: str) -> None:
         log.warning("round %d: market %s failed in %s: %s", server_round, market, stage, error)

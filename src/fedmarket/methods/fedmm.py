@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedmarket.checkpoint import load_state
 from fedmarket.data.split import MarketSplit, market_seed
 from fedmarket.errors import ConfigError, PayloadError
 from fedmarket.federation.aggregators import weighted_mean
@@ -909,8 +910,8 @@ def alignment_from_run(run_dir: str | Path, write: bool = True) -> dict[str, Any
         "note": "analysis only: uses raw item keys (ASIN), never part of training",
         "seeds": {},
     }
-    for ckpt in sorted((run_dir / "checkpoints").glob("seed*.pt")):
-        state = torch.load(ckpt, weights_only=False)
+    for ckpt in sorted((run_dir / "checkpoints").glob("seed*.ckpt")):
+        state = load_state(ckpt)
         codes = {m: s["codes"][0] for m, s in state["trainers"].items() if s.get("codes") is not None}
         if codes:
             out["seeds"][ckpt.stem] = code_alignment(codes, {m: raw[m] for m in codes})
