@@ -73,6 +73,7 @@ class PreparedData:
 
 
 _PREPARED: dict[str, PreparedData] = {}
+ACTIVE_RUN_DIR: Path | None = None  # the run folder being written (the CLI names it when interrupted)
 
 
 def prepare_data(cfg: ExperimentConfig) -> PreparedData:
@@ -104,14 +105,19 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
+    """A new folder ``<output_dir>/<name>-<timestamp>[-N]``, created atomically: two runs started in the
+    same second (two processes) never share one."""
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(cfg.output_dir) / f"{cfg.name}-{stamp}"
-    run_dir, i = base, 1
-    while run_dir.exists():
-        run_dir = base.with_name(f"{base.name}-{i}")
-        i += 1
-    run_dir.mkdir(parents=True)
-    return run_dir
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for i in range(10_000):
+        run_dir = base if i == 0 else base.with_name(f"{base.name}-{i}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise FedmarketError(f"no free run folder name next to {base}")
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -284,6 +290,8 @@ def run_experiment(
         run_dir = new_run_dir(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    global ACTIVE_RUN_DIR
+    ACTIVE_RUN_DIR = run_dir
     (run_dir / "seeds").mkdir(exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     started = time.perf_counter()
@@ -297,12 +305,13 @@ def run_experiment(
         t0 = time.perf_counter()
         checkpoint = run_dir / "checkpoints" / f"seed{seed}.ckpt"
         result = run_seed(cfg, seed, data, checkpoint, resume, checkpoint_fallback)
-        record = seed_record(
-            seed, result, time.perf_counter() - t0, cfg.eval.protocol, data_fingerprint=data.fingerprint
-        )
+        seconds = result.elapsed_before + time.perf_counter() - t0  # a resumed seed counts its earlier part
+        record = seed_record(seed, result, seconds, cfg.eval.protocol, data_fingerprint=data.fingerprint)
         _write_json(seed_file, record)
         per_seed.append(record)
-    write_results(cfg, run_dir, per_seed, time.perf_counter() - started, data=data)
+    # the run's compute: every seed's seconds, the parts before a resume included
+    seconds = max(time.perf_counter() - started, sum(float(r.get("seconds", 0.0)) for r in per_seed))
+    write_results(cfg, run_dir, per_seed, seconds, data=data)
     return run_dir
 
 

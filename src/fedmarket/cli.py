@@ -454,6 +454,13 @@ def main(argv: list[str] | None = None) -> int:
     except FedmarketError as exc:
         print(f"fedmarket: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        from fedmarket import api
+
+        folder = api.ACTIVE_RUN_DIR
+        hint = f"; continue with: fedmarket run --resume {folder}" if folder is not None else ""
+        print(f"fedmarket: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

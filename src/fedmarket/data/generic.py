@@ -34,6 +34,7 @@ LOADER_VERSION = "2"  # 2: meta records where time comes from
 SUFFIXES = (".csv.gz", ".csv", ".tsv", ".parquet")
 REQUIRED = ("user", "item")
 OPTIONAL = ("rating", "timestamp", "text")
+MAX_ID_LENGTH = 1024  # characters of a user or item id
 
 
 def _suffix(path: Path) -> str | None:
@@ -89,10 +90,59 @@ def _read(path: Path) -> tuple[pd.DataFrame, str]:
         )
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file") from None
-    except (pd.errors.ParserError, ValueError, OSError, UnicodeDecodeError) as err:
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: {_decode_error_line(path, err)}") from None
+    except (pd.errors.ParserError, ValueError, OSError) as err:
         raise DataError(f"{path}: cannot parse: {err}") from None
     blank = frame.isna().all(axis=1).to_numpy()
     return (frame[~blank] if blank.any() else frame), "line"
+
+
+def _decode_error_line(path: Path, err: UnicodeDecodeError) -> str:
+    """Where a file stops being UTF-8, as a line (pandas reports a position inside a buffer)."""
+    import gzip
+
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                return f"line {number}: not UTF-8 text (byte {raw[bad.start]:#04x} at column {bad.start + 1})"
+    return f"not UTF-8 text ({err.reason})"
+
+
+def _check_cells(path: Path, frame: pd.DataFrame, unit: str) -> None:
+    """Refuse what a Parquet file can hold but a market cannot: lists or other non-scalar cells, booleans
+    as timestamps, and ids longer than `MAX_ID_LENGTH` characters."""
+    for column in [c for c in (*REQUIRED, *OPTIONAL) if c in frame.columns]:
+        values = frame[column]
+        if values.dtype == object:
+            nested = values.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray)).to_numpy()
+            if nested.any():
+                kind = type(values.iloc[np.flatnonzero(nested)[0]]).__name__
+                raise first_bad(
+                    path,
+                    frame,
+                    nested,
+                    f"column {column!r}: a {kind} (list or array) where one value is expected",
+                    unit,
+                )
+        if column == "timestamp" and (
+            pd.api.types.is_bool_dtype(values) or values.map(lambda v: isinstance(v, bool | np.bool_)).any()
+        ):
+            bad = values.map(lambda v: isinstance(v, bool | np.bool_)).to_numpy()
+            raise first_bad(path, frame, bad, "column 'timestamp': a boolean is not a time", unit)
+        if column in REQUIRED:
+            long = values.astype(str).str.len().to_numpy() > MAX_ID_LENGTH
+            if long.any():
+                raise first_bad(
+                    path,
+                    frame,
+                    long,
+                    f"column {column!r}: an id longer than {MAX_ID_LENGTH} characters",
+                    unit,
+                )
 
 
 def _numbers(path: Path, frame: pd.DataFrame, column: str, unit: str) -> np.ndarray:
@@ -120,9 +170,14 @@ def _timestamps(path: Path, frame: pd.DataFrame, unit: str) -> np.ndarray:
     bad = parsed.isna().to_numpy()
     if bad.any():
         value = column.iloc[np.flatnonzero(bad)[0]]
-        raise first_bad(
-            path, frame, bad, f"column 'timestamp': {value!r} is neither a number nor a date", unit
+        numeric = pd.to_numeric(pd.Series([value]), errors="coerce").notna().iloc[0]
+        what = (
+            f"{value!r} is a number among dates (use one format for the whole column: Unix seconds or "
+            "ISO-8601 dates)"
+            if numeric
+            else f"{value!r} is neither a number nor a date"
         )
+        raise first_bad(path, frame, bad, f"column 'timestamp': {what}", unit)
     return ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)).to_numpy(dtype=np.int64)
 
 
@@ -135,6 +190,7 @@ def parse_market_file(path: Path, name: str) -> MarketData:
     if frame.empty:
         raise DataError(f"{path}: market {name!r} has no interactions")
     frame = frame.reset_index(drop=True) if unit == "row" else frame
+    _check_cells(path, frame, unit)
     for column in REQUIRED:
         missing = frame[column].isna().to_numpy()
         if missing.any():

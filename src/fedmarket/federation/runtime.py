@@ -55,6 +55,8 @@ class SimulationResult:
     # stopped there): phase 1 of FeCoSR / FedAvg + fine-tune is the pre-trained model without fine-tuning.
     # [{"round": r, "test": market -> metric -> value, "selected_round": market -> round}] (both runtimes)
     phase_tests: list[dict[str, Any]] = field(default_factory=list)
+    # seconds this seed had run before a resume (from its checkpoint); 0 for an uninterrupted run
+    elapsed_before: float = 0.0
 
 
 # ------------------------------------------------------------------ round bookkeeping shared by runtimes
@@ -256,6 +258,8 @@ class Simulator:
         self.full_ranking = full_ranking
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.checkpoint_fallback = checkpoint_fallback
+        self.elapsed_before = 0.0  # seconds of this seed before a resume
+        self._started = time.perf_counter()
         self.progress = progress
         # mutable run state (checkpointed)
         self.round = 0
@@ -288,6 +292,7 @@ class Simulator:
             "plateau": self.plateau.state_dict(),
             "phase_tests": self.phase_tests,
             "draws": self.draws,
+            "elapsed": self.elapsed_before + (time.perf_counter() - self._started),
         }
 
     def save_checkpoint(self) -> None:
@@ -317,6 +322,7 @@ class Simulator:
         self.phase_tests = state.get("phase_tests", [])
         if self.draws is not None:
             self.draws = {int(r): list(d) for r, d in (state.get("draws") or {}).items()}
+        self.elapsed_before = float(state.get("elapsed", 0.0))
         return True
 
     # ----------------------------------------------------------------- rounds
@@ -419,6 +425,7 @@ class Simulator:
                 }
 
     def run(self, resume: bool = False) -> SimulationResult:
+        self._started = time.perf_counter()
         if resume and self.load_checkpoint():
             log.info("resumed from %s at round %d", self.checkpoint_path, self.round)
         else:
@@ -513,6 +520,7 @@ class Simulator:
             privacy=dict(getattr(self.strategy, "privacy_report", dict)()),
             convergence=convergence_report(self.plateau, self.round),
             phase_tests=self.phase_tests,
+            elapsed_before=self.elapsed_before,
         )
 
 
