@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fedmarket.data import MarketData, leave_one_out
-from fedmarket.data.split import PROTOCOL_VERSION
+from fedmarket.data.split import PROTOCOL_VERSION, SeenItems
 from fedmarket.methods.floors import evaluate_item_scores
 
 WARM_ITEMS, COLD_ITEMS = 1000, 400
@@ -192,3 +192,18 @@ def test_given_candidate_lists_on_a_real_market_are_scored_exactly(data_dir, tmp
     (tmp_path / "in.test.tsv").write_text("\n".join(text) + "\n")
     with pytest.raises(DataError, match=r"in\.test\.tsv.*(positive|positives)"):
         use_given_candidates(split, tmp_path)
+
+
+def test_large_markets_draw_negatives_by_rejection_with_the_same_rules(monkeypatch) -> None:
+    import fedmarket.data.split as split_module
+
+    monkeypatch.setattr(split_module, "DENSE_LIMIT", 0)  # every market counts as large
+    split = leave_one_out(planted_market("m0", seed=4))
+    for es in (split.valid, split.test):
+        negs = es.candidates[:, 1:]
+        assert (np.sort(negs, 1)[:, 1:] != np.sort(negs, 1)[:, :-1]).all()  # distinct in each list
+        assert split.catalog[negs].all()  # from the catalog only
+        seen = SeenItems.build(
+            split.market.users, split.market.items, split.market.num_users, split.market.num_items
+        )
+        assert not seen.contains(np.repeat(es.users, negs.shape[1]), negs.ravel()).any()

@@ -58,7 +58,8 @@ class SeenItems:
 
     @classmethod
     def build(cls, users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> SeenItems:
-        keys = np.unique(users.astype(np.int64) * num_items + items.astype(np.int64))
+        keys = np.sort(users.astype(np.int64) * num_items + items.astype(np.int64))  # sort-based unique:
+        keys = keys[np.r_[True, keys[1:] != keys[:-1]]] if len(keys) else keys  # faster than np.unique's hash
         u = keys // num_items
         indptr = np.zeros(num_users + 1, dtype=np.int64)
         np.add.at(indptr, u + 1, 1)
@@ -180,6 +181,62 @@ class MarketSplit:
         }
 
 
+DENSE_LIMIT = 200_000_000
+"""Above this many (user × item) cells per split a market's negatives are drawn by rejection sampling
+(`_sample_sparse`) instead of one random key per cell: the same distribution (a uniform subset of each user's
+allowed unseen items), in time proportional to the number of users. Every market of the bundled datasets is
+below it, so their candidate lists are those of the dense draw."""
+
+
+def _sample_sparse(
+    users: np.ndarray,
+    all_seen: SeenItems,
+    pool: np.ndarray,
+    num_negatives: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """For each user, ``num_negatives`` distinct items of ``pool`` the user never interacted with, uniformly:
+    sequential draws with replacement, rejecting seen items and repeats, are a uniform sample without
+    replacement; a row left short is drawn again whole, with more draws (so rows stay independent)."""
+    k = num_negatives
+    out = np.empty((len(users), k), dtype=np.int64)
+    chunk = max(1, 2_000_000 // (k + max(16, k // 4)))  # bounded memory: ~2 M draws at a time
+    for start in range(0, len(users), chunk):
+        part = slice(start, start + chunk)
+        out[part] = _sample_sparse_rows(users[part], all_seen, pool, k, rng)
+    return out
+
+
+def _sample_sparse_rows(
+    users: np.ndarray, all_seen: SeenItems, pool: np.ndarray, k: int, rng: np.random.Generator
+) -> np.ndarray:
+    out = np.empty((len(users), k), dtype=np.int64)
+    pending = np.arange(len(users))
+    width = k + max(
+        16, k // 4
+    )  # most draws are accepted (a user has seen few of many items); a short row redraws
+    while len(pending):
+        m = len(pending)
+        draws = pool[rng.integers(0, len(pool), size=(m, width))]
+        rows = np.repeat(np.arange(m), width)
+        flat = draws.ravel()
+        ok = ~all_seen.contains(users[pending][rows], flat)
+        # first occurrence of each (row, item): stable sort by key, mark later copies
+        key = rows.astype(np.int64) * (int(pool.max()) + 1) + flat
+        order = np.argsort(key, kind="stable")
+        repeat = np.zeros(len(key), dtype=bool)
+        repeat[order[1:]] = key[order[1:]] == key[order[:-1]]
+        ok &= ~repeat
+        ok = ok.reshape(m, width)
+        rank = np.cumsum(ok, axis=1)
+        done = rank[:, -1] >= k
+        take = ok & (rank <= k)
+        out[pending[done]] = np.sort(draws[done][take[done]].reshape(-1, k), axis=1)
+        pending = pending[~done]
+        width *= 2
+    return out
+
+
 def _sample_candidates(
     users: np.ndarray,
     all_seen: SeenItems,
@@ -209,6 +266,9 @@ def _sample_candidates(
             f"market {name!r}: user{raw} has only {free.min()} {where}, fewer than the "
             f"{num_negatives} negatives asked for: lower eval.candidates to at most {free.min()}"
         )
+    if len(users) * num_items > DENSE_LIMIT:
+        pool = np.arange(num_items) if allowed is None else np.flatnonzero(allowed)
+        return _sample_sparse(users, all_seen, pool, num_negatives, rng)
     out = np.empty((len(users), num_negatives), dtype=np.int64)
     chunk = max(1, 4_000_000 // max(1, num_items))
     for start in range(0, len(users), chunk):
