@@ -426,7 +426,11 @@ def summarize(
         privacy_record["epsilon_by_seed"] = {
             str(rec["seed"]): (rec.get("privacy") or {}).get("epsilon") for rec in per_seed
         }
-    label = cfg.method.name if not cfg.model.name else f"{cfg.method.name}-{cfg.model.name}"
+    label = (
+        cfg.method.name
+        if not cfg.model.name or method.task == "floor"
+        else f"{cfg.method.name}-{cfg.model.name}"
+    )
     return {
         "name": cfg.name,
         "label": label,
