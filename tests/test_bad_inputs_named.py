@@ -119,3 +119,11 @@ def test_non_finite_config_values_are_named() -> None:
             with pytest.raises(ConfigError, match=f"train.{key} must be a finite number > 0"):
                 config_from_dict({"train": {key: bad}})
     assert np.isfinite(config_from_dict({"train": {"lr": 1e-3}}).train.lr)
+
+
+def test_a_market_name_that_would_break_node_config_is_refused_at_load(tmp_path) -> None:
+    from fedmarket.data import load_dataset
+
+    (tmp_path / 'de"x.csv').write_text("user,item\nu,i\nu,j\nu,k\n")
+    with pytest.raises(DataError, match=r"market name 'de\"x' is not allowed"):
+        load_dataset("generic", path=str(tmp_path), use_cache=False)

@@ -7,6 +7,7 @@ that names it instead of being silently ignored.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,7 +225,23 @@ def load_dataset(
     merged = _check_options(name, spec, options)
     if name == "generic":
         merged["path"] = Path(merged["path"]).expanduser().absolute()  # relative to the working directory
-    return spec.load(data_dir, markets, use_cache, **merged)
+    loaded = spec.load(data_dir, markets, use_cache, **merged)
+    for market in loaded:
+        check_market_name(market, f"dataset {name!r}")
+    return loaded
+
+
+MARKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_market_name(market: str, where: str) -> None:
+    """A market name travels in file names, reports and Flower's ``--node-config 'market="…"'``: letters,
+    digits, '.', '_' and '-' only (a quote or a space would break them), at most 64 characters."""
+    if not isinstance(market, str) or not MARKET_NAME.fullmatch(market):
+        raise DataError(
+            f"{where}: market name {market!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (rename the file or the market)"
+        )
 
 
 def dataset_info(
