@@ -87,13 +87,14 @@ def _read(path: Path) -> tuple[pd.DataFrame, str]:
             keep_default_na=False,
             na_values=[""],
             skip_blank_lines=False,
+            index_col=False,  # a row with more fields than the header is an error, never an index
         )
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: empty file") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: {_decode_error_line(path, err)}") from None
     except (pd.errors.ParserError, ValueError, OSError) as err:
-        raise DataError(f"{path}: cannot parse: {err}") from None
+        raise DataError(f"{path}: cannot parse: {' '.join(str(err).split())}") from None
     blank = frame.isna().all(axis=1).to_numpy()
     return (frame[~blank] if blank.any() else frame), "line"
 

@@ -14,6 +14,7 @@ runtime, on the Flower client before sending and on the Flower server on receipt
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -91,9 +92,13 @@ class UploadDeclaration:
                 raise PayloadError(
                     f"market {market!r}: {where} {key!r} must be a real scalar, got {type(value).__name__}"
                 )
-            if np.isinf(value):
+            try:
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+            if math.isinf(number):
                 raise PayloadError(f"market {market!r}: {where} {key!r} is {value} (must be finite or NaN)")
-            out[key] = float(value)
+            out[key] = number
         return out
 
     def allows(self, key: str) -> bool:
@@ -121,7 +126,10 @@ def validate_num_examples(num_examples: object, market: str, maximum: int, uploa
         raise PayloadError(
             f"market {market!r}: num_examples must be a number, got {type(num_examples).__name__}"
         )
-    value = float(num_examples)
+    try:
+        value = float(num_examples)
+    except OverflowError:
+        value = math.inf
     if not np.isfinite(value) or value != int(value):
         raise PayloadError(f"market {market!r}: num_examples must be a finite integer, got {num_examples}")
     lowest = 1 if uploaded else 0
