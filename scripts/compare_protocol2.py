@@ -182,6 +182,11 @@ def main() -> None:
             "(patience 5 with a slope check, at most 60 CTR rounds). Verdicts: paired t-test over seeds, 95 % "
             "interval; `wins` only when it excludes 0. † = not private (pools raw data), a ceiling, not a contender.",
             "",
+            "Where the records ran: every DeepFM row except Local + stats seed 1 and Central-shared-IDs seed 2, and "
+            "the DCNv2 rows FedMM (both routes), FedAvg, Local, FedProx and Centralized seed 0, on a 16-core machine "
+            "(PyTorch 2.11, one thread a job); the rest on a 2-core machine (PyTorch 2.13, one thread a job). Kernels "
+            "differ in the last bits between them; a seed pairs rows across machines, which adds noise, not bias.",
+            "",
         ]
         for model, suffix in MODELS.items():
             lines += model_section(restored, model, suffix)
