@@ -28,7 +28,7 @@ import yaml
 from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
 from fedmarket.data.market import MarketData
-from fedmarket.data.split import MarketSplit, split_for_config
+from fedmarket.data.split import MarketSplit, split_for_config, split_settings
 from fedmarket.errors import ConfigError, FedmarketError
 from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
 from fedmarket.federation.core import ClientTrainer, Strategy
@@ -81,17 +81,7 @@ def prepare_data(cfg: ExperimentConfig) -> PreparedData:
     same data loads and splits it once)."""
     d = cfg.dataset
     key = json.dumps(
-        [
-            d.name,
-            d.markets,
-            d.data_dir,
-            d.options,
-            cfg.eval.candidates,
-            cfg.eval.split_seed,
-            cfg.eval.protocol,
-            cfg.eval.repeats,
-            cfg.eval.given_candidates,
-        ],
+        [d.name, d.markets, d.data_dir, d.options, *split_settings(cfg.eval)],
         sort_keys=True,
         default=str,
     )

@@ -549,6 +549,11 @@ def sample_train_negatives(
     return items.reshape(len(users), per_positive)
 
 
+def split_settings(ev) -> list:
+    """Everything of an `EvalConfig` a split depends on (the key of every cache of splits)."""
+    return [ev.candidates, ev.split_seed, ev.protocol, ev.repeats, ev.given_candidates]
+
+
 def split_for_config(market, ev) -> MarketSplit:
     """The split every runtime (in-process, Flower ClientApp) makes of one market under an `EvalConfig`:
     leave-one-out (protocol, repeats, given candidate lists) for interaction markets; the per-user temporal

@@ -36,7 +36,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedmarket.checkpoint import load_state, save_state
 from fedmarket.config import ExperimentConfig, config_from_dict
 from fedmarket.data import load_dataset
-from fedmarket.data.split import MarketSplit, split_for_config
+from fedmarket.data.split import MarketSplit, split_for_config, split_settings
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import ClientTrainer, RoundConfig
 from fedmarket.flower.records import (
@@ -259,17 +259,7 @@ def market_split(
     a stale one."""
     d = cfg.dataset
     key = json.dumps(
-        [
-            d.name,
-            market,
-            data_dir,
-            d.options,
-            cfg.eval.candidates,
-            cfg.eval.split_seed,
-            cfg.eval.protocol,
-            cfg.eval.repeats,
-            cfg.eval.given_candidates,
-        ],
+        [d.name, market, data_dir, d.options, *split_settings(cfg.eval)],
         sort_keys=True,
         default=str,
     )
