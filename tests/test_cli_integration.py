@@ -71,9 +71,9 @@ def test_resume_of_a_killed_run_gives_the_uninterrupted_numbers(tmp_path, data_d
         original(self, server_round)
 
     monkeypatch.setattr(Simulator, "run_round", dying)
-    with pytest.raises(KeyboardInterrupt):
-        main(["run", str(config)])
+    assert main(["run", str(config)]) == 130  # Ctrl-C: one line naming the resume command
     killed = only_run(tmp_path, "it_killed")
+    assert f"continue with: fedmarket run --resume {killed}" in capsys.readouterr().err
     assert not (killed / "metrics.json").exists()
     # `fedmarket status` reads where the killed seed stands from its checkpoint
     from fedmarket.status import run_status
