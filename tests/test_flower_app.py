@@ -225,6 +225,21 @@ def test_an_undeclared_metric_never_leaves_a_market_and_a_lying_market_fails_alo
     assert "user_u0" not in (run_dir / "rounds.csv").read_text()
 
 
+def test_a_second_node_claiming_an_online_market_is_refused(tmp_path):
+    grid = memory_grid(tmp_path)
+    grid.nodes[103] = {"market": "m1", "state-dir": str(tmp_path / "state" / "impostor")}
+    grid.contexts[103] = Context(
+        run_id=1, node_id=103, node_config=grid.nodes[103], state=RecordDict(), run_config={}
+    )
+    run_dir = tmp_path / "run"
+    FlowerServer(grid, config_from_dict(synthetic_cfg(tmp_path, rounds=2)), run_dir, wait_nodes=0).run()
+    refused = json.loads((run_dir / "flower_refused_claims.json").read_text())
+    assert refused == [{"node": 103, "market": "m1"}]
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+    assert trained == {100, 101, 102}  # the impostor is never sent work
+    assert not json.loads((run_dir / "metrics.json").read_text())["failures"]
+
+
 def test_a_missing_node_fails_its_steps_and_a_returning_node_rejoins(tmp_path):
     grid = memory_grid(tmp_path)
     run_dir = tmp_path / "run"

@@ -111,6 +111,7 @@ class FlowerServer:
         self.key = run_dir.name  # names the markets' state folders; stable across a resume
         self.nodes: dict[str, int] = {}  # market -> node id
         self.known_nodes: set[int] = set()
+        self.refused_claims: list[dict[str, Any]] = []  # second claims of a market whose node is online
         self.markets: list[str] = list(cfg.dataset.markets or [])
         self.timings: list[dict[str, Any]] = []
 
@@ -195,7 +196,20 @@ class FlowerServer:
                 for node, reply in replies.items():
                     market = open_envelope(reply.content[ENVELOPE])["market"]
                     self.known_nodes.add(node)
-                    self.nodes[market] = node  # a restarted market's new node replaces its old one
+                    if market in self.nodes and self.nodes[market] != node:
+                        # the market's node is still online: a second claim is refused (a restarted market's
+                        # new node replaces its old one only once the old one has gone)
+                        log.warning(
+                            "node %s claims market %r, which node %s (online) serves: refused",
+                            node,
+                            market,
+                            self.nodes[market],
+                        )
+                        claim = {"node": int(node), "market": market}
+                        if claim not in self.refused_claims:
+                            self.refused_claims.append(claim)
+                        continue
+                    self.nodes[market] = node
                     if ARRAYS in reply.content:
                         initial[market] = record_to_payload(reply.content[ARRAYS])
                 for node, err in errors.items():
@@ -525,6 +539,8 @@ class FlowerServer:
             per_seed.append(record)
             self.nodes, self.known_nodes = {}, set()  # each seed re-discovers (nodes may have changed)
         _write_json(run_dir / "flower_timing.json", self.timings)
+        if self.refused_claims:  # nodes that claimed a market another online node already served
+            _write_json(run_dir / "flower_refused_claims.json", self.refused_claims)
         write_results(cfg, run_dir, per_seed, time.perf_counter() - started, markets=self.markets)
         return run_dir
 
