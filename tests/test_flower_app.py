@@ -240,6 +240,24 @@ def test_a_second_node_claiming_an_online_market_is_refused(tmp_path):
     assert not json.loads((run_dir / "metrics.json").read_text())["failures"]
 
 
+def test_with_bound_nodes_only_the_registered_node_may_serve_a_market(tmp_path):
+    grid = memory_grid(tmp_path)
+    grid.down = {101}  # m1's registered node is away; an impostor claims m1
+    grid.nodes[103] = {"market": "m1", "state-dir": str(tmp_path / "state" / "impostor")}
+    grid.contexts[103] = Context(
+        run_id=1, node_id=103, node_config=grid.nodes[103], state=RecordDict(), run_config={}
+    )
+    run_dir = tmp_path / "run"
+    bound = {"m0": 100, "m1": 101, "m2": 102}
+    cfg = config_from_dict(
+        {**synthetic_cfg(tmp_path, rounds=1), "dataset": synthetic_cfg(tmp_path)["dataset"]}
+    )
+    FlowerServer(grid, cfg, run_dir, wait_nodes=0, bound_nodes=bound).run()
+    refused = json.loads((run_dir / "flower_refused_claims.json").read_text())
+    assert refused == [{"node": 103, "market": "m1", "reason": "not the market's registered node"}]
+    assert 103 not in {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
+
+
 def test_a_missing_node_fails_its_steps_and_a_returning_node_rejoins(tmp_path):
     grid = memory_grid(tmp_path)
     run_dir = tmp_path / "run"

@@ -264,3 +264,31 @@ def test_a_killed_superlink_is_resumed_with_resume_to_the_same_numbers(tmp_path)
         r["round"] for r in json.loads((run_dir / "flower_timing.json").read_text()) if r["stage"] == "round"
     ]
     assert rounds == [2]  # the resumed ServerApp ran round 2 only
+
+
+def test_supernode_authentication_refuses_an_unlisted_node_and_binds_each_market(
+    tmp_path, data_dir, in_process
+):
+    """`--auth`: only SuperNodes whose public key was registered connect; a node with an unlisted key is
+    refused by the SuperLink, and the run's numbers are those of the run without it."""
+    from fedmarket.flower.launch import make_node_keys
+
+    cfg, run_dir = prepare_flower_run(config_from_dict(xmrec_cfg(tmp_path, data_dir, "auth")), None, False)
+    with LocalFederation(run_dir / "flower", tls=True, auth=True) as fed:
+        fed.start_superlink()
+        keys = make_node_keys(fed.home / "node-keys", ["in", "jp"])
+        bound = {m: fed.register_node(keys[m][1]) for m in ("in", "jp")}
+        for market in ("in", "jp"):
+            fed.start_supernode(market, data_dir=str(data_dir), private_key=keys[market][0])
+        unlisted = make_node_keys(tmp_path / "rogue-keys", ["rogue"])["rogue"][0]
+        rogue = fed.start_supernode("in", private_key=unlisted, max_wait_time=20, name="rogue-unlisted")
+        run_config = {"run-dir": str(run_dir), "market-nodes": ",".join(f"{m}:{n}" for m, n in bound.items())}
+        proc = fed.submit(write_app_dir(fed.home / "app"), run_config)
+        wait_for_run(fed, proc, run_dir, timeout=300)
+        rogue.wait(60)
+        log = fed.log_tail("rogue-unlisted", 20000)
+        assert rogue.returncode != 0, log
+        leftovers = fed
+    assert leftovers.leftover_pids() == []
+    assert not (run_dir / "flower_refused_claims.json").exists()  # the unlisted node never got in
+    assert_same_results(metrics(run_dir), in_process)

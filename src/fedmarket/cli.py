@@ -292,6 +292,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
         run_dir=run_dir,
         resume=bool(args.resume),
         tls=args.tls,
+        auth=getattr(args, "auth", False),
         timeout=args.timeout,
         reply_timeout=args.reply_timeout,
     )
@@ -304,6 +305,12 @@ def _flower_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a Flower run folder from its last round")
     sp.add_argument(
         "--tls", action="store_true", help="generate a CA and SuperLink certificate, connect over TLS"
+    )
+    sp.add_argument(
+        "--auth",
+        action="store_true",
+        help="deployment with --tls: SuperNode authentication (a key pair per market, registered with the "
+        "SuperLink; unregistered nodes are refused, each market bound to its node)",
     )
     sp.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds for the whole run")
     sp.add_argument(

@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -70,6 +71,7 @@ resume = false
 reply-timeout = 600.0
 wait-nodes = 120.0
 state-dir = ""
+market-nodes = ""
 """
 
 
@@ -160,6 +162,35 @@ def make_certificates(
     return paths
 
 
+def make_node_keys(out_dir: Path, markets: list[str]) -> dict[str, tuple[Path, Path]]:
+    """One SuperNode key pair per market (ECDSA P-384, OpenSSH format, as Flower's SuperNode authentication
+    expects): ``<market>`` (private, mode 600) and ``<market>.pub``. Kept across a resume."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for market in markets:
+        private, public = out_dir / market, out_dir / f"{market}.pub"
+        if not (private.exists() and public.exists()):
+            key = ec.generate_private_key(ec.SECP384R1())
+            private.write_bytes(
+                key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.OpenSSH,
+                    serialization.NoEncryption(),
+                )
+            )
+            private.chmod(0o600)
+            public.write_bytes(
+                key.public_key().public_bytes(
+                    serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+                )
+            )
+        keys[market] = (private, public)
+    return keys
+
+
 # ------------------------------------------------------------------------------------------ processes
 class LocalFederation:
     """A SuperLink and SuperNodes on 127.0.0.1, each started in its own session and stopped by its pid."""
@@ -170,8 +201,12 @@ class LocalFederation:
         *,
         simulation: bool = False,
         tls: bool = False,
+        auth: bool = False,
         extra_env: dict[str, str] | None = None,
     ) -> None:
+        if auth and not tls:
+            raise FedmarketError("SuperNode authentication (--auth) needs TLS (--tls)")
+        self.auth = auth
         self.home = home.absolute()
         self.home.mkdir(parents=True, exist_ok=True)
         self.simulation = simulation
@@ -272,6 +307,8 @@ class LocalFederation:
         ]
         if self.simulation:
             argv.append("--simulation")
+        if self.auth:  # only SuperNodes whose public key is registered may connect
+            argv.append("--enable-supernode-auth")
         if self.certs:
             argv += [
                 "--ssl-ca-certfile",
@@ -314,6 +351,7 @@ class LocalFederation:
         root_certificates: Path | None | str = "default",
         max_wait_time: float | None = None,
         name: str | None = None,
+        private_key: Path | None = None,
     ) -> subprocess.Popen:
         """One SuperNode serving ``market``. ``root_certificates`` overrides the CA it trusts (a wrong CA,
         or None for the system bundle) — for the TLS refusal test."""
@@ -332,6 +370,8 @@ class LocalFederation:
         ]
         if max_wait_time is not None:
             argv += ["--max-wait-time", str(max_wait_time)]
+        if private_key is not None:
+            argv += ["--auth-supernode-private-key", str(private_key)]
         if self.certs is None:
             argv.append("--insecure")
         elif root_certificates == "default":
@@ -346,6 +386,23 @@ class LocalFederation:
         return self.start(name, self.supernode_args[name])
 
     # ------------------------------------------------------------------ flwr run
+    def register_node(self, public_key: Path, timeout: float = 120.0) -> int:
+        """Register a SuperNode's public key with the SuperLink (``flwr supernode register``); its node id."""
+        self.write_cli_config()
+        proc = subprocess.run(
+            [_bin("flwr"), "supernode", "register", str(public_key)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        found = re.search(r"SuperNode (\d+) registered", proc.stdout + proc.stderr)
+        if proc.returncode or not found:
+            raise FedmarketError(
+                f"could not register {public_key.name} with the SuperLink: {(proc.stdout + proc.stderr).strip()[-300:]}"
+            )
+        return int(found.group(1))
+
     def write_cli_config(self) -> None:
         home = Path(self.env["FLWR_HOME"])
         home.mkdir(parents=True, exist_ok=True)
@@ -441,6 +498,7 @@ def run_on_flower(
     run_dir: Path | None = None,
     resume: bool = False,
     tls: bool = False,
+    auth: bool = False,
     timeout: float = 3600.0,
     reply_timeout: float = 600.0,
 ) -> Path:
@@ -455,16 +513,25 @@ def run_on_flower(
     if resume:  # the dead SuperLink's own state (runs, node registrations) is of no use: ours is in run_dir
         for stale in [*home.glob("superlink-state.db*"), run_dir / "flower_error.json"]:
             stale.unlink(missing_ok=True)
-    with LocalFederation(home, simulation=mode == "simulation", tls=tls) as fed:
+    if auth and mode != "deployment":
+        raise FedmarketError("SuperNode authentication (--auth) is for deployment, not simulation")
+    with LocalFederation(home, simulation=mode == "simulation", tls=tls, auth=auth) as fed:
         fed.start_superlink()
+        bound: dict[str, int] = {}
         if mode == "deployment":
+            keys = make_node_keys(home / "node-keys", markets) if auth else {}
             for market in markets:
-                fed.start_supernode(market, data_dir=cfg.dataset.data_dir)
+                if auth:  # each market's key is registered, and the market bound to that node
+                    bound[market] = fed.register_node(keys[market][1])
+                fed.start_supernode(
+                    market, data_dir=cfg.dataset.data_dir, private_key=keys[market][0] if auth else None
+                )
         run_config = {
             "run-dir": str(run_dir),
             "resume": resume,
             "reply-timeout": float(reply_timeout),
             "state-dir": str(home / "market-state"),
+            "market-nodes": ",".join(f"{m}:{n}" for m, n in bound.items()),
         }
         proc = fed.submit(write_app_dir(home / "app"), run_config, num_markets=len(markets))
         wait_for_run(fed, proc, run_dir, timeout)

@@ -96,6 +96,7 @@ class FlowerServer:
         wait_nodes: float = 120.0,
         state_dir: str = "",
         poll_interval: float = 0.05,
+        bound_nodes: dict[str, int] | None = None,
     ) -> None:
         self.grid = grid
         self.cfg = cfg
@@ -112,6 +113,8 @@ class FlowerServer:
         self.nodes: dict[str, int] = {}  # market -> node id
         self.known_nodes: set[int] = set()
         self.refused_claims: list[dict[str, Any]] = []  # second claims of a market whose node is online
+        # with SuperNode authentication: market -> the node id its registered key got; no other node may serve it
+        self.bound_nodes = dict(bound_nodes or {})
         self.markets: list[str] = list(cfg.dataset.markets or [])
         self.timings: list[dict[str, Any]] = []
 
@@ -196,6 +199,21 @@ class FlowerServer:
                 for node, reply in replies.items():
                     market = open_envelope(reply.content[ENVELOPE])["market"]
                     self.known_nodes.add(node)
+                    if self.bound_nodes and self.bound_nodes.get(market) != node:
+                        log.warning(
+                            "node %s claims market %r, whose registered node is %s: refused",
+                            node,
+                            market,
+                            self.bound_nodes.get(market),
+                        )
+                        claim = {
+                            "node": int(node),
+                            "market": market,
+                            "reason": "not the market's registered node",
+                        }
+                        if claim not in self.refused_claims:
+                            self.refused_claims.append(claim)
+                        continue
                     if market in self.nodes and self.nodes[market] != node:
                         # the market's node is still online: a second claim is refused (a restarted market's
                         # new node replaces its old one only once the old one has gone)
@@ -545,6 +563,17 @@ class FlowerServer:
         return run_dir
 
 
+def parse_market_nodes(text: str) -> dict[str, int]:
+    """``"in:123,jp:456"`` (run config ``market-nodes``, written by ``fedmarket deploy --auth``) as a dict."""
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        market, _, node = item.rpartition(":")
+        if not market or not node.isdigit():
+            raise FedmarketError(f"run config market-nodes: {item!r} is not market:node-id")
+        out[market] = int(node)
+    return out
+
+
 def serve(grid: Any, run_config: dict[str, Any]) -> Path:
     """The ServerApp body. Run config: ``run-dir`` (a folder holding ``config.yaml``, written by
     ``fedmarket flower ...``) or ``config`` (a YAML path; a new run folder is made under its output_dir);
@@ -570,6 +599,7 @@ def serve(grid: Any, run_config: dict[str, Any]) -> Path:
         reply_timeout=float(run_config.get("reply-timeout", 600.0)),
         wait_nodes=float(run_config.get("wait-nodes", 120.0)),
         state_dir=str(run_config.get("state-dir", "") or ""),
+        bound_nodes=parse_market_nodes(str(run_config.get("market-nodes", "") or "")),
     )
     try:
         return server.run()
