@@ -89,3 +89,30 @@ def test_quantisation_refuses_non_finite_values():
 
     with pytest.raises(PayloadError, match="NaN or infinite"):
         quantize(np.array([1.0, np.nan]))
+
+
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_a_replayed_stale_upload_fails_that_market_alone(splits, path):
+    """Round 2: m1 sends again exactly what it sent in round 1. It fails that round; the others' numbers are
+    those of a run in which m1 was down in round 2."""
+    sent = {}
+
+    def replay(u):
+        sent.setdefault("first", u)
+        return sent["first"]
+
+    def down_in_round_two(u):
+        sent.setdefault("calls", 0)
+        sent["calls"] += 1
+        if sent["calls"] == 2:
+            raise RuntimeError("m1 is down in round 2")
+        return u
+
+    result = run(splits, path, replay)
+    assert [(f["market"], f["round"]) for f in result.failures] == [("m1", 2)]
+    assert "replayed" in result.failures[0]["error"]
+    sent.clear()
+    reference = run(splits, path, down_in_round_two)
+    for market in ("m0", "m2", "m3"):
+        for metric, value in reference.test[market].items():
+            assert result.test[market][metric] == pytest.approx(value, abs=1e-12, nan_ok=True), market

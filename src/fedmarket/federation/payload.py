@@ -140,6 +140,31 @@ def validate_num_examples(num_examples: object, market: str, maximum: int, uploa
     return int(value)
 
 
+def upload_digest(payload: Mapping[str, np.ndarray]) -> str:
+    """A SHA-256 over an upload's keys, dtypes, shapes and bytes (to recognise a replayed upload)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(payload):
+        arr = np.ascontiguousarray(payload[key])
+        digest.update(f"{key}|{arr.dtype.str}|{arr.shape}|".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()
+
+
+def check_not_replayed(payload: Mapping[str, np.ndarray], market: str, last: dict[str, str]) -> None:
+    """`PayloadError` if ``market`` sends exactly the non-empty upload it sent last time (a replay: training
+    always moves the parameters); ``last`` (market -> digest) is updated."""
+    if not payload:
+        return
+    digest = upload_digest(payload)
+    if last.get(market) == digest:
+        raise PayloadError(
+            f"market {market!r} sent the very upload it sent before (a replayed, stale upload)"
+        )
+    last[market] = digest
+
+
 def validate_update(
     payload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None, market: str
 ) -> None:

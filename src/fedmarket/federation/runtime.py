@@ -31,6 +31,7 @@ from fedmarket.eval.metrics import lower_is_better
 from fedmarket.federation.core import ClientTrainer, RoundConfig, Strategy, Update
 from fedmarket.federation.payload import (
     UploadDeclaration,
+    check_not_replayed,
     payload_bytes,
     validate_num_examples,
     validate_update,
@@ -249,6 +250,7 @@ class Simulator:
         self.seed = seed
         self.client_fraction = client_fraction
         self.max_examples = max_examples
+        self.upload_digests: dict[str, str] = {}  # market -> digest of its last upload (replay check)
         # secret sampling: each round's draw from OS randomness, kept here (and in the checkpoint) for resume
         self.draws: dict[int, list[str]] | None = {} if secret_sampling else None
         self.min_markets = min(min_markets, len(trainers))
@@ -292,6 +294,7 @@ class Simulator:
             "plateau": self.plateau.state_dict(),
             "phase_tests": self.phase_tests,
             "draws": self.draws,
+            "upload_digests": self.upload_digests,
             "elapsed": self.elapsed_before + (time.perf_counter() - self._started),
         }
 
@@ -323,6 +326,7 @@ class Simulator:
         if self.draws is not None:
             self.draws = {int(r): list(d) for r, d in (state.get("draws") or {}).items()}
         self.elapsed_before = float(state.get("elapsed", 0.0))
+        self.upload_digests = dict(state.get("upload_digests") or {})
         return True
 
     # ----------------------------------------------------------------- rounds
@@ -363,6 +367,7 @@ class Simulator:
                 )
                 update = Update(update.payload, count, metrics)
                 validate_update(update.payload, down if down else None, market)
+                check_not_replayed(update.payload, market, self.upload_digests)
             except Exception as exc:  # a failing market must not stop the others
                 self._fail(server_round, market, "fit", exc)
                 continue

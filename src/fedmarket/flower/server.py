@@ -43,7 +43,12 @@ from fedmarket.checkpoint import load_state, save_state
 from fedmarket.config import ExperimentConfig, load_config
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import Strategy, Update
-from fedmarket.federation.payload import payload_bytes, validate_num_examples, validate_update
+from fedmarket.federation.payload import (
+    check_not_replayed,
+    payload_bytes,
+    validate_num_examples,
+    validate_update,
+)
 from fedmarket.federation.runtime import (
     Plateau,
     SimulationResult,
@@ -330,6 +335,7 @@ class FlowerServer:
             "best": {},
             "plateau": {},
             "phase_tests": [],
+            "upload_digests": {},
         }
 
     def _checkpoint(self, path: Path, strategy: Strategy, state: dict[str, Any]) -> None:
@@ -420,6 +426,7 @@ class FlowerServer:
                 self.declaration.check(upload, market)
                 metrics = self.declaration.check_metrics(metrics, market, "training metric")
                 validate_update(upload, down if down else None, market)
+                check_not_replayed(upload, market, state.setdefault("upload_digests", {}))
             except Exception as exc:
                 self._fail(state, seed, server_round, market, "fit", f"{type(exc).__name__}: {exc}")
                 continue
