@@ -116,3 +116,56 @@ def test_a_replayed_stale_upload_fails_that_market_alone(splits, path):
     for market in ("m0", "m2", "m3"):
         for metric, value in reference.test[market].items():
             assert result.test[market][metric] == pytest.approx(value, abs=1e-12, nan_ok=True), market
+
+
+def test_personalised_aggregation_contains_a_lying_scenario():
+    """PF-MSMTrec's personalised aggregation: a scenario that reports a NaN example count or an undeclared
+    metric fails alone; the others' numbers are those of a run in which it simply failed."""
+    from fedmarket.data import load_dataset
+    from fedmarket.data.mtl import split_impressions
+
+    markets = load_dataset(
+        "synthetic-mtl",
+        num_markets=3,
+        users_per_market=40,
+        items_per_market=60,
+        interactions_per_user=(8, 15),
+    )
+    mtl_splits = {n: split_impressions(m) for n, m in markets.items()}
+    cfg = config_from_dict(
+        {
+            "name": "p",
+            "dataset": {"name": "synthetic-mtl"},
+            "method": {"name": "pfmsmt"},
+            "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 4},
+            "train": {"rounds": 2, "batch_size": 256},
+            "eval": {"select_metric": "mean_auc"},
+            "progress": False,
+        }
+    )
+    m = get_method("pfmsmt")
+    liar_name = sorted(mtl_splits)[1]
+
+    def run_pf(lie):
+        trainers, strategy = m.build(cfg, m.parse_options({}), mtl_splits, 0)
+        fit = trainers[liar_name].fit
+
+        def lying(payload, config):
+            if lie is None:
+                raise RuntimeError("down")
+            return lie(fit(payload, config))
+
+        trainers[liar_name].fit = lying
+        return Simulator(trainers, strategy, m.declaration_for(cfg), rounds=2, seed=0, progress=False).run()
+
+    reference = run_pf(None)
+    others = [n for n in mtl_splits if n != liar_name]
+    for name in ("nan_count", "undeclared_metric", "huge_count"):
+        result = run_pf(LIES[name])
+        assert {f["market"] for f in result.failures} == {liar_name}, name
+        for market in others:
+            for metric, value in reference.test[market].items():
+                assert result.test[market][metric] == pytest.approx(value, abs=1e-12, nan_ok=True), (
+                    name,
+                    market,
+                )
