@@ -936,6 +936,10 @@ def _privacy_section(run: dict) -> list[str]:
             f"{record.get('guarantee', '')}. Accountant: {record.get('accountant', 'RDP')}.",
             "",
         ]
+        if record.get("sampling"):
+            lines += [f"Participation: {record['sampling']}.", ""]
+        if record.get("covers"):
+            lines += [f"ε covers {record['covers']}.", ""]
         if record.get("target_epsilon") is not None:
             lines += [
                 f"Target ε = {record['target_epsilon']:g}: "
