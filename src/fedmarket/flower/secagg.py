@@ -63,7 +63,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from fedmarket.data.split import market_seed
 from fedmarket.errors import FedmarketError
 from fedmarket.federation.core import Strategy, Update
-from fedmarket.federation.payload import Payload, payload_bytes, validate_update
+from fedmarket.federation.payload import Payload, payload_bytes, validate_num_examples, validate_update
 from fedmarket.federation.runtime import select_markets
 from fedmarket.federation.secagg import server_step_kind
 from fedmarket.flower.records import (
@@ -127,12 +127,16 @@ def _bridge(call_next: Any) -> Any:
             return reply
         upload = record_to_payload(reply.content[ARRAYS])
         metrics = dict(reply.content[METRICS])
-        num_examples = int(metrics.pop("num_examples"))
         body = open_envelope(reply.content[ENVELOPE])
         market = body["market"]
         cfg = experiment_config(request["experiment"])
         # the checks the server makes on a plain upload, made here (the server never sees this one)
-        get_method(cfg.method.name).declaration_for(cfg).check(upload, market)
+        num_examples = validate_num_examples(
+            metrics.pop("num_examples", None), market, cfg.train.max_examples, uploaded=bool(upload)
+        )
+        declaration = get_method(cfg.method.name).declaration_for(cfg)
+        declaration.check(upload, market)
+        declaration.check_metrics(metrics, market, "training metric")
         validate_update(upload, download if download else None, market)
         up_keys = sorted(upload)
         for k in up_keys:
