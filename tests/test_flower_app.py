@@ -237,7 +237,11 @@ def test_a_second_node_claiming_an_online_market_is_refused(tmp_path):
     assert refused == [{"node": 103, "market": "m1"}]
     trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
     assert trained == {100, 101, 102}  # the impostor is never sent work
-    assert not json.loads((run_dir / "metrics.json").read_text())["failures"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert not metrics["failures"]
+    # the markets reported what the protocol evaluates in them (counts only)
+    assert set(metrics["evaluation"]) == {"m0", "m1", "m2"} and metrics["protocol_version"] == 2
+    assert all(e["evaluated_users"] > 0 for e in metrics["evaluation"].values())
 
 
 def test_with_bound_nodes_only_the_registered_node_may_serve_a_market(tmp_path):

@@ -296,7 +296,14 @@ def run_experiment(
         checkpoint = run_dir / "checkpoints" / f"seed{seed}.ckpt"
         result = run_seed(cfg, seed, data, checkpoint, resume, checkpoint_fallback)
         seconds = result.elapsed_before + time.perf_counter() - t0  # a resumed seed counts its earlier part
-        record = seed_record(seed, result, seconds, cfg.eval.protocol, data_fingerprint=data.fingerprint)
+        record = seed_record(
+            seed,
+            result,
+            seconds,
+            cfg.eval.protocol,
+            data_fingerprint=data.fingerprint,
+            evaluation=data.evaluation(),
+        )
         _write_json(seed_file, record)
         per_seed.append(record)
     # the run's compute: every seed's seconds, the parts before a resume included
@@ -311,6 +318,7 @@ def seed_record(
     seconds: float,
     protocol_version: int,
     data_fingerprint: str | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One seed's results as stored in ``seeds/seed<N>.json`` (any runtime: in-process or Flower). A record
     without ``protocol_version`` was made under protocol 1."""
@@ -318,6 +326,7 @@ def seed_record(
         "seed": seed,
         "protocol_version": int(protocol_version),
         "data_fingerprint": data_fingerprint,
+        "evaluation": evaluation or {},
         "test": result.test,
         "history": result.history,
         "communication": result.communication,
@@ -430,7 +439,7 @@ def summarize(
         "private": method.private,
         "protocol_version": protocol,
         "data_fingerprint": fingerprint,
-        "evaluation": data.evaluation() if data is not None else {},
+        "evaluation": data.evaluation() if data is not None else dict(first.get("evaluation") or {}),
         "seeds": [rec["seed"] for rec in per_seed],
         "markets": markets,
         "per_market": per_market_mean,

@@ -349,7 +349,12 @@ class MarketClient:
 
     # ---------------------------------------------------------------- the three message kinds
     def hello(self, want_initial: bool) -> RecordDict:
-        content = RecordDict({ENVELOPE: envelope(market=self.market, timing=self.timing.as_dict())})
+        split = market_split(self.cfg, self.market, self.data_dir, self.timing, self.split_cache)
+        # what the protocol evaluates in this market (counts only; metrics.json -> evaluation)
+        evaluation = split.evaluation_summary() if hasattr(split, "evaluation_summary") else {}
+        content = RecordDict(
+            {ENVELOPE: envelope(market=self.market, timing=self.timing.as_dict(), evaluation=evaluation)}
+        )
         if want_initial:
             trainer = self.trainer_at(None)
             content[ARRAYS] = payload_to_record(trainer.initial_payload())

@@ -118,6 +118,7 @@ class FlowerServer:
         self.nodes: dict[str, int] = {}  # market -> node id
         self.known_nodes: set[int] = set()
         self.refused_claims: list[dict[str, Any]] = []  # second claims of a market whose node is online
+        self.evaluation: dict[str, dict[str, Any]] = {}  # market -> what its split evaluates (hello replies)
         # with SuperNode authentication: market -> the node id its registered key got; no other node may serve it
         self.bound_nodes = dict(bound_nodes or {})
         self.markets: list[str] = list(cfg.dataset.markets or [])
@@ -202,7 +203,8 @@ class FlowerServer:
                     "query", contents, {n: n for n in new}, {"seed": seed, "round": 0}
                 )
                 for node, reply in replies.items():
-                    market = open_envelope(reply.content[ENVELOPE])["market"]
+                    body = open_envelope(reply.content[ENVELOPE])
+                    market = body["market"]
                     self.known_nodes.add(node)
                     if self.bound_nodes and self.bound_nodes.get(market) != node:
                         log.warning(
@@ -233,6 +235,8 @@ class FlowerServer:
                             self.refused_claims.append(claim)
                         continue
                     self.nodes[market] = node
+                    if body.get("evaluation"):
+                        self.evaluation[market] = body["evaluation"]
                     if ARRAYS in reply.content:
                         initial[market] = record_to_payload(reply.content[ARRAYS])
                 for node, err in errors.items():
@@ -559,7 +563,13 @@ class FlowerServer:
                 continue
             t0 = time.perf_counter()
             result = self.run_seed(seed)
-            record = seed_record(seed, result, time.perf_counter() - t0, self.cfg.eval.protocol)
+            record = seed_record(
+                seed,
+                result,
+                time.perf_counter() - t0,
+                self.cfg.eval.protocol,
+                evaluation=dict(self.evaluation),
+            )
             _write_json(seed_file, record)
             per_seed.append(record)
             self.nodes, self.known_nodes = {}, set()  # each seed re-discovers (nodes may have changed)
