@@ -127,3 +127,10 @@ def test_a_market_name_that_would_break_node_config_is_refused_at_load(tmp_path)
     (tmp_path / 'de"x.csv').write_text("user,item\nu,i\nu,j\nu,k\n")
     with pytest.raises(DataError, match=r"market name 'de\"x' is not allowed"):
         load_dataset("generic", path=str(tmp_path), use_cache=False)
+
+
+def test_a_timestamp_beyond_an_int64_second_count_is_named(tmp_path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("user,item,timestamp\nu,i,1\nu,j,1e300\n")
+    with pytest.raises(DataError, match=r"line 3: column 'timestamp': '1e300' is out of range"):
+        parse_market_file(path, "m")

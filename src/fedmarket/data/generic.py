@@ -165,7 +165,12 @@ def _timestamps(path: Path, frame: pd.DataFrame, unit: str) -> np.ndarray:
     if pd.api.types.is_datetime64_any_dtype(column):
         parsed = pd.to_datetime(column, utc=True)
     elif pd.to_numeric(column, errors="coerce").notna().all():
-        return np.floor(_numbers(path, frame, "timestamp", unit)).astype(np.int64)
+        seconds = np.floor(_numbers(path, frame, "timestamp", unit))
+        out_of_range = np.abs(seconds) > 2.0**62  # would not fit an int64 second count
+        if out_of_range.any():
+            value = column.iloc[np.flatnonzero(out_of_range)[0]]
+            raise first_bad(path, frame, out_of_range, f"column 'timestamp': {value!r} is out of range", unit)
+        return seconds.astype(np.int64)
     else:
         parsed = pd.to_datetime(column, errors="coerce", utc=True, format="ISO8601")
     bad = parsed.isna().to_numpy()
