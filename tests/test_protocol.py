@@ -126,8 +126,11 @@ def test_every_run_writes_the_evaluation_block_and_its_protocol_version(tmp_path
             "progress": False,
         }
     )
-    metrics = json.loads((run_experiment(cfg) / "metrics.json").read_text())
+    run_dir = run_experiment(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["protocol_version"] == 2 and metrics["data_fingerprint"]
+    report = (run_dir / "report.md").read_text()
+    assert "## What was evaluated (protocol 2)" in report and "repeated rows collapsed" in report
     for market in ("a", "b"):
         ev = metrics["evaluation"][market]
         assert ev["cold_test_positives"] > 0 and ev["evaluated_users"] > 0

@@ -873,6 +873,7 @@ def write_run_report(
             _plot_per_round(rounds, metric, out_dir / f"{stem}_per_round.png")
             lines += [f"![valid {metric} per round]({stem}_per_round.png)", ""]
 
+    lines += _evaluation_section(run)
     lines += _communication_section([run])
     lines += _upload_audit_section(Path(run_dir), run)
     lines += _privacy_section(run)
@@ -881,6 +882,33 @@ def write_run_report(
     path = out_dir / "report.md"
     path.write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return path
+
+
+def _evaluation_section(run: Mapping[str, Any]) -> list[str]:
+    """What the evaluation protocol evaluated per market (``metrics.json`` → ``evaluation``)."""
+    evaluation = run.get("evaluation") or {}
+    if not evaluation:
+        return []
+    columns = {
+        "evaluated_users": "users in the main metrics",
+        "cold_test_positives": "cold test positives (cold-item report)",
+        "catalog_items": "catalog items",
+        "items": "items",
+        "collapsed_repeats": "repeated rows collapsed",
+    }
+    frame = pd.DataFrame(evaluation).T.reindex(columns=list(columns)).rename(columns=columns)
+    frame.index.name = "market"
+    version = run.get("protocol_version", 1)
+    return [
+        f"## What was evaluated (protocol {version})",
+        "",
+        "Main metrics: held-out positives with a train interaction against negatives from the catalog (items "
+        "with a train interaction); held-out positives without one are in the `cold_*` metrics "
+        "(docs/protocol.md).",
+        "",
+        _markdown(frame),
+        "",
+    ]
 
 
 def _upload_audit_section(run_dir: Path, run: dict) -> list[str]:
