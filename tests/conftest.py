@@ -60,3 +60,26 @@ def fresh_flower_client(monkeypatch):
     flower_client._TRAINERS.clear()
     yield
     flower_client._TRAINERS.clear()
+
+
+@pytest.fixture
+def checkpointed_sim(tmp_path):
+    """``make(rounds)``: a two-market FedAvg simulator over fixed deltas, checkpointing to ``tmp_path/c.ckpt``
+    (the resume tests)."""
+    from fedmarket.federation.payload import UploadDeclaration
+    from fedmarket.federation.runtime import Simulator
+    from fedmarket.federation.strategies import FedAvg
+    from tests.test_privacy import FixedDelta
+
+    def make(rounds: int) -> Simulator:
+        trainers = {m: FixedDelta(m, [0.01, -0.01]) for m in "ab"}
+        return Simulator(
+            trainers,
+            FedAvg(),
+            UploadDeclaration(("w",)),
+            rounds=rounds,
+            checkpoint_path=tmp_path / "c.ckpt",
+            progress=False,
+        )
+
+    return make

@@ -73,23 +73,8 @@ def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path) -> 
     assert not errors and len(set(made)) == 16
 
 
-def test_a_resumed_seed_counts_the_seconds_before_the_resume(tmp_path) -> None:
-    from fedmarket.federation.payload import UploadDeclaration
-    from fedmarket.federation.runtime import Simulator
-    from fedmarket.federation.strategies import FedAvg
-    from tests.test_privacy import FixedDelta
-
-    def sim(rounds):
-        trainers = {m: FixedDelta(m, [0.01, -0.01]) for m in "ab"}
-        return Simulator(
-            trainers,
-            FedAvg(),
-            UploadDeclaration(("w",)),
-            rounds=rounds,
-            checkpoint_path=tmp_path / "c.ckpt",
-            progress=False,
-        )
-
+def test_a_resumed_seed_counts_the_seconds_before_the_resume(checkpointed_sim) -> None:
+    sim = checkpointed_sim
     sim(2).run()
     resumed = sim(3).run(resume=True)
     assert resumed.elapsed_before > 0

@@ -62,23 +62,8 @@ def test_a_pickle_is_never_loaded(tmp_path) -> None:
         load_state(path)
 
 
-def test_a_resumed_run_refuses_a_corrupt_checkpoint_unless_asked(tmp_path) -> None:
-    from fedmarket.federation.payload import UploadDeclaration
-    from fedmarket.federation.runtime import Simulator
-    from fedmarket.federation.strategies import FedAvg
-    from tests.test_privacy import FixedDelta
-
-    def sim(rounds):
-        trainers = {m: FixedDelta(m, [0.01, -0.01]) for m in "ab"}
-        return Simulator(
-            trainers,
-            FedAvg(),
-            UploadDeclaration(("w",)),
-            rounds=rounds,
-            checkpoint_path=tmp_path / "c.ckpt",
-            progress=False,
-        )
-
+def test_a_resumed_run_refuses_a_corrupt_checkpoint_unless_asked(tmp_path, checkpointed_sim) -> None:
+    sim = checkpointed_sim
     sim(2).run()
     ckpt = tmp_path / "c.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[:-10])
