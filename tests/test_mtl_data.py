@@ -125,7 +125,8 @@ def test_proxy_negatives_follow_popularity() -> None:
 def test_split_is_per_user_temporal_and_seeded() -> None:
     m = load_dataset("synthetic-mtl", num_markets=2, users_per_market=30, items_per_market=80)["m0"]
     s = split_impressions(m, seed=3)
-    assert len(s.train_index) + len(s.valid_index) + len(s.test_index) == m.num_interactions
+    parts = (s.train_index, s.valid_index, s.test_index, s.cold_valid_index, s.cold_test_index)
+    assert sum(map(len, parts)) == m.num_interactions
     for u in np.unique(m.groups)[:10]:
         rows = np.flatnonzero(m.groups == u)
         test = np.intersect1d(rows, s.test_index)
@@ -186,8 +187,9 @@ def test_random_impression_split_when_asked() -> None:
     m.meta["impression_split"] = "random"
     s = split_impressions(m, seed=3)
     n = m.num_interactions
-    assert len(s.train_index) + len(s.valid_index) + len(s.test_index) == n
-    assert abs(len(s.test_index) / n - 0.1) < 0.03
+    parts = (s.train_index, s.valid_index, s.test_index, s.cold_valid_index, s.cold_test_index)
+    assert sum(map(len, parts)) == n
+    assert abs((len(s.test_index) + len(s.cold_test_index)) / n - 0.1) < 0.03
     # not per-user temporal any more: some user has a test impression older than one of their train ones
     t = m.timestamps.astype(np.float64)
     assert any(
@@ -216,3 +218,59 @@ def test_ml1m_proxy_global_negatives_and_random_split_real(data_dir) -> None:
     assert not np.array_equal(np.sort(neg(glob)[:, 1]), np.sort(neg(own)[:, 1]))
     rng_split = split_impressions(glob)
     assert abs(len(rng_split.test_index) / glob.num_interactions - 0.1) < 0.01
+
+
+def test_protocol2_moves_cold_item_impressions_to_the_cold_report() -> None:
+    """Protocol 2 on impressions: a valid/test impression of an item with no train impression in the
+    scenario is not in the main metrics; protocol 1 keeps it (docs/protocol.md)."""
+    m = load_dataset("synthetic-mtl", num_markets=2, users_per_market=30, items_per_market=80)["m0"]
+    s2 = split_impressions(m, seed=3)
+    s1 = split_impressions(m, seed=3, protocol=1)
+    items = m.sparse[:, list(m.sparse_fields).index("id_item")]
+    warm = set(items[s2.train_index].tolist())
+    assert s2.item_field == "id_item" and len(s2.cold_test_index) > 0
+    assert all(i in warm for i in items[s2.test_index]) and all(i in warm for i in items[s2.valid_index])
+    assert not any(i in warm for i in items[s2.cold_test_index])
+    np.testing.assert_array_equal(np.sort(np.r_[s2.test_index, s2.cold_test_index]), s1.test_index)
+    assert len(s1.cold_test_index) == 0
+    ev = s2.evaluation_summary()
+    assert ev["protocol_version"] == 2 and ev["cold_test_impressions"] == len(s2.cold_test_index)
+    assert ev["evaluated_impressions"] == len(s2.test_index) and ev["catalog_items"] == len(warm)
+
+
+def test_planted_cold_items_mtl_no_history_scorer_is_chance_on_main_metric() -> None:
+    """A scenario whose held-out clicks are disproportionately items never seen in train: a scorer that knows
+    only "no train history" gets exactly chance on the main metric under protocol 2 (every main impression
+    is warm, so it scores them all alike) and a clear lift under protocol 1, which the rule removes."""
+    from fedmarket.eval.metrics import ctr_metrics
+    from fedmarket.methods.floors import MTLFloorClient
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, n = 60, 40, 3000
+    users = rng.integers(0, n_users, n)
+    items = rng.integers(0, 30, n)
+    click = (rng.random(n) < 0.3).astype(np.float32)
+    fold = np.where(rng.random(n) < 0.8, FOLD_TRAIN, np.where(rng.random(n) < 0.5, FOLD_VALID, FOLD_TEST))
+    held = np.flatnonzero(fold != FOLD_TRAIN)
+    planted = held[rng.random(len(held)) < 0.2]
+    items[planted] = rng.integers(30, n_items, len(planted))  # items 30..39: never in train
+    click[planted] = (rng.random(len(planted)) < 0.9).astype(np.float32)  # and mostly clicked
+    m = MTLMarket(
+        "p",
+        np.stack([users, items], 1),
+        {"id_user": n_users, "id_item": n_items},
+        np.zeros((n, 0)),
+        click,
+        click * 0,
+        groups=users,
+        fold=fold,
+    )
+    no_history = (items >= 30).astype(np.float64)
+    s2 = split_impressions(m, seed=1)
+    s1 = split_impressions(m, seed=1, protocol=1)
+    assert len(s2.cold_test_index) > 0
+    assert ctr_metrics(click[s2.test_index], no_history[s2.test_index])["auc"] == 0.5
+    assert ctr_metrics(click[s1.test_index], no_history[s1.test_index])["auc"] > 0.6
+    # the floors run on impressions and report the cold items apart
+    out = MTLFloorClient("p", s2, recency=False, half_life_fraction=0.1).evaluate(None, "test")["p"]
+    assert {"ctr_auc", "ctcvr_auc", "mean_auc", "cold_ctr_auc"} <= set(out)

@@ -889,22 +889,39 @@ def _evaluation_section(run: Mapping[str, Any]) -> list[str]:
     evaluation = run.get("evaluation") or {}
     if not evaluation:
         return []
-    columns = {
-        "evaluated_users": "users in the main metrics",
-        "cold_test_positives": "cold test positives (cold-item report)",
-        "catalog_items": "catalog items",
-        "items": "items",
-        "collapsed_repeats": "repeated rows collapsed",
-    }
+    impressions = any("evaluated_impressions" in v for v in evaluation.values())
+    if impressions:  # multi-task scenarios: impressions, not users with one held-out positive
+        columns = {
+            "evaluated_impressions": "test impressions in the main metrics",
+            "cold_test_impressions": "cold test impressions (cold-item report)",
+            "cold_test_positives": "of them clicked",
+            "catalog_items": "catalog items",
+            "items": "items",
+        }
+        intro = (
+            "Main metrics: test impressions of items with a train impression in the scenario; impressions of "
+            "items without one are in the `cold_*` metrics (docs/protocol.md)."
+        )
+    else:
+        columns = {
+            "evaluated_users": "users in the main metrics",
+            "cold_test_positives": "cold test positives (cold-item report)",
+            "catalog_items": "catalog items",
+            "items": "items",
+            "collapsed_repeats": "repeated rows collapsed",
+        }
+        intro = (
+            "Main metrics: held-out positives with a train interaction against negatives from the catalog "
+            "(items with a train interaction); held-out positives without one are in the `cold_*` metrics "
+            "(docs/protocol.md)."
+        )
     frame = pd.DataFrame(evaluation).T.reindex(columns=list(columns)).rename(columns=columns)
     frame.index.name = "market"
     version = run.get("protocol_version", 1)
     return [
         f"## What was evaluated (protocol {version})",
         "",
-        "Main metrics: held-out positives with a train interaction against negatives from the catalog (items "
-        "with a train interaction); held-out positives without one are in the `cold_*` metrics "
-        "(docs/protocol.md).",
+        intro,
         "",
         _markdown(frame),
         "",

@@ -138,27 +138,81 @@ class MTLMarket:
         }
 
 
+ITEM_FIELDS = ("id_item", "feat_205")
+"""Sparse fields that name the item of an impression (the proxy and synthetic scenarios; Ali-CCP's ``205``);
+``meta["item_field"]`` names another."""
+
+
+def item_field(market: MTLMarket) -> str | None:
+    """The sparse field holding the item of each impression, or None (then no impression is cold)."""
+    named = market.meta.get("item_field")
+    if named is not None:
+        if named not in market.sparse_fields:
+            raise DataError(f"scenario {market.name!r}: item_field {named!r} is not one of its sparse fields")
+        return str(named)
+    return next((f for f in ITEM_FIELDS if f in market.sparse_fields), None)
+
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
 @dataclass
 class MTLSplit:
-    """Train / valid / test row indices of one scenario (the multi-task analogue of `MarketSplit`)."""
+    """Train / valid / test row indices of one scenario (the multi-task analogue of `MarketSplit`).
+
+    Under protocol 2 (docs/protocol.md) ``valid_index`` / ``test_index`` hold only impressions of items with a
+    train impression in the scenario; the others are ``cold_valid_index`` / ``cold_test_index`` (the
+    cold-item report)."""
 
     market: MTLMarket
     train_index: np.ndarray
     valid_index: np.ndarray
     test_index: np.ndarray
+    protocol: int = 2
+    cold_valid_index: np.ndarray = field(default_factory=lambda: _EMPTY)
+    cold_test_index: np.ndarray = field(default_factory=lambda: _EMPTY)
+    item_field: str | None = None
 
     @property
     def name(self) -> str:
         return self.market.name
 
     def index(self, split: str) -> np.ndarray:
-        if split not in ("train", "valid", "test"):
-            raise ValueError(f"split must be train, valid or test, got {split!r}")
-        return {"train": self.train_index, "valid": self.valid_index, "test": self.test_index}[split]
+        parts = {
+            "train": self.train_index,
+            "valid": self.valid_index,
+            "test": self.test_index,
+            "cold_valid": self.cold_valid_index,
+            "cold_test": self.cold_test_index,
+        }
+        if split not in parts:
+            raise ValueError(f"split must be one of {sorted(parts)}, got {split!r}")
+        return parts[split]
+
+    def evaluation_summary(self) -> dict[str, Any]:
+        """What ``metrics.json`` → ``evaluation`` says about this scenario's split (impressions, not users)."""
+        items = self.market.sparse_fields.get(self.item_field or "", 0)
+        catalog = 0
+        if self.item_field is not None:
+            col = list(self.market.sparse_fields).index(self.item_field)
+            catalog = int(len(np.unique(self.market.sparse[self.train_index, col])))
+        return {
+            "protocol_version": self.protocol,
+            "evaluated_impressions": int(len(self.test_index)),
+            "evaluated_valid_impressions": int(len(self.valid_index)),
+            "cold_test_impressions": int(len(self.cold_test_index)),
+            "cold_test_positives": int(self.market.click[self.cold_test_index].sum()),
+            "cold_valid_positives": int(self.market.click[self.cold_valid_index].sum()),
+            "item_field": self.item_field or "",
+            "catalog_items": catalog,
+            "items": int(items),
+            "collapsed_repeats": 0,
+            "given_candidates": False,
+        }
 
 
 def split_impressions(
-    market: MTLMarket, valid_frac: float = 0.1, test_frac: float = 0.1, seed: int = 2026
+    market: MTLMarket, valid_frac: float = 0.1, test_frac: float = 0.1, seed: int = 2026, protocol: int = 2
 ) -> MTLSplit:
     """Split a scenario's impressions; seeded by (seed, scenario name) only, so every method sees the same.
 
@@ -170,7 +224,12 @@ def split_impressions(
       broken by a seeded random order, so a rated movie and the unrated ones stamped with its time are not
       systematically ordered. Users with fewer than 3 impressions stay in train.
     * otherwise (or ``meta["impression_split"] == "random"``) a seeded random split.
+
+    Protocol 2 (default): validation and test impressions of an item with no train impression in the
+    scenario (`item_field`) move to the cold-item report; protocol 1 keeps them in the main metrics.
     """
+    if protocol not in (1, 2):
+        raise ValueError(f"protocol must be 1 or 2, got {protocol!r}")
     if not (0 < valid_frac < 1 and 0 < test_frac < 1 and valid_frac + test_frac < 1):
         raise ValueError(
             f"valid_frac and test_frac must be in (0, 1) with sum < 1, got {valid_frac}, {test_frac}"
@@ -211,7 +270,29 @@ def split_impressions(
     for part, name in zip(idx, ("train", "valid", "test"), strict=True):
         if len(part) == 0:
             raise DataError(f"scenario {market.name!r}: the {name} split is empty")
-    return MTLSplit(market, *idx)
+    field_name = item_field(market)
+    cold = [_EMPTY, _EMPTY]
+    if protocol >= 2 and field_name is not None:
+        items = market.sparse[:, list(market.sparse_fields).index(field_name)]
+        warm = np.zeros(market.sparse_fields[field_name], dtype=bool)
+        warm[items[idx[0]]] = True
+        for k in (1, 2):
+            is_cold = ~warm[items[idx[k]]]
+            cold[k - 1] = idx[k][is_cold]
+            idx[k] = idx[k][~is_cold]
+            if len(idx[k]) == 0:
+                name = ("valid", "test")[k - 1]
+                raise DataError(
+                    f"scenario {market.name!r}: every {name} impression is of an item never seen in train"
+                )
+    return MTLSplit(
+        market,
+        *idx,
+        protocol=protocol,
+        cold_valid_index=cold[0],
+        cold_test_index=cold[1],
+        item_field=field_name,
+    )
 
 
 # ------------------------------------------------------------------------------------ proxy impressions

@@ -562,7 +562,7 @@ def split_for_config(market, ev) -> MarketSplit:
     from fedmarket.data.mtl import MTLMarket, split_impressions
 
     if isinstance(market, MTLMarket):
-        return split_impressions(market, seed=ev.split_seed)
+        return split_impressions(market, seed=ev.split_seed, protocol=ev.protocol)
     split = leave_one_out(market, ev.candidates, ev.split_seed, protocol=ev.protocol, repeats=ev.repeats)
     if ev.given_candidates:
         split = use_given_candidates(split, Path(ev.given_candidates).expanduser())

@@ -117,11 +117,86 @@ def evaluate_item_scores(
     return {k: float(v) for k, v in metrics.items()}
 
 
+class MTLFloorClient(ClientTrainer):
+    """The floors on a multi-task scenario: an impression's CTR score is its item's train click count, its
+    CTCVR score the item's train conversion count (recency-weighted for ``popularity_recency``); items with
+    no train impression get the median. AUCs as the MMoE trainer reports them; LogLoss NaN."""
+
+    def __init__(self, market: str, split, recency: bool, half_life_fraction: float) -> None:
+        from fedmarket.data.mtl import item_field
+
+        self.market, self.split = market, split
+        m = split.market
+        name = item_field(m)
+        if name is None:
+            raise ConfigError(
+                f"scenario {market!r} has no item field (one of id_item, feat_205, or meta item_field): "
+                "the popularity floors need one"
+            )
+        self.items = m.sparse[:, list(m.sparse_fields).index(name)]
+        train = split.train_index
+        weights = np.ones(len(train))
+        if recency and m.timestamps is not None:
+            times = m.timestamps[train].astype(np.float64)
+            span = max(float(times.max() - times.min()), 1.0)
+            weights = 0.5 ** ((times.max() - times) / (half_life_fraction * span))
+        n = m.sparse_fields[name]
+        seen = np.bincount(self.items[train], minlength=n) > 0
+        self.scores = {}
+        for key, label in (("ctr", m.click), ("ctcvr", m.ctcvr)):
+            sc = np.bincount(self.items[train], weights=weights * label[train], minlength=n)
+            sc += 1e-6 * np.bincount(self.items[train], weights=label[train], minlength=n)
+            if seen.any():
+                sc[~seen] = float(np.median(sc[seen]))
+            self.scores[key] = sc
+
+    def initial_payload(self) -> Payload:
+        return {}
+
+    def fit(self, payload: Payload, config: RoundConfig) -> Update:
+        return Update({}, len(self.split.train_index), {})
+
+    def _metrics(self, which: str) -> dict[str, float]:
+        rows = self.split.index(which)
+        m = self.split.market
+        out = {}
+        for key, label in (("ctr", m.click), ("ctcvr", m.ctcvr)):
+            out[f"{key}_auc"] = ctr_metrics(label[rows], _ordered(self.scores[key][self.items[rows]]))["auc"]
+            out[f"{key}_logloss"] = float("nan")
+        aucs = [a for a in (out["ctr_auc"], out["ctcvr_auc"]) if np.isfinite(a)]
+        out["mean_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+        return out
+
+    def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
+        metrics = self._metrics(split)
+        if split == "test" and len(self.split.index("cold_test")):
+            metrics.update({f"cold_{k}": v for k, v in self._metrics("cold_test").items()})
+        return {self.market: metrics}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def _ordered(scores: np.ndarray) -> np.ndarray:
+    """Scores mapped increasingly into (0, 1), equal scores staying equal (AUC uses only the order)."""
+    uniq, inverse = np.unique(scores, return_inverse=True)
+    return (inverse + 1.0) / (len(uniq) + 1.0)
+
+
 def _builder(recency: bool):
     def build(cfg, opts, splits, seed):
+        from fedmarket.data.mtl import MTLSplit
+
         clients = {
-            name: FloorClient(
-                name, split, item_scores(split, recency, opts.half_life_fraction), tuple(cfg.eval.ks)
+            name: (
+                MTLFloorClient(name, split, recency, opts.half_life_fraction)
+                if isinstance(split, MTLSplit)
+                else FloorClient(
+                    name, split, item_scores(split, recency, opts.half_life_fraction), tuple(cfg.eval.ks)
+                )
             )
             for name, split in splits.items()
         }

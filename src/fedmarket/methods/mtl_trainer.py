@@ -59,7 +59,13 @@ class MTLData:
             ctcvr=torch.from_numpy(m.ctcvr),
             fields=dict(m.sparse_fields),
             train_index=split.train_index,
-            views={m.name: {"valid": split.valid_index, "test": split.test_index}},
+            views={
+                m.name: {
+                    "valid": split.valid_index,
+                    "test": split.test_index,
+                    "cold_test": getattr(split, "cold_test_index", np.zeros(0, dtype=np.int64)),
+                }
+            },
         )
 
     @classmethod
@@ -243,20 +249,26 @@ class MTLClient(ClientTrainer):
         model = self.personal if self.personal is not None else self.model
         results: MarketMetrics = {}
         for market, view in self.data.views.items():
-            rows = view[split]
-            p_ctr, p_ctcvr = self.predict(rows, model)
-            click, conv = self._split_labels(market, split)
-            ctr = ctr_metrics(click, p_ctr)
-            ctcvr = ctr_metrics(conv, p_ctcvr)
-            metrics = {
-                "ctr_auc": ctr["auc"],
-                "ctcvr_auc": ctcvr["auc"],
-                "ctr_logloss": ctr["logloss"],
-                "ctcvr_logloss": ctcvr["logloss"],
-            }
-            metrics["mean_auc"] = float(np.nanmean([metrics["ctr_auc"], metrics["ctcvr_auc"]]))
+            metrics = self._metrics(market, split, model)
+            if split == "test" and len(view.get("cold_test", ())):  # the cold-item report (protocol 2)
+                metrics.update({f"cold_{k}": v for k, v in self._metrics(market, "cold_test", model).items()})
             results[market] = metrics
         return results
+
+    def _metrics(self, market: str, split: str, model: MMoE) -> dict[str, float]:
+        p_ctr, p_ctcvr = self.predict(self.data.views[market][split], model)
+        click, conv = self._split_labels(market, split)
+        ctr = ctr_metrics(click, p_ctr)
+        ctcvr = ctr_metrics(conv, p_ctcvr)
+        metrics = {
+            "ctr_auc": ctr["auc"],
+            "ctcvr_auc": ctcvr["auc"],
+            "ctr_logloss": ctr["logloss"],
+            "ctcvr_logloss": ctcvr["logloss"],
+        }
+        aucs = [a for a in (metrics["ctr_auc"], metrics["ctcvr_auc"]) if np.isfinite(a)]
+        metrics["mean_auc"] = float(np.mean(aucs)) if aucs else float("nan")
+        return metrics
 
     # ------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
