@@ -46,7 +46,8 @@ class ModelConfig:
     num_cross_layers: int = 2
     use_side_features: bool = True
     # CTR baselines: the market-comparable item statistics FedMM derives from a market's train data, as
-    # categorical fields (none | buckets: each statistic's within-market quantile bucket)
+    # none | buckets (each statistic's within-market quantile bucket, a categorical field) | dense (each
+    # statistic z-scored within the market, a numeric field: value · v_f)
     item_features: str = "none"
     item_feature_buckets: int = 10
     # MMoE (multi-task methods): ``hidden`` = expert MLP sizes
@@ -61,9 +62,9 @@ class ModelConfig:
                 f"{prefix}.name must be one of ['dcnv2', 'deepfm', 'mmoe', 'sasrec'], got {self.name!r}"
             )
         _positive(self.num_experts, f"{prefix}.num_experts")
-        if self.item_features not in ("none", "buckets"):
+        if self.item_features not in ("none", "buckets", "dense"):
             raise ConfigError(
-                f"{prefix}.item_features must be 'none' or 'buckets', got {self.item_features!r}"
+                f"{prefix}.item_features must be 'none', 'buckets' or 'dense', got {self.item_features!r}"
             )
         if self.item_feature_buckets < 2:
             raise ConfigError(f"{prefix}.item_feature_buckets must be >= 2, got {self.item_feature_buckets}")

@@ -7,8 +7,9 @@ What leaves a market (the one place this is declared for these methods):
   side-feature tables stay local: IDs are disjoint across markets, so averaging them would mix unrelated items.
   With ``model.item_features: buckets`` also the tables of the item-statistic buckets (``stat_*``): a bucket
   is a within-market quantile of a market-comparable statistic, so it means the same in every market (as
-  FedMM's level-1 code table, which FedMM federates the same way).
-- FedPer (Arivazhagan et al. 2019): the dense body (``dnn.*``, ``cross.*``) and the ``stat_*`` tables; the
+  FedMM's level-1 code table, which FedMM federates the same way). With ``model.item_features: dense`` the
+  one-row tables of the numeric statistic fields (``num_stat_*``) instead, for the same reason.
+- FedPer (Arivazhagan et al. 2019): the dense body (``dnn.*``, ``cross.*``) and the statistic tables; the
   head stays local.
 - Centralized / Central-shared-IDs: NOT PRIVATE. Raw interactions are pooled into one model, either with
   market-prefixed IDs (no cross-market identity) or keyed by the real shared item key (e.g. ASIN), the
@@ -30,10 +31,12 @@ from fedmarket.federation.payload import UploadDeclaration
 from fedmarket.federation.strategies import FedAvg, NoFederation
 from fedmarket.methods.base import FedAvgOptions, FedProxOptions, Method, NoOptions, register
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData, MarketView
-from fedmarket.methods.item_stats import item_stat_buckets
+from fedmarket.methods.item_stats import item_stat_buckets, item_stat_dense
 
 LOCAL_UPLOAD = UploadDeclaration((), "nothing leaves a market")
-STAT_TABLES = ("features.embedding.stat_*", "features.linear.stat_*")
+BUCKET_TABLES = ("features.embedding.stat_*", "features.linear.stat_*")
+NUMERIC_TABLES = ("features.embedding.num_stat_*", "features.linear.num_stat_*")
+STAT_TABLES = (*BUCKET_TABLES, *NUMERIC_TABLES)
 DENSE_UPLOAD = UploadDeclaration(
     ("dnn.*", "cross.*", "head.*", "bias", *STAT_TABLES),
     "dense layers (and item-statistic bucket tables with model.item_features) only; ID embeddings stay local",
@@ -70,10 +73,9 @@ def in_force(declaration: UploadDeclaration):
     ``model.item_features`` set."""
 
     def declare(cfg, opts) -> UploadDeclaration:
-        if cfg.model.item_features != "none":
-            return declaration
+        keep = {"buckets": BUCKET_TABLES, "dense": NUMERIC_TABLES}.get(cfg.model.item_features, ())
         return UploadDeclaration(
-            tuple(p for p in declaration.patterns if p not in STAT_TABLES), declaration.reason
+            tuple(p for p in declaration.patterns if p not in STAT_TABLES or p in keep), declaration.reason
         )
 
     return declare
@@ -83,6 +85,8 @@ def item_feature_fields(cfg, split: MarketSplit) -> dict[str, tuple[np.ndarray, 
     """The ``model.item_features`` fields of one market (None when off)."""
     if cfg.model.item_features == "none":
         return None
+    if cfg.model.item_features == "dense":
+        return item_stat_dense(split)
     return item_stat_buckets(split, cfg.model.item_feature_buckets)
 
 

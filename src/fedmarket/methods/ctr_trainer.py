@@ -24,7 +24,7 @@ from fedmarket.data.split import MarketSplit, SeenItems, market_seed, sample_tra
 from fedmarket.eval.metrics import candidate_ranking_metrics, ctr_metrics, full_ranking_metrics
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration, load_payload_into, module_to_payload
-from fedmarket.models.ctr import CTRModel, build_ctr_model
+from fedmarket.models.ctr import CTRModel, build_ctr_model, is_numeric
 
 
 def _feature_table(ids: int, frame, prefix: str, use_side: bool) -> tuple[np.ndarray, dict[str, int]]:
@@ -47,12 +47,16 @@ def _append_fields(
     side: str,
     other_fields: dict[str, int],
 ) -> np.ndarray:
-    """Append extra categorical columns (one code per row, in [0, vocab)) to a feature table; ``fields`` grows."""
+    """Append extra columns to a feature table; ``fields`` grows. Categorical: one code per row in
+    [0, vocab); numeric (name ``num_*``, `fedmarket.models.ctr.is_numeric`): fixed-point values, vocab 1."""
     for name, (codes, vocab) in (extra or {}).items():
         codes = np.asarray(codes, dtype=np.int64)
         if name in fields or name in other_fields:
             raise ValueError(f"extra {side} field {name!r} clashes with an existing field")
-        if codes.shape != (len(table),) or codes.min() < 0 or codes.max() >= vocab:
+        if is_numeric(name):
+            if codes.shape != (len(table),) or vocab != 1:
+                raise ValueError(f"numeric {side} field {name!r} must hold {len(table)} values, vocab 1")
+        elif codes.shape != (len(table),) or codes.min() < 0 or codes.max() >= vocab:
             raise ValueError(f"extra {side} field {name!r} must hold {len(table)} codes in [0, {vocab})")
         table = np.concatenate([table, codes[:, None]], axis=1)
         fields[name] = int(vocab)

@@ -97,3 +97,14 @@ def item_stat_buckets(split: MarketSplit, buckets: int = 10) -> dict[str, tuple[
         codes[~warm] = buckets
         out[f"stat_{name}"] = (codes, buckets + 1)
     return out
+
+
+def item_stat_dense(split: MarketSplit) -> dict[str, tuple[np.ndarray, int]]:
+    """``item_statistics`` as numeric fields ``num_stat_<name>`` (z-scored within the market; each enters
+    the model as value · v_f, `fedmarket.models.ctr.NUMERIC_PREFIX`), in the form `CTRData.from_split`
+    takes as ``extra_item_fields``. Items without a train interaction get the fill values of
+    `item_statistics` (they never reach the main metrics under protocol 2)."""
+    from fedmarket.models.ctr import to_fixed_point
+
+    stats = item_statistics(split, "market")
+    return {f"num_stat_{name}": (to_fixed_point(stats[:, j]), 1) for j, name in enumerate(ITEM_STAT_NAMES)}

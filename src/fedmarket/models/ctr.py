@@ -15,12 +15,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+NUMERIC_PREFIX = "num_"
+"""A field whose name starts with this is numeric: its column holds fixed-point values (value ·
+`FIXED_POINT`, rounded) instead of codes, its tables have one row, and its embedding is value · v_f (its
+first-order term value · w_f), the usual numeric-field embedding of FuxiCTR / DeepCTR."""
+FIXED_POINT = 1 << 16
+
+
+def is_numeric(field: str) -> bool:
+    return field.startswith(NUMERIC_PREFIX)
+
+
+def to_fixed_point(values) -> np.ndarray:
+    """Real values → the int64 column a numeric field carries (clipped to ±10⁴)."""
+    values = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float64)), -1e4, 1e4)
+    return np.round(values * FIXED_POINT).astype(np.int64)
+
 
 class FieldEmbedding(nn.Module):
-    """One embedding table and one first-order weight table per field."""
+    """One embedding table and one first-order weight table per field (one row each for a numeric field)."""
 
     def __init__(self, fields: dict[str, int], embed_dim: int, init_std: float = 0.01) -> None:
         super().__init__()
@@ -30,8 +47,9 @@ class FieldEmbedding(nn.Module):
             if size <= 0:
                 raise ValueError(f"field {name!r} has vocabulary size {size}; it must be positive")
         self.field_names = list(fields)
-        self.embedding = nn.ModuleDict({f: nn.Embedding(n, embed_dim) for f, n in fields.items()})
-        self.linear = nn.ModuleDict({f: nn.Embedding(n, 1) for f, n in fields.items()})
+        rows = {f: 1 if is_numeric(f) else n for f, n in fields.items()}
+        self.embedding = nn.ModuleDict({f: nn.Embedding(n, embed_dim) for f, n in rows.items()})
+        self.linear = nn.ModuleDict({f: nn.Embedding(n, 1) for f, n in rows.items()})
         # N(0, 0.01): N(0, 1) left models badly undertrained in a first check (DATA.md)
         for table in list(self.embedding.values()):
             nn.init.normal_(table.weight, std=init_std)
@@ -43,9 +61,16 @@ class FieldEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``x``: ``[..., F']`` indices of the fields in ``names`` (default all) → (``[..., F', D]``, ``[..., F']``)."""
         names = self.field_names if names is None else names
-        emb = torch.stack([self.embedding[f](x[..., i]) for i, f in enumerate(names)], dim=-2)
-        lin = torch.cat([self.linear[f](x[..., i]) for i, f in enumerate(names)], dim=-1)
-        return emb, lin
+        embs, lins = [], []
+        for i, f in enumerate(names):
+            if is_numeric(f):
+                value = (x[..., i].to(torch.float32) / FIXED_POINT).unsqueeze(-1)
+                embs.append(value * self.embedding[f].weight[0])
+                lins.append(value * self.linear[f].weight[0])
+            else:
+                embs.append(self.embedding[f](x[..., i]))
+                lins.append(self.linear[f](x[..., i]))
+        return torch.stack(embs, dim=-2), torch.cat(lins, dim=-1)
 
 
 def _mlp(in_dim: int, hidden: Sequence[int], dropout: float, batch_norm: bool = False) -> nn.Sequential:
