@@ -249,6 +249,8 @@ def test_sequential_configs_load():
     for path in paths:
         cfg = load_config(path)
         m = get_method(cfg.method.name)
+        if m.task == "floor":  # the no-learning floors of the sequential tables
+            continue
         assert m.task == "seq"
         opts = m.parse_options(cfg.method.options)
         assert opts.text_encoder == "minilm", f"{path.name}: reported results must use MiniLM"

@@ -160,7 +160,7 @@ def test_resume_after_convergence_does_not_train_more(splits, tmp_path) -> None:
 
 
 def test_fecosr_pretraining_ends_at_its_plateau_and_fine_tuning_follows() -> None:
-    from fedmarket.methods.fecosr import FederatedThenLocal
+    from fedmarket.federation.strategies import FedAvgThenLocal as FederatedThenLocal
 
     s = FederatedThenLocal(federated_rounds=10)
     assert s.on_plateau(4) and s.federated_rounds == 4

@@ -95,6 +95,15 @@ class Strategy(ABC):
         """Extra per-round options sent with `RoundConfig` (e.g. FedProx's μ)."""
         return {}
 
+    def step_kind(self, server_round: int) -> tuple[bool, str]:
+        """(is the server step of ``server_round`` one weighted sum of the uploads?, why). Secure aggregation
+        runs only on sum steps and says why it cannot run otherwise. Default: not a sum (a personalised or
+        non-linear server step), so secure aggregation never silently changes a method's server step."""
+        return False, (
+            f"{type(self).__name__}: personalised or non-linear server step (each market gets its own "
+            "combination of the others' uploads), not one weighted sum"
+        )
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
 

@@ -378,6 +378,9 @@ class PrivateStrategy(Strategy):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
+    def step_kind(self, server_round: int) -> tuple[bool, str]:
+        return self.inner.step_kind(server_round)
+
     # ---------------------------------------------------------------- accounting
     def _step_params(self) -> tuple[float, float]:
         s = self.settings

@@ -172,28 +172,9 @@ def summer(seed: int, fraction_bits: int = DEFAULT_FRACTION_BITS) -> Any:
 
 
 def server_step_kind(strategy: Strategy, server_round: int) -> tuple[bool, str]:
-    """(is the server step of ``server_round`` a weighted sum?, why). Known strategies only; anything else
-    is treated as not a sum, so secure aggregation never silently changes a method's server step."""
-    from fedmarket.federation.strategies import FedAvg, NoFederation
-
-    inner = getattr(strategy, "inner", None)
-    if inner is not None and type(strategy).__name__ in ("PrivateStrategy", "SecureAggregation"):
-        return server_step_kind(inner, server_round)
-    if isinstance(strategy, NoFederation):
-        return False, "nothing is aggregated (no federation)"
-    if type(strategy).__name__ == "FedMMStrategy":
-        phase, step = strategy.schedule.phase(server_round)
-        if phase == "rqvae":  # first merge: k-means (clear); later ones: sums with secure aggregation
-            return strategy.rqvae_step_kind(server_round)
-        return True, f"FedMM {phase} round: example-weighted mean"
-    if isinstance(strategy, FedAvg):
-        if strategy.aggregation == "mean":
-            return True, "example-weighted mean (FedAvg)"
-        return False, f"coordinate-wise {strategy.aggregation} needs every upload, not their sum"
-    return False, (
-        f"{type(strategy).__name__}: personalised or non-linear server step (each market gets its own "
-        "combination of the others' uploads), not one weighted sum"
-    )
+    """(is the server step of ``server_round`` a weighted sum?, why): the strategy's own `Strategy.step_kind`
+    (default: not a sum, so secure aggregation never silently changes a method's server step)."""
+    return strategy.step_kind(server_round)
 
 
 class SecureAggregation(Strategy):
@@ -213,6 +194,9 @@ class SecureAggregation(Strategy):
 
     def initialize(self, initial: Payload) -> None:
         self.inner.initialize(initial)
+
+    def step_kind(self, server_round: int) -> tuple[bool, str]:
+        return self.inner.step_kind(server_round)
 
     def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
         return self.inner.configure_train(server_round, markets)

@@ -24,6 +24,9 @@ class NoFederation(Strategy):
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
         pass
 
+    def step_kind(self, server_round: int) -> tuple[bool, str]:
+        return False, "nothing is aggregated (no federation)"
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -209,9 +212,46 @@ class FedAvg(Strategy):
     def round_options(self, server_round: int) -> dict[str, Any]:
         return dict(self.options)
 
+    def step_kind(self, server_round: int) -> tuple[bool, str]:
+        if self.aggregation == "mean":
+            return True, "example-weighted mean (FedAvg)"
+        return False, f"coordinate-wise {self.aggregation} needs every upload, not their sum"
+
     def state_dict(self) -> dict[str, Any]:
         return {"global_payload": self.global_payload, "server_velocity": self.velocity}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_payload = dict(state["global_payload"])
         self.velocity = dict(state.get("server_velocity", {}))
+
+
+class FedAvgThenLocal(FederatedPhase, FedAvg):
+    """FedAvg for rounds 1..F, then local fine-tuning (FedAvg + fine-tune, FeCoSR): round F+1 downloads the
+    final global model once, later rounds download nothing, and from F+1 on markets are told to fine-tune
+    and upload nothing (round options ``upload``, ``finetune``; ``F = 0``: FedAvg in every round, no
+    fine-tuning). With ``train.patience`` the federated phase ends at its validation plateau (`FederatedPhase`)."""
+
+    def __init__(self, federated_rounds: int = 0, aggregation: str = "mean", **kwargs: Any) -> None:
+        super().__init__(aggregation, **kwargs)
+        self.federated_rounds = federated_rounds
+
+    def federated(self, server_round: int) -> bool:
+        return self.federated_rounds == 0 or server_round <= self.federated_rounds
+
+    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        if self.federated(server_round) or server_round == self.federated_rounds + 1:
+            return super().configure_train(server_round, markets)
+        return {m: {} for m in markets}
+
+    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        if self.federated(server_round):
+            return super().configure_train(server_round, markets)
+        return {m: {} for m in markets}  # each market evaluates its own fine-tuned model
+
+    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        if self.federated(server_round):
+            super().aggregate_train(server_round, updates)
+
+    def round_options(self, server_round: int) -> dict[str, Any]:
+        federated = self.federated(server_round)
+        return {**super().round_options(server_round), "upload": federated, "finetune": not federated}

@@ -29,11 +29,9 @@ Ablations are options of this method: ``loss: ce`` (FeCoSR with CE = FedAvg-CE +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from fedmarket.federation.core import Update
-from fedmarket.federation.payload import Payload, UploadDeclaration
-from fedmarket.federation.strategies import FedAvg, FederatedPhase
+from fedmarket.federation.payload import UploadDeclaration
+from fedmarket.federation.strategies import FedAvgThenLocal
 from fedmarket.methods.base import Method, register
 from fedmarket.methods.seq_trainer import SeqOptions, seq_clients
 
@@ -44,45 +42,9 @@ TEXT_BACKBONE_UPLOAD = UploadDeclaration(
 )
 
 
-class FederatedThenLocal(FederatedPhase, FedAvg):
-    """FedAvg for rounds 1..F, then local fine-tuning: round F+1 downloads the final global model, later
-    rounds download nothing, and from F+1 on markets are told to fine-tune and upload nothing
-    (``F = 0``: FedAvg in every round, no fine-tuning)."""
-
-    def __init__(
-        self,
-        federated_rounds: int = 0,
-        aggregation: str = "mean",
-        **server_step: Any,
-    ) -> None:
-        super().__init__(aggregation, **server_step)
-        self.federated_rounds = federated_rounds
-
-    def federated(self, server_round: int) -> bool:
-        return self.federated_rounds == 0 or server_round <= self.federated_rounds
-
-    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        if self.federated(server_round) or server_round == self.federated_rounds + 1:
-            return super().configure_train(server_round, markets)
-        return {m: {} for m in markets}
-
-    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        if self.federated(server_round):
-            return super().configure_train(server_round, markets)
-        return {m: {} for m in markets}  # each market evaluates its own fine-tuned model
-
-    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
-        if self.federated(server_round):
-            super().aggregate_train(server_round, updates)
-
-    def round_options(self, server_round: int) -> dict[str, Any]:
-        federated = self.federated(server_round)
-        return {"upload": federated, "finetune": not federated}
-
-
-def federated_then_local(opts: SeqOptions) -> FederatedThenLocal:
+def federated_then_local(opts: SeqOptions) -> FedAvgThenLocal:
     """The strategy of every FedAvg-family sequential method, from its options (federated rounds, server step)."""
-    return FederatedThenLocal(opts.federated_rounds, **opts.server_step_kwargs())
+    return FedAvgThenLocal(opts.federated_rounds, **opts.server_step_kwargs())
 
 
 @dataclass

@@ -701,8 +701,14 @@ class FedMMStrategy(Strategy):
                 out[WEIGHTED_AUTOENCODER + key[len("rqvae.") :]] = np.zeros_like(value)
         return out
 
+    def step_kind(self, server_round: int) -> tuple[bool, str]:
+        phase, _ = self.schedule.phase(server_round)
+        if phase == "rqvae":  # first merge: k-means (clear); later ones: sums with secure aggregation
+            return self.rqvae_step_kind(server_round)
+        return True, f"FedMM {phase} round: example-weighted mean"
+
     def rqvae_step_kind(self, server_round: int) -> tuple[bool, str]:
-        """(is this RQ-VAE round's server step a sum?, why), for `fedmarket.federation.secagg.server_step_kind`."""
+        """(is this RQ-VAE round's server step a sum?, why), for `Strategy.step_kind`."""
         if self.opts.codebook == "local":
             return (
                 True,

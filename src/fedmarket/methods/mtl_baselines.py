@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedmarket.errors import ConfigError
-from fedmarket.federation.core import ClientTrainer, Update
-from fedmarket.federation.payload import Payload, UploadDeclaration
-from fedmarket.federation.strategies import FedAvg, FederatedPhase, NoFederation
+from fedmarket.federation.core import ClientTrainer
+from fedmarket.federation.payload import UploadDeclaration
+from fedmarket.federation.strategies import FedAvg, FedAvgThenLocal, NoFederation
 from fedmarket.methods.base import FedAvgOptions, FedProxOptions, Method, NoOptions, register
 from fedmarket.methods.mtl_trainer import MTLClient, MTLData
 
@@ -81,32 +81,6 @@ def mtl_clients(
         )
         for name, split in splits.items()
     }
-
-
-class FedAvgThenLocal(FederatedPhase, FedAvg):
-    """FedAvg for ``federated_rounds`` rounds, then local fine-tuning: in round ``federated_rounds + 1``
-    every scenario downloads the final global model once, and from then on trains alone and uploads nothing."""
-
-    def __init__(self, federated_rounds: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.federated_rounds = federated_rounds
-
-    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        if server_round <= self.federated_rounds + 1:
-            return super().configure_train(server_round, markets)
-        return {m: {} for m in markets}
-
-    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        if server_round <= self.federated_rounds:
-            return super().configure_train(server_round, markets)
-        return {m: {} for m in markets}
-
-    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
-        if server_round <= self.federated_rounds:
-            super().aggregate_train(server_round, updates)
-
-    def round_options(self, server_round: int) -> dict[str, Any]:
-        return {**super().round_options(server_round), "upload": server_round <= self.federated_rounds}
 
 
 @dataclass
