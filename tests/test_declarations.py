@@ -108,3 +108,15 @@ def test_the_declared_metrics_are_written_to_metrics_json_for_the_report() -> No
     decl = get_method("fedmm").declaration_for(cfg("fedmm"))
     assert "recon" in decl.metric_patterns and "auc" in decl.metric_patterns
     assert not decl.allows_metric("train_user_u0_last_item")
+
+
+def test_pfmsmt_declares_what_its_options_send() -> None:
+    """PF-MSMTrec's declaration in force follows its options (FedBN keeps BatchNorm local; towers: false
+    keeps the towers local) and is what the runtime checks."""
+    m = get_method("pfmsmt")
+    on = m.declaration_for(cfg("pfmsmt"))
+    off = m.declaration_for(
+        config_from_dict({"name": "t", "method": {"name": "pfmsmt", "options": {"towers": False}}})
+    )
+    assert on.allows("towers.ctr.out.weight") and not off.allows("towers.ctr.out.weight")
+    assert m.declaration.allows("towers.ctr.out.weight")

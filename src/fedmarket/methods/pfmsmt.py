@@ -233,5 +233,6 @@ register(
         PFMSMTOptions,
         task="mtl",
         summary="PF-MSMTrec: template + FedBN + conflict coordination + personalised aggregation",
+        declare=lambda cfg, opts: client_upload(opts),
     )
 )
