@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned to the CPU wheel, so nothing can pull a CUDA build
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev,text,quant,flower,privacy]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,text,flower,privacy,serve,tracking,docs]'
 	@if $(BIN)/pip list 2>/dev/null | grep -qi nvidia; then echo "CUDA packages were installed; aborting" >&2; exit 1; fi
 	@touch $@
 

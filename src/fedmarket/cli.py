@@ -20,6 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fedmarket import __version__
 from fedmarket.environment import apply_quiet_env  # noqa: E402
 from fedmarket.errors import FedmarketError
 
@@ -324,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedmarket", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"fedmarket {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(sp: argparse.ArgumentParser) -> None:
