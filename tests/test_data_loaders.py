@@ -210,6 +210,7 @@ def test_registry_lists_every_dataset() -> None:
         "ml100k",
         "ml1m",
         "generic",
+        "recbole",
         "synthetic",
         "ml1m-proxy-age",
         "ml1m-proxy-zip",

@@ -309,6 +309,9 @@ def run_experiment(
     # the run's compute: every seed's seconds, the parts before a resume included
     seconds = max(time.perf_counter() - started, sum(float(r.get("seconds", 0.0)) for r in per_seed))
     write_results(cfg, run_dir, per_seed, seconds, data=data)
+    from fedmarket.tracking import track_run
+
+    track_run(cfg, run_dir)  # config `tracking`: from the finished folder's files; a failure only warns
     return run_dir
 
 
@@ -493,7 +496,8 @@ def same_run_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """What makes two runs the same experiment: the config without ``seeds``, ``output_dir`` and ``progress``
     (which seeds ran, where the folder is, how it displayed itself). Used to merge seeds and to resume."""
     d = cfg.to_dict()
-    for key in ("seeds", "output_dir", "progress"):
+    # tracking*: where a finished run is recorded, not what it computes
+    for key in ("seeds", "output_dir", "progress", "tracking", "tracking_uri", "tracking_experiment"):
         d.pop(key, None)
     return d
 

@@ -98,8 +98,8 @@ class TrainConfig:
     max_examples: int = 1_000_000_000
     threads: int = 1  # small models and batches: a second intra-op thread costs more than it gives here
     # fp32 CPU matmul kernels (`fedmarket.matmul`): "auto" = oneDNN where it computes in fp32 (≈ 2× MKL's speed
-    # on this project's AMD EPYC), else the BLAS; "blas" = PyTorch's default (every record before
-    # 2026-11-30's fourteenth session); "onednn" = oneDNN even where it may compute in bf16 (CPUs with AMX)
+    # on this project's AMD EPYC), else the BLAS; "blas" = PyTorch's default (every record made before
+    # 2026-11-30); "onednn" = oneDNN even where it may compute in bf16 (CPUs with AMX)
     matmul: str = "auto"
     # early stopping: stop after `patience` evaluated rounds without a validation gain > min_delta (0 = off;
     # `rounds` is then the maximum). Phased methods (FedAvg + fine-tune) end a phase instead.
@@ -269,6 +269,12 @@ class ExperimentConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure_aggregation: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    # experiment tracking (`fedmarket.tracking`): none | mlflow. How a finished run is recorded, not what it
+    # computes, so merging and resuming ignore it. tracking_uri: a folder or .db file (a local SQLite store;
+    # default ./mlruns) or any MLflow tracking URI; tracking_experiment: default the config name.
+    tracking: str = "none"
+    tracking_uri: str = "mlruns"
+    tracking_experiment: str | None = None
 
     def validate(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -283,6 +289,20 @@ class ExperimentConfig:
             raise ConfigError("seeds must list at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"seeds must be distinct, got {self.seeds}")
+        self._validate_tracking()
+
+    def _validate_tracking(self) -> None:
+        """Checked before training, so that a run never ends on a tracking setting it cannot honour."""
+        if self.tracking not in ("none", "mlflow"):
+            raise ConfigError(f"tracking must be 'none' or 'mlflow', got {self.tracking!r}")
+        if not self.tracking_uri.strip():
+            raise ConfigError("tracking_uri must be a non-empty folder, file or URI")
+        if self.tracking_experiment is not None and not self.tracking_experiment.strip():
+            raise ConfigError("tracking_experiment must be null (= the config name) or a non-empty name")
+        if self.tracking == "mlflow":
+            from fedmarket.tracking import require_packages
+
+            require_packages(self.tracking_uri)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -52,6 +52,14 @@ ROUNDS_ID_COLUMNS = ("seed", "round", "market", "split", "up_bytes", "down_bytes
 # Metrics plotted per round by default when a run reports them (all 18 ranking metrics would bury the
 # ones people read); if a run has none of these, all of its metric columns are plotted.
 DEFAULT_ROUND_PLOT_METRICS = ("auc", "logloss", "gauc", "ndcg@10", "hr@10", "full_ndcg@10", "full_hr@10")
+# Every plot fits a screen: a figure is at most MAX_FIGURE_WIDTH inches wide, and a saved PNG at most
+# MAX_PNG_WIDTH pixels (a legend beside the axes widens the saved area; the resolution drops instead).
+MAX_FIGURE_WIDTH = 12.0
+MAX_PNG_WIDTH = 1200
+SAVE_DPI = 120
+TICK_LABEL_CHARS = 18  # market and run names on plot axes (tables keep the whole name)
+# the methods whose run is the "Local" reference of the difference heatmap, in order of preference
+LOCAL_METHODS = ("local", "mtl_local", "seq_local_text", "seq_local_id")
 
 RunLike = Mapping[str, Any] | str | Path
 
@@ -289,9 +297,49 @@ def _file_stem(metric: str) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    """Save at `SAVE_DPI`, or lower when the drawn area (legend beside the axes included) would be wider
+    than `MAX_PNG_WIDTH` pixels."""
+    canvas = FigureCanvasAgg(fig)
+    width = fig.get_tightbbox(canvas.get_renderer()).width + 0.2  # inches; savefig pads 0.1 each side
+    dpi = min(SAVE_DPI, math.floor(MAX_PNG_WIDTH / width))
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     return path
+
+
+def _short(text: Any, limit: int = TICK_LABEL_CHARS) -> str:
+    """A name for a plot axis: at most ``limit`` characters, the middle elided (``ml1m-p…no-towers``), since
+    names of one family differ at the end as often as at the start."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[-(limit - 1 - head) :]
+
+
+def _overlaps(texts: Sequence[Any], renderer: Any) -> bool:
+    """Whether any two of the drawn texts' boxes overlap (by more than a pixel)."""
+    boxes = [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            if min(a.x1, b.x1) - max(a.x0, b.x0) > 1 and min(a.y1, b.y1) - max(a.y0, b.y0) > 1:
+                return True
+    return False
+
+
+def _fit_tick_labels(fig: Figure, ax: Any) -> None:
+    """No two x tick labels overlap: upright first, then turned vertical, then smaller (down to 5 pt)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    labels = ax.get_xticklabels()
+    if not _overlaps(labels, renderer):
+        return
+    for label in labels:
+        label.set_rotation(90)
+        label.set_horizontalalignment("center")
+    size = labels[0].get_fontsize() if labels else 10.0
+    while _overlaps(labels, renderer) and size > 5:
+        size = max(5.0, size - 1)
+        for label in labels:
+            label.set_fontsize(size)
 
 
 def _value_limits(low: np.ndarray, high: np.ndarray) -> tuple[float, float] | None:
@@ -315,7 +363,8 @@ def _grouped_bars(
     groups = list(values.columns)
     n_runs = len(values.index)
     # wide enough to tell the bars apart, capped so a many-run comparison stays a readable page width
-    fig = Figure(figsize=(min(16.0, max(6.0, 1.1 * len(groups) * max(1, n_runs) * 0.45 + 2)), 4.2))
+    fig_width = 1.1 * len(groups) * max(1, n_runs) * 0.45 + 2
+    fig = Figure(figsize=(min(MAX_FIGURE_WIDTH, max(6.0, fig_width)), 4.2))
     ax = fig.add_subplot()
     x = np.arange(len(groups))
     width = 0.8 / max(1, n_runs)
@@ -335,7 +384,8 @@ def _grouped_bars(
             color=colors[i % len(colors)],
         )
     ticks = list(ticks) if ticks is not None else groups
-    ax.set_xticks(x, ticks, rotation=30 if len(groups) > 6 else 0)
+    ax.set_xticks(x, [_short(t) for t in ticks])
+    _fit_tick_labels(fig, ax)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return fig, ax
@@ -386,10 +436,13 @@ def _plot_vs_bytes(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], met
     ax = fig.add_subplot()
     positive = [p[1] for p in points if p[1] > 0]
     zero_at = min(positive) / 10.0 if positive else 1.0
+    notes = []
     for label, up, value, std in points:
         x = up if up > 0 else zero_at
         ax.errorbar([x], [value], yerr=[0.0 if math.isnan(std) else std], fmt="o", capsize=3, label=label)
-        ax.annotate(label, (x, value), textcoords="offset points", xytext=(5, 5), fontsize="small")
+        notes.append(
+            ax.annotate(label, (x, value), textcoords="offset points", xytext=(5, 5), fontsize="small")
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: _human_bytes(value)))
     ax.xaxis.set_minor_formatter(NullFormatter())
@@ -405,7 +458,34 @@ def _plot_vs_bytes(runs: Sequence[Mapping[str, Any]], labels: Sequence[str], met
     ax.set_ylabel(f"average {metric}")
     ax.set_title(f"average {metric} vs upload cost")
     ax.grid(alpha=0.3, which="both")
+    _spread_annotations(fig, notes)
     return _save(fig, path)
+
+
+def _spread_annotations(fig: Figure, notes: Sequence[Any]) -> None:
+    """Move point labels that would overlap (runs of equal cost and close scores) apart vertically, each
+    below the one it collides with, so every label stays readable next to its point."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for _ in range(len(notes) * len(notes)):
+        boxes = [n.get_window_extent(renderer) for n in notes]
+        clash = next(
+            (
+                (i, j)
+                for i in range(len(notes))
+                for j in range(i + 1, len(notes))
+                if min(boxes[i].x1, boxes[j].x1) - max(boxes[i].x0, boxes[j].x0) > 1
+                and min(boxes[i].y1, boxes[j].y1) - max(boxes[i].y0, boxes[j].y0) > 1
+            ),
+            None,
+        )
+        if clash is None:
+            return
+        i, j = clash
+        lower = j if boxes[j].y0 <= boxes[i].y0 else i
+        other = i if lower == j else j
+        shift = (boxes[lower].y1 - boxes[other].y0 + 2) * 72 / fig.dpi  # pixels → points
+        x_off, y_off = notes[lower].xyann
+        notes[lower].xyann = (x_off, y_off - shift)
 
 
 def _rounds_metric_columns(rounds: pd.DataFrame) -> list[str]:
@@ -688,6 +768,149 @@ def verdict_table(
     return table
 
 
+def local_reference(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> str | None:
+    """The label of the "Local" run (each market alone: the floor a collaboration must beat): the first run
+    of the first of `LOCAL_METHODS` present; None when no run is one."""
+    for method in LOCAL_METHODS:
+        for label, run in zip(labels, runs, strict=True):
+            if run.get("method") == method:
+                return label
+    return None
+
+
+def local_difference(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str
+) -> tuple[pd.DataFrame, pd.DataFrame, str] | None:
+    """Every other run's mean test ``metric`` minus the Local run's (`local_reference`), per market and on
+    the average (runs × markets), the paired verdicts of the same cells (`fedmarket.eval.verdicts`: wins,
+    tie, loses, untested; "–" where a run lacks the market) and the Local run's label. None without a Local
+    run, without another run, or when no cell has a value."""
+    from fedmarket.eval.verdicts import paired_verdict
+
+    reference = local_reference(runs, labels)
+    if reference is None or len(runs) < 2:
+        return None
+    mean, _ = _mean_std_frames(runs, metric)
+    mean.index = list(labels)
+    others = [label for label in labels if label != reference]
+    diff = mean.loc[others] - mean.loc[reference]
+    if diff.isna().all().all():
+        return None
+    by_label = dict(zip(labels, runs, strict=True))
+    ref_values = _seed_values(by_label[reference], metric)
+    verdicts = pd.DataFrame("–", index=diff.index, columns=diff.columns, dtype=object)
+    for label in others:
+        mine = _seed_values(by_label[label], metric)
+        for market in diff.columns:
+            if not math.isnan(diff.loc[label, market]):
+                verdicts.loc[label, market] = paired_verdict(
+                    mine.get(market, {}), ref_values.get(market, {}), metric
+                )["verdict"]
+    return diff, verdicts, reference
+
+
+def _diff_heatmap(diff: pd.DataFrame, verdicts: pd.DataFrame, metric: str, reference: str) -> Figure:
+    """Runs × markets coloured by the difference to the Local run (green = better, whichever direction the
+    metric improves in; pale where the verdict is not ``wins`` or ``loses``, so a tie never looks like a
+    result), the difference and the verdict printed in each cell; grey where a run has no value. The figure
+    stays within `MAX_FIGURE_WIDTH`: many markets make the cells narrower, then their text smaller, and in
+    the end only the verdict's first letter is printed."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    n_rows, n_cols = diff.shape
+    width = min(MAX_FIGURE_WIDTH, 3.0 + 0.95 * n_cols)
+    fig = Figure(figsize=(width, 1.6 + 0.5 * n_rows))
+    ax = fig.add_subplot()
+    values = diff.to_numpy(dtype=float)
+    better = -values if lower_is_better(metric) else values
+    limit = float(np.nanmax(np.abs(better))) if np.isfinite(better).any() else 0.0
+    norm, cmap = Normalize(-(limit or 1e-9), limit or 1e-9), matplotlib.colormaps["RdYlGn"]
+    colors = cmap(norm(np.nan_to_num(better)))
+    decided = verdicts.isin(["wins", "loses"]).to_numpy()
+    colors[~decided, :3] = 0.45 * colors[~decided, :3] + 0.55  # blended with white
+    colors[np.isnan(values)] = matplotlib.colors.to_rgba("#d9d9d9")
+    ax.imshow(colors, aspect="auto")
+    ax.set_xticks(range(n_cols), [_short(c) for c in diff.columns])
+    ax.set_yticks(range(n_rows), [_short(r, 2 * TICK_LABEL_CHARS) for r in diff.index])
+    if AVERAGE in diff.columns and n_cols > 1:
+        ax.axvline(list(diff.columns).index(AVERAGE) - 0.5, color="black", linewidth=1.5)
+    texts = []
+    for i in range(n_rows):
+        for j in range(n_cols):
+            if math.isnan(values[i, j]):
+                continue
+            strong = decided[i, j] and abs(better[i, j]) > 0.7 * limit
+            texts.append(
+                ax.text(
+                    j,
+                    i,
+                    f"{values[i, j]:+.4f}\n{verdicts.iat[i, j]}",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if strong else "black",
+                )
+            )
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, fraction=0.04, pad=0.02).set_label(
+        f"{metric} − {_short(reference, 2 * TICK_LABEL_CHARS)}"
+        + (" (sign flipped: up is better)" if lower_is_better(metric) else "")
+    )
+    ax.set_title(f"{metric}: difference to {_short(reference, 2 * TICK_LABEL_CHARS)} per market")
+    _fit_tick_labels(fig, ax)
+    fig.tight_layout()
+    _fit_cell_texts(fig, ax, texts, n_rows, n_cols)
+    return fig
+
+
+def _fit_cell_texts(fig: Figure, ax: Any, texts: Sequence[Any], n_rows: int, n_cols: int) -> None:
+    """Shrink the cells' texts until each fits its cell (with a margin, so neighbours never touch); below
+    5 pt print only the verdict's first letter (W, T, L, U)."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    bbox = ax.get_window_extent(renderer)
+    cell_w = bbox.width / max(1, n_cols) - 4
+    cell_h = bbox.height / max(1, n_rows) - 2
+
+    def fits() -> bool:
+        boxes = [t.get_window_extent(renderer) for t in texts]
+        return all(b.width <= cell_w and b.height <= cell_h for b in boxes)
+
+    size = 9.0
+    while texts and not fits() and size > 5:
+        size -= 0.5
+        for t in texts:
+            t.set_fontsize(size)
+    if texts and not fits():
+        for t in texts:
+            t.set_text(t.get_text().split("\n")[-1][:1].upper())
+            t.set_fontsize(max(4.0, min(9.0, cell_w * 72 / fig.dpi / 0.8)))
+        ax.set_xlabel("W wins · T tie · L loses · U untested", fontsize="small")
+
+
+def _local_section(
+    runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metrics: Sequence[str], out_dir: Path
+) -> list[str]:
+    found = _first_metric(metrics, lambda m: local_difference(runs, labels, m))
+    if found is None:
+        return []
+    metric, (diff, verdicts, reference) = found
+    stem = _file_stem(metric)
+    _save(_diff_heatmap(diff, verdicts, metric, reference), out_dir / f"{stem}_vs_local_heatmap.png")
+    return [
+        f"## Difference to {reference} per market ({metric})",
+        "",
+        f"Each run's mean test {metric} minus {reference}'s (each market alone), per market and on the average; "
+        f"green is better than {reference}, red worse. The verdict in each cell is the paired one over the seeds "
+        "both ran (`wins`/`loses` only when the 95 % interval excludes 0, else `tie`; `untested` with fewer "
+        "than 3 paired seeds). The table gives the intervals.",
+        "",
+        f"![difference to {reference}]({stem}_vs_local_heatmap.png)",
+        "",
+        _markdown(verdict_table(runs, labels, metric, reference)),
+        "",
+    ]
+
+
 def winners_table(
     runs: Sequence[Mapping[str, Any]], labels: Sequence[str], metric: str
 ) -> pd.DataFrame | None:
@@ -796,6 +1019,7 @@ def write_report(
         ]
     lines += _private_note(runs)
     lines += _winners_section(runs, labels, metrics)
+    lines += _local_section(runs, labels, metrics, out_dir)
 
     missing = []
     for metric in metrics:
@@ -839,10 +1063,12 @@ def write_run_report(
     label = _row_labels([run])[0]
     table_metrics = list(metrics) if metrics is not None else list(run["average"])
 
+    one_seed = len(run["seeds"]) == 1  # no spread is known: the stored std of 0 is not printed
     rows = {}
     for market in [*run["per_market"], AVERAGE]:
         mean = run["average"] if market == AVERAGE else run["per_market"][market]
         std = run["average_std"] if market == AVERAGE else run["per_market_std"].get(market, {})
+        std = {} if one_seed else std
         rows[market] = [_format_mean_std(mean.get(m, np.nan), std.get(m, np.nan), 4) for m in table_metrics]
     table = pd.DataFrame.from_dict(rows, orient="index", columns=table_metrics)
     table.index.name = "market"
@@ -853,7 +1079,8 @@ def write_run_report(
     lines += [" · ".join(info), ""]
     lines += _private_note([run])
     lines += [
-        f"Test metrics, mean ± std over seeds; `{AVERAGE}` is the unweighted mean over markets.",
+        ("Test metrics of the one seed" if one_seed else "Test metrics, mean ± std over seeds")
+        + f"; `{AVERAGE}` is the unweighted mean over markets.",
         "",
         _markdown(table),
         "",

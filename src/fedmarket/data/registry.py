@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from fedmarket.data import generic, movielens, mtl, synthetic, xmarket
+from fedmarket.data import generic, movielens, mtl, recbole, synthetic, xmarket
 from fedmarket.data._tables import select_markets
 from fedmarket.data.market import MarketData
 from fedmarket.errors import DataError
@@ -46,6 +46,11 @@ def _movielens(split: str) -> Callable[..., dict[str, MarketData]]:
         return movielens.load_movielens(split, data_dir, markets, use_cache, include_ml100k=include_ml100k)
 
     return load
+
+
+def _load_recbole(data_dir, markets, use_cache, path, item_text):
+    # a relative path may name a folder inside the data directory (a shared copy of a RecBole dataset)
+    return recbole.load_recbole(path, data_dir, markets, use_cache, item_text=item_text)
 
 
 def _load_generic(data_dir, markets, use_cache, path):
@@ -125,6 +130,12 @@ DATASETS: dict[str, DatasetSpec] = {
         "your own files: path = one CSV/Parquet per market or a folder of them (user, item[, rating, timestamp, text])",
         _load_generic,
         {"path": REQUIRED},
+    ),
+    "recbole": DatasetSpec(
+        "RecBole atomic files: path = a folder of <market>.inter files or of one-.inter subfolders "
+        "(optional <market>.item gives item text)",
+        _load_recbole,
+        {"path": REQUIRED, "item_text": None},
     ),
     "synthetic": DatasetSpec(
         "generated markets with shared latent concepts and market drift (tests and illustrations only)",
