@@ -128,7 +128,10 @@ def run_seed(
     checkpoint: Path | None,
     resume: bool,
     checkpoint_fallback: bool = False,
+    models_dir: Path | None = None,
 ) -> SimulationResult:
+    """One seed in process. ``models_dir``: where each market's selected-round model is written for serving
+    (`fedmarket.serving`); None writes none."""
     method = get_method(cfg.method.name)
     opts = method.parse_options(cfg.method.options)
     kernels = configure_torch(cfg.train.threads, cfg.train.matmul)
@@ -165,6 +168,11 @@ def run_seed(
     )
     result = sim.run(resume=resume)
     result.privacy["server_step"] = describe_server_step(base_strategy, rounds)
+    if models_dir is not None:
+        try:
+            sim.save_selected_models(models_dir)
+        except Exception as exc:  # a serving export problem must not lose the seed's metrics
+            log.warning("could not write the selected models of seed %d to %s: %s", seed, models_dir, exc)
     return result
 
 
@@ -294,7 +302,8 @@ def run_experiment(
         log.info("%s: seed %d", cfg.name, seed)
         t0 = time.perf_counter()
         checkpoint = run_dir / "checkpoints" / f"seed{seed}.ckpt"
-        result = run_seed(cfg, seed, data, checkpoint, resume, checkpoint_fallback)
+        models_dir = run_dir / "models" / f"seed{seed}"
+        result = run_seed(cfg, seed, data, checkpoint, resume, checkpoint_fallback, models_dir=models_dir)
         seconds = result.elapsed_before + time.perf_counter() - t0  # a resumed seed counts its earlier part
         record = seed_record(
             seed,

@@ -11,6 +11,9 @@ fedmarket status RUN_DIR|ROOT... [--stale-after MIN]
 fedmarket methods
 fedmarket demo
 fedmarket flower simulate|deploy CONFIG.yaml [--tls] [--resume RUN_DIR]   (also: fedmarket deploy CONFIG.yaml)
+fedmarket export RUN_DIR --out DIR [--market M] [--seed S]
+fedmarket recommend EXPORT_DIR --users users.csv [--k 10] [--exclude-history] [--out recs.csv|.parquet]
+fedmarket serve EXPORT_DIR [--host 127.0.0.1] [--port 8000]
 """
 
 from __future__ import annotations
@@ -301,6 +304,39 @@ def cmd_flower(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedmarket.serving.export import export_run
+
+    for folder in export_run(args.run_dir, args.out, args.market, args.seed, args.data_dir):
+        print(folder)
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    import torch
+
+    from fedmarket.serving.recommender import Recommender, read_users, write_recommendations
+
+    torch.set_num_threads(args.threads)
+    rec = Recommender(args.export_dir)
+    rec.check_task(args.task)
+    frame = rec.recommend(read_users(args.users), args.k, args.exclude_history)
+    write_recommendations(frame, args.out)
+    if args.out:
+        fallback = int((frame.groupby("user")["source"].first() == "popularity").sum()) if len(frame) else 0
+        print(
+            f"{frame['user'].nunique()} user(s), {len(frame)} rows -> {args.out} ({fallback} by popularity)"
+        )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedmarket.serving.app import serve
+
+    serve(args.export_dir, args.host, args.port, args.threads)
+    return 0
+
+
 def _flower_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("config", nargs="?")
     sp.add_argument("--resume", metavar="RUN_DIR", help="continue a Flower run folder from its last round")
@@ -431,6 +467,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="a checkpoint older than this many minutes is reported as stalled (default 30)",
     )
     st.set_defaults(func=cmd_status)
+
+    ex = sub.add_parser(
+        "export",
+        help="each market's selected model of a run as a self-contained folder (model card included)",
+    )
+    ex.add_argument("run_dir")
+    ex.add_argument("--out", required=True, help="folder that receives one sub-folder per market")
+    ex.add_argument("--market", action="append", help="only this market (repeatable; default: all)")
+    ex.add_argument("--seed", type=int, help="which seed's models (default: the run's first)")
+    ex.add_argument("--data-dir", help="the run's data (else $FEDMARKET_DATA or the config's)")
+    ex.set_defaults(func=cmd_export)
+
+    rc = sub.add_parser("recommend", help="top-K catalog items per user from an export")
+    rc.add_argument("export_dir")
+    rc.add_argument("--users", required=True, help="CSV with a user column (else its first column is used)")
+    rc.add_argument("--k", type=int, default=10)
+    rc.add_argument("--exclude-history", action="store_true", help="leave out each user's train items")
+    rc.add_argument("--task", choices=["ctr", "ctcvr"], help="multi-task exports only")
+    rc.add_argument("--out", help="recs.csv or recs.parquet (default: CSV on stdout)")
+    rc.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    rc.set_defaults(func=cmd_recommend)
+
+    sv = sub.add_parser("serve", help="serve an export over HTTP: /recommend, /score, /health, /card")
+    sv.add_argument("export_dir")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    sv.set_defaults(func=cmd_serve)
 
     m = sub.add_parser("methods", help="list methods and what each lets leave a market")
     m.set_defaults(func=cmd_methods)

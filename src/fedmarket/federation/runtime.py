@@ -528,6 +528,15 @@ class Simulator:
             elapsed_before=self.elapsed_before,
         )
 
+    def save_selected_models(self, folder: str | Path) -> list[Path]:
+        """Write each market's model at its selected round (``models/seed<N>/<market>.safetensors``, for
+        serving). Call after `finish`: the trainers then hold their best states (kept in ``self.best``
+        whenever validation improved), so no second copy of the weights is needed."""
+        from fedmarket.serving.models import write_selected_models
+
+        selected = {name: int(best["round"]) for name, best in self.best.items()}
+        return write_selected_models(self.trainers, selected, folder, self.seed)
+
 
 def convergence_report(plateau: Plateau, rounds_run: int) -> dict[str, Any]:
     """What metrics.json says about early stopping ({} when ``train.patience`` is off)."""

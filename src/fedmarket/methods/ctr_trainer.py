@@ -152,6 +152,7 @@ class CTRClient(ClientTrainer):
             model, data.fields, data.num_user_fields, **(model_options or {})
         )
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.model_name, self.model_options = model, dict(model_options or {})  # for `export_model`
 
     @property
     def markets(self) -> list[str]:
@@ -286,3 +287,10 @@ class CTRClient(ClientTrainer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+    # ------------------------------------------------------------ export
+    def export_model(self, market: str):
+        """The current model and ``market``'s feature-table rows, for serving (`fedmarket.serving.models`)."""
+        from fedmarket.serving.models import ctr_export
+
+        return ctr_export(self.model, self.model_name, self.model_options, self.data, market)

@@ -563,6 +563,10 @@ class FedMMClient(ClientTrainer):
         if self.codes is not None:
             self._write_codes()
 
+    def export_model(self, market: str):
+        """The CTR model with the codes in its item (and user) fields, for serving; None before the CTR phase."""
+        return self.ctr.export_model(market) if self.phase == "ctr" and self.codes is not None else None
+
 
 # ----------------------------------------------------------------------------- the server
 def merge_codebooks(

@@ -287,3 +287,12 @@ class MTLClient(ClientTrainer):
                 self.personal_optimizer = self._adam(self.personal)
             self.personal.load_state_dict(state["personal"])
             self.personal_optimizer.load_state_dict(state["personal_optimizer"])
+
+    # ------------------------------------------------------------ export
+    def export_model(self, market: str):
+        """The model `evaluate` uses (Ditto's personal one when present) as a pairwise (user, item) model
+        for serving; raises `fedmarket.serving.models.NotExportable` when impressions carry context features."""
+        from fedmarket.serving.models import mtl_export
+
+        model = self.personal if self.personal is not None else self.model
+        return mtl_export(model, self.model_options, self.data, market)

@@ -462,6 +462,13 @@ class SeqClient(ClientTrainer):
             self.optimizer = self._make_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
 
+    def export_model(self, market: str):
+        """The current SASRec, its item text vectors and ``market``'s item map, for serving
+        (`fedmarket.serving.models`)."""
+        from fedmarket.serving.models import seq_export
+
+        return seq_export(self.model, self.opts, self.data, market)
+
 
 def seq_client_kwargs(cfg, seed: int) -> dict[str, Any]:
     t = cfg.train
