@@ -355,3 +355,22 @@ def test_multitask_context_features_are_not_exportable():
         mtl_export(MMoE(fields), {}, data(0), "s")
     with pytest.raises(NotExportable, match=r"2 dense context features"):
         mtl_export(MMoE(fields, 2), {}, data(2), "s")
+
+
+def test_export_from_a_comparison_picks_the_markets_winner(tmp_path, capsys):
+    """`fedmarket export COMPARISON --market M` exports the private run with the best mean test metric in M
+    (the report's rule), says which and against whom, and refuses without --market."""
+    from fedmarket.report import load_run, write_report
+
+    runs = [run_experiment(synthetic_cfg(m, tmp_path / "runs")) for m in ("local", "fedavg")]
+    report = write_report(runs, tmp_path / "cmp")
+    market = "m0"
+    best = max(runs, key=lambda d: load_run(d)["per_market"][market]["auc"])
+    main(["export", str(report.parent), "--market", market, "--out", str(tmp_path / "exp")])
+    spec = json.loads((tmp_path / "exp" / market / "spec.json").read_text())
+    assert spec["market"] == market
+    card = json.loads((tmp_path / "exp" / market / "card.json").read_text())
+    assert load_run(best)["name"] in json.dumps(card)
+    assert main(["export", str(report.parent), "--out", str(tmp_path / "exp2")]) != 0
+    assert "needs --market" in capsys.readouterr().err
+    assert not (tmp_path / "exp2").exists()

@@ -11,7 +11,7 @@ fedmarket status RUN_DIR|ROOT... [--stale-after MIN]
 fedmarket methods
 fedmarket demo
 fedmarket flower simulate|deploy CONFIG.yaml [--tls] [--resume RUN_DIR]   (also: fedmarket deploy CONFIG.yaml)
-fedmarket export RUN_DIR --out DIR [--market M] [--seed S]
+fedmarket export RUN_DIR|COMPARISON... --out DIR [--market M] [--seed S]
 fedmarket recommend EXPORT_DIR --users users.csv [--k 10] [--exclude-history] [--out recs.csv|.parquet]
 fedmarket serve EXPORT_DIR [--host 127.0.0.1] [--port 8000]
 """
@@ -176,7 +176,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "scripts/grids/xmrec_protocol2.yaml.",
         flush=True,
     )
-    run_comparison(paths, args.out, _overrides(args))
+    overrides = _overrides(args)
+    if not args.no_tracking and "tracking" not in overrides:
+        from fedmarket.errors import ConfigError
+        from fedmarket.tracking import require_packages
+
+        uri = str(overrides.get("tracking_uri", "mlruns"))
+        try:
+            require_packages(uri)
+            overrides["tracking"] = "mlflow"
+            print(
+                f"demo: every run is also recorded in the MLflow store {uri!r} (--no-tracking: off)",
+                flush=True,
+            )
+        except ConfigError as exc:
+            print(f"demo: not tracked in MLflow ({exc})", flush=True)
+    report = run_comparison(paths, args.out, overrides)
+    print(
+        f"next: fedmarket export {report.parent} --market ca --out exports  (the winner in ca), then "
+        "fedmarket serve exports/ca (docs/serving.md)"
+    )
     return 0
 
 
@@ -305,9 +324,21 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fedmarket.serving.export import export_run
+    from fedmarket.serving.export import comparison_runs, export_run, pick_winner
 
-    for folder in export_run(args.run_dir, args.out, args.market, args.seed, args.data_dir):
+    run_dir = args.run_dir[0]
+    runs = comparison_runs(args.run_dir)
+    if len(args.run_dir) > 1 or len(runs) != 1 or Path(runs[0]) != Path(run_dir):
+        # a comparison: export the winner of each named market
+        if not args.market:
+            raise FedmarketError("export from a comparison needs --market M (whose winner to export)")
+        for market in args.market:
+            winner, why = pick_winner(runs, market, args.metric)
+            print(why)
+            for folder in export_run(winner, args.out, [market], args.seed, args.data_dir):
+                print(folder)
+        return 0
+    for folder in export_run(run_dir, args.out, args.market, args.seed, args.data_dir):
         print(folder)
     return 0
 
@@ -398,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--config-dir", default="configs")
     d.add_argument("--out")
+    d.add_argument("--no-tracking", action="store_true", help="do not record the runs in MLflow (./mlruns)")
     common(d)
     d.set_defaults(func=cmd_demo)
 
@@ -472,7 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         help="each market's selected model of a run as a self-contained folder (model card included)",
     )
-    ex.add_argument("run_dir")
+    ex.add_argument(
+        "run_dir",
+        nargs="+",
+        help="a run folder, or a comparison (its report folder, or several run folders): then the winner "
+        "of each --market is exported",
+    )
+    ex.add_argument(
+        "--metric",
+        help="with a comparison: the metric that names the winner (default: the runs' eval.select_metric)",
+    )
     ex.add_argument("--out", required=True, help="folder that receives one sub-folder per market")
     ex.add_argument("--market", action="append", help="only this market (repeatable; default: all)")
     ex.add_argument("--seed", type=int, help="which seed's models (default: the run's first)")

@@ -997,6 +997,17 @@ def write_report(
         raise FedmarketError("write_report needs at least one run folder")
     check_comparable(runs)
     labels = _row_labels(runs)
+    # the compared run folders, relative to the report (`fedmarket export COMPARISON --market M` picks the
+    # market's winner among them)
+    (out_dir / "runs.json").write_text(
+        json.dumps(
+            {
+                "runs": [os.path.relpath(Path(d).resolve(), out_dir.resolve()) for d in run_dirs],
+                "labels": labels,
+            },
+            indent=1,
+        )
+    )
 
     lines = [f"# {title}", ""]
     lines += [

@@ -577,6 +577,9 @@ class FlowerServer:
         if self.refused_claims:  # nodes that claimed a market another online node already served
             _write_json(run_dir / "flower_refused_claims.json", self.refused_claims)
         write_results(cfg, run_dir, per_seed, time.perf_counter() - started, markets=self.markets)
+        from fedmarket.tracking import track_run
+
+        track_run(cfg, run_dir)  # config `tracking`, as in process; a failure only warns
         return run_dir
 
 

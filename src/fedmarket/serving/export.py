@@ -231,3 +231,66 @@ def _write_market(target: Path, export, meta: dict[str, Any], split, cfg, card: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def comparison_runs(sources: list[str | Path]) -> list[Path]:
+    """The run folders ``sources`` name: run folders themselves, or comparison folders (a report written by
+    ``fedmarket compare|demo|report``, whose ``runs.json`` lists the runs it compared)."""
+    out: list[Path] = []
+    for src in map(Path, sources):
+        listing = src / "runs.json"
+        if listing.is_file():
+            out += [(src / rel).resolve() for rel in json.loads(listing.read_text())["runs"]]
+        elif (src / "metrics.json").is_file():
+            out.append(src)
+        else:
+            raise ExportError(f"{src} is neither a finished run (metrics.json) nor a comparison (runs.json)")
+    return out
+
+
+def pick_winner(run_dirs: list[Path], market: str, metric: str | None = None) -> tuple[Path, str]:
+    """The run to export for ``market``: among the private runs that saved a model for it, the best mean test
+    ``metric`` (default: the first run's ``eval.select_metric``, the metric rounds are selected on). Returns
+    the run folder and one sentence naming it, the runner-up and their paired verdict (`fedmarket.eval.
+    verdicts`), and, when the best private run overall has no model to export (a no-learning floor), that."""
+    from fedmarket.eval.metrics import lower_is_better
+    from fedmarket.eval.verdicts import format_verdict, paired_verdict
+    from fedmarket.report import _seed_values, load_run
+
+    if not run_dirs:
+        raise ExportError("no run to choose from")
+    metric = metric or _run_files(run_dirs[0])[1].eval.select_metric
+    lower = lower_is_better(metric)
+    scored = []
+    for d in run_dirs:
+        run = load_run(d)
+        value = (run.get("per_market") or {}).get(market, {}).get(metric)
+        if not run.get("private", True) or value is None or not np.isfinite(value):
+            continue
+        seeds = [int(s) for s in run.get("seeds") or [0]]
+        try:
+            exportable = market in (models_index(Path(d), seeds[0]).get("markets") or {})
+        except ExportError:
+            exportable = False
+        scored.append((float(value), Path(d), run, exportable))
+    if not scored:
+        raise ExportError(f"no private run reports test {metric} for market {market!r}")
+    scored.sort(key=lambda t: t[0] if lower else -t[0])
+    candidates = [t for t in scored if t[3]]
+    if not candidates:
+        raise ExportError(
+            f"market {market!r}: none of the {len(scored)} private runs saved a model for it "
+            "(floors, Flower or merged runs); train the winner in process with fedmarket run"
+        )
+    value, best, run, _ = candidates[0]
+    text = f"market {market}: {run.get('name') or best.name} has the best test {metric} ({value:.4f})"
+    others = [t for t in scored if t[1] != best]
+    if others:
+        v2, d2, run2, _ = others[0]
+        verdict = paired_verdict(
+            _seed_values(run, metric).get(market, {}), _seed_values(run2, metric).get(market, {}), metric
+        )
+        text += f"; runner-up {run2.get('name') or d2.name} ({v2:.4f}), difference {format_verdict(verdict)}"
+    if scored[0][1] != best:
+        text += f"; {scored[0][2].get('name') or scored[0][1].name} is higher but has no model to export"
+    return best, text
