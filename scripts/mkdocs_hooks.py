@@ -1,7 +1,7 @@
 """MkDocs hooks (mkdocs.yml ``hooks:``): pages generated at build time, so they can never go stale.
 
-- ``reference/config.md``: the configuration reference, rendered from src/fedmarket/config.py by
-  scripts/gen_config_reference.py.
+(The configuration reference, docs/reference/config.md, is committed: scripts/gen_config_reference.py
+writes it from src/fedmarket/config.py and tests/test_docs_site.py fails when it is out of date.)
 - ``release-notes.md``: the repository's CHANGELOG.md, with its links into docs/ made relative to the site.
 """
 
@@ -36,6 +36,5 @@ def changelog_page() -> str:
 
 
 def on_files(files, config):
-    files.append(File.generated(config, CONFIG_PAGE, content=_renderer().render()))
     files.append(File.generated(config, CHANGELOG_PAGE, content=changelog_page()))
     return files

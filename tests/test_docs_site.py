@@ -164,3 +164,11 @@ def test_mkdocs_build_strict(tmp_path):
     ):
         assert (site / page / "index.html").exists(), page
     assert (site / "index.html").exists()
+
+
+def test_committed_reference_is_up_to_date(reference):
+    committed = (ROOT / "docs" / "reference" / "config.md").read_text()
+    assert committed == reference, (
+        "docs/reference/config.md is out of date with src/fedmarket/config.py: "
+        "run python scripts/gen_config_reference.py --out docs/reference/config.md"
+    )
