@@ -1,4 +1,4 @@
-"""FedMM performance items (issue 3), on real XMarket data.
+"""FedMM performance items, on real XMarket data.
 
 1. Upload per market per round: FedMM (RQ-VAE rounds: level-1 codebook + usage counts; CTR rounds: the c1
    code table + dense layers) versus FedAvg over the whole CTR model (every parameter, ID tables

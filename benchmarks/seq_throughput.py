@@ -11,7 +11,7 @@
    Every step is timed ``--repeats`` times, round-robin, and its best rate is kept (the machine is shared).
    Matmul kernels (`fedmarket.matmul`, ``train.matmul``): the fedmarket rows run on what the default "auto"
    picks here; the hand-written loop and fedmarket's text-CE step are also timed on PyTorch's BLAS ("blas", how
-   every record before the fourteenth session was made) and the hand-written loop on oneDNN, so the ratio is
+   every record before ``train.matmul`` existed was made) and the hand-written loop on oneDNN, so the ratio is
    given both against the plain loop and with the same kernels on both sides.
 3. Text encoding: seconds to encode every item text of the markets with all-MiniLM-L6-v2 (cold, in a
    fresh cache folder) and reading it back from the cache.

@@ -4,14 +4,14 @@ sequential datasets -> ``OUT/summary.md`` and one ``OUT/<dataset>/report.md`` pe
 
 ``summary.md`` has, per dataset: one row per method (seeds, rounds trained and where pre-training / the source
 phase ended, test full-ranking and 1+99 NDCG@10 / HR@10 ×100 as mean ± std over seeds, MB uploaded per market
-in the whole run), full NDCG@10 per market, the issue's questions as paired per-seed differences (FeCoSR vs
-FedAvg-CE + fine-tune, vs transfer, vs Local text; S²CE vs CE without fine-tuning; the share of the
+in the whole run), full NDCG@10 per market, the comparison's questions as paired per-seed differences
+(FeCoSR vs FedAvg-CE + fine-tune, vs transfer, vs Local text; S²CE vs CE without fine-tuning; the share of the
 Local -> Central gap FeCoSR closes) and the transfer's source market and negative-transfer count;
 the phased long-pre-training rows' first phases (pre-trained model without fine-tuning, zero-shot transfer)
 are derived from the test metrics their runs recorded at the phase end (``OUT/phase1/``, no extra training);
 ``OUT/fecosr_<dataset>.png`` shows full NDCG@10 per row with std error bars. ``OUT/headline.md`` is the short
-version the README shows: the issue's rows under the current protocol (matched 150-round first phases, server
-momentum) with the MovieLens splits side by side, and its questions as paired differences per split.
+version the README shows: the comparison's rows under the current protocol (matched 150-round first phases,
+server momentum) with the MovieLens splits side by side, and its questions as paired differences per split.
 
     python scripts/compare_fecosr.py runs/mlage/merged runs/mlzip/merged runs/xmseq/merged --out runs/fecosr_comparison
 """
@@ -379,8 +379,9 @@ def seed_cell(m: dict | None, key: str) -> str:
 
 
 def headline(merged: list[Path], datasets: list[str]) -> list[str]:
-    """The issue's rows under the current protocol with every split side by side, then its questions as paired
-    per-seed differences per split: the table the README shows. Empty when no split has any of its rows."""
+    """The comparison's rows under the current protocol with every split side by side, then its questions as
+    paired per-seed differences per split: the table the README shows. Empty when no split has any of its
+    rows."""
     found = {ds: {s: (d, m) for s, _, d, m in find_rows(merged, ds, HEADLINE)} for ds in datasets}
     found = {ds: rows for ds, rows in found.items() if rows}
     if not found:

@@ -1,4 +1,4 @@
-"""The whole FedMM comparison of issue 3 in one command: every row's config, N seeds, at most ``--jobs``
+"""The whole FedMM comparison in one command: every row's config, N seeds, at most ``--jobs``
 experiment processes at once, then one combined report (tables + AUC-per-market and AUC-vs-bytes plots),
 the code-alignment diagnostic of every FedMM run (analysis only), and a summary table.
 

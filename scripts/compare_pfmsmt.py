@@ -1,8 +1,8 @@
 """Summarise a PF-MSMTrec comparison: merged run folders (``scripts/run_grid.py`` -> ``OUT/merged``) of one or
 more multi-task datasets -> ``OUT/summary.md`` (one table per dataset: scenario-mean CTR / CTCVR AUC and
-LogLoss, mean ± std over seeds, rounds trained, bytes per round; a per-scenario CTR AUC table; the issue's
-bar checked with paired per-seed differences) and ``OUT/pfmsmt_<dataset>.png`` (mean AUC per row with std
-error bars), plus the standard per-dataset ``fedmarket report`` (per-scenario plots).
+LogLoss, mean ± std over seeds, rounds trained, bytes per round; a per-scenario CTR AUC table; the
+comparison's bar checked with paired per-seed differences) and ``OUT/pfmsmt_<dataset>.png`` (mean AUC per row
+with std error bars), plus the standard per-dataset ``fedmarket report`` (per-scenario plots).
 
     python scripts/compare_pfmsmt.py runs/pfgrid/merged --out runs/pfmsmt_comparison
 """

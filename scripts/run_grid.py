@@ -167,7 +167,7 @@ def main() -> None:
         "--skip-archived",
         action="store_true",
         help="with --archive: leave out the jobs whose seed record is archived there under the same config "
-        "(a standing grid of remaining work, resumed session after session, runs each job once)",
+        "(a standing grid of remaining work, restarted until every job is archived, runs each job once)",
     )
     ap.add_argument(
         "--deadline",

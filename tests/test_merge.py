@@ -262,9 +262,9 @@ def test_first_phase_run_refuses_runs_without_a_phase_end(tmp_path):
 
 
 def test_archive_accumulates_seeds_and_restores_the_merged_run(tmp_path):
-    """Seeds archived from separate folders (sessions) restore into what merging them gives; re-archiving the
-    same record is a no-op; a different record for an archived seed, or a changed config, is refused and
-    nothing is written."""
+    """Seeds archived from separate folders (runs at different times or on different machines) restore into
+    what merging them gives; re-archiving the same record is a no-op; a different record for an archived seed,
+    or a changed config, is refused and nothing is written."""
     import gzip
 
     from fedmarket.api import archive_runs, restore_runs

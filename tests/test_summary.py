@@ -212,7 +212,7 @@ def test_compare_fecosr_names_missing_input(tmp_path: Path, monkeypatch: pytest.
 
 def test_compare_fecosr_headline_puts_the_splits_side_by_side(tmp_path: Path) -> None:
     """headline.md: the current protocol's rows with both splits as columns (seeds in brackets, "–" where a split
-    lacks a row), upload per split, and the issue's questions as paired differences per split."""
+    lacks a row), upload per split, and the comparison's questions as paired differences per split."""
     mod = _load_script("compare_fecosr")
     merged = tmp_path / "merged"
     age, zip_ = "movielens-age", "movielens-zip"

@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     ar = sub.add_parser(
         "archive",
         help="keep the per-seed records of finished runs in a small committable archive "
-        "(ARCHIVE/<config name>/seed<N>.json.gz): seeds from many sessions accumulate there",
+        "(ARCHIVE/<config name>/seed<N>.json.gz): seeds run at different times or places accumulate there",
     )
     ar.add_argument("paths", nargs="+", metavar="RUN_DIR|ROOT")
     ar.add_argument("--to", required=True, metavar="ARCHIVE", help="archive folder, e.g. results/fecosr")

@@ -12,7 +12,7 @@ last fp32 bits otherwise (`benchmarks/seq_throughput.py` times a whole step both
 - ``"auto"`` (default): oneDNN when a probe shows it computes in fp32 on this CPU (relative error of two fp32
   products against float64 below 1e-5; bf16 arithmetic would give ≈ 1e-3), else the BLAS: where oneDNN would
   compute in bf16 (as it does on AMX CPUs) the probe sees it and the BLAS stays.
-- ``"blas"``: PyTorch's default BLAS path, as every record before 2026-11-30 (fourteenth session) was made.
+- ``"blas"``: PyTorch's default BLAS path, as every record made before ``train.matmul`` existed (2026-11-30).
 - ``"onednn"``: oneDNN whatever the probe says: on a CPU with AMX this may compute in bf16.
 
 `use_matmul` sets the flag process-wide, like ``torch.set_num_threads``; `configure_torch` does both from

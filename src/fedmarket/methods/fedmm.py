@@ -1,6 +1,6 @@
 """FedMM: federated collaborative signal quantization for multi-market CTR prediction
 ("FedMM: Federated Collaborative Signal Quantization for Multi-Market CTR Prediction", arXiv 2605.11433,
-SIGIR 2026; only the abstract is public, this is the reconstruction of ../shared/METHODS.md, "FedMM").
+SIGIR 2026; only the abstract is public, this is the reconstruction of docs/METHODS.md, "FedMM").
 
 The algorithm, in the order this module implements it. The server round number picks the phase:
 
