@@ -34,6 +34,7 @@ ROWS = [  # (label, archived config name without the model suffix)
     ("FedPer", "p2_xmrec_fedper"),
     ("FedMM (default route: item statistics)", "p2_xmrec_fedmm"),
     ("FedMM (first specified: MF-BPR embeddings)", "p2_xmrec_fedmm_naive"),
+    ("FedMM + user codes (chosen on validation)", "p2_xmrec_fedmm_user_codes"),
     ("Centralized †", "p2_xmrec_centralized"),
     ("Central-shared-IDs †", "p2_xmrec_central_shared_ids"),
 ]
