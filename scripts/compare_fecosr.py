@@ -448,12 +448,12 @@ PHASED = (
 
 def derive_first_phases(merged: list[Path], datasets: list[str], out: Path) -> list[str]:
     """``OUT/phase1/<dataset>_<row>_phase1``: the first phase of each phased long-pre-training row, from the
-    test metrics its runs recorded where pre-training (the source phase) ended (`fedmarket.api.first_phase_run`;
+    test metrics its runs recorded where pre-training (the source phase) ended (`fedmarket.lab.runs.first_phase_run`;
     seeds run before fedmarket recorded them are left out). Returns what was derived or skipped, for the log."""
     import shutil
 
-    from fedmarket.api import first_phase_run
     from fedmarket.errors import FedmarketError
+    from fedmarket.lab.runs import first_phase_run
 
     root = out / "phase1"
     if root.exists():

@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results_pfmsmt_protocol2.md")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedmarket.api import restore_runs
+    from fedmarket.lab.runs import restore_runs
 
     with tempfile.TemporaryDirectory() as tmp:
         restored = Path(tmp) / "restored"

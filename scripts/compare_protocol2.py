@@ -252,7 +252,7 @@ def main() -> None:
     ap.add_argument("--summary", action="store_true", help="also print the README's short DeepFM table")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from fedmarket.api import restore_runs
+    from fedmarket.lab.runs import restore_runs
 
     with tempfile.TemporaryDirectory() as tmp:
         restored = Path(tmp) / "restored"

@@ -72,8 +72,9 @@ def job_overrides(job: dict, threads: int) -> dict:
 def resumable(job: dict, out: Path, threads: int) -> Path | None:
     """The newest interrupted run folder of this very job under ``OUT/seed<N>/``: its saved config equals the
     job's (``fedmarket.api.same_run_config``), it has a round checkpoint and no finished seed; None if there is none."""
-    from fedmarket.api import load_run_config, same_run_config
+    from fedmarket.api import load_run_config
     from fedmarket.config import load_config
+    from fedmarket.lab.runs import same_run_config
 
     seed = job["seed"]
     want = same_run_config(load_config(job["config"], job_overrides(job, threads)))
@@ -93,8 +94,8 @@ def resumable(job: dict, out: Path, threads: int) -> Path | None:
 def archived(job: dict, archive: Path, threads: int) -> bool:
     """The job's seed record is in ``archive`` (`fedmarket archive`) under the very same config (the archived
     ``config.yaml`` equals the job's as `fedmarket.api.same_run_config` sees it): the job need not run again."""
-    from fedmarket.api import ARCHIVE_CONFIG, config_diff, same_run_config
     from fedmarket.config import config_from_dict, load_config
+    from fedmarket.lab.runs import ARCHIVE_CONFIG, config_diff, same_run_config
 
     cfg = load_config(job["config"], job_overrides(job, threads))
     target = archive / cfg.name
@@ -243,8 +244,8 @@ def main() -> None:
             finished.append(Path(folders[-1]))
             print(f"[{done}/{total}] {job['tag']} {elapsed:.0f} s -> {folders[-1]}", flush=True)
             if args.archive:
-                from fedmarket.api import archive_runs
                 from fedmarket.errors import FedmarketError
+                from fedmarket.lab.runs import archive_runs
 
                 try:
                     archive_runs([folders[-1]], args.archive)
@@ -257,7 +258,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     if args.drop_checkpoints:
         drop_checkpoints(finished)
-    from fedmarket.api import merge_grid
+    from fedmarket.lab.runs import merge_grid
 
     merged = out / "merged"
     # the previous merge steps aside (outside OUT, where the merge does not look) and comes back if this one fails

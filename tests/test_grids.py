@@ -56,7 +56,7 @@ def test_skip_archived_leaves_out_only_the_seeds_archived_under_the_same_config(
 
     import yaml
 
-    from fedmarket.api import ARCHIVE_CONFIG, same_run_config
+    from fedmarket.lab.runs import ARCHIVE_CONFIG, same_run_config
 
     monkeypatch.chdir(ROOT)
     module = run_grid_module()

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fedmarket.api import first_phase_run, merge_grid, merge_runs, run_experiment
+from fedmarket.api import run_experiment
 from fedmarket.config import config_from_dict
 from fedmarket.errors import FedmarketError
+from fedmarket.lab.runs import first_phase_run, merge_grid, merge_runs
 
 
 def small(tmp_path, seeds, **extra):
@@ -267,7 +268,7 @@ def test_archive_accumulates_seeds_and_restores_the_merged_run(tmp_path):
     or a changed config, is refused and nothing is written."""
     import gzip
 
-    from fedmarket.api import archive_runs, restore_runs
+    from fedmarket.lab.runs import archive_runs, restore_runs
 
     a = run_experiment(small(tmp_path / "a", [0]))
     b = run_experiment(small(tmp_path / "b", [1]))

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fedmarket.api import merge_runs, run_experiment
+from fedmarket.api import run_experiment
 from fedmarket.config import config_from_dict
 from fedmarket.errors import ConfigError, FedmarketError
+from fedmarket.lab.runs import merge_runs
 from fedmarket.tracking import log_run_dir, resolve_tracking_uri
 
 pytest.importorskip("mlflow")

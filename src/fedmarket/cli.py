@@ -233,7 +233,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from fedmarket.api import merge_grid, merge_runs
+    from fedmarket.lab.runs import merge_grid, merge_runs
 
     if args.grid:
         for folder in merge_grid(args.grid, args.out):
@@ -246,14 +246,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_first_phase(args: argparse.Namespace) -> int:
-    from fedmarket.api import first_phase_run
+    from fedmarket.lab.runs import first_phase_run
 
     print(first_phase_run(args.run_dir, args.out, skip_missing=args.skip_missing))
     return 0
 
 
 def cmd_archive(args: argparse.Namespace) -> int:
-    from fedmarket.api import archive_runs
+    from fedmarket.lab.runs import archive_runs
 
     written = archive_runs(args.paths, args.to)
     for path in written:
@@ -263,7 +263,7 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from fedmarket.api import restore_runs
+    from fedmarket.lab.runs import restore_runs
 
     for folder in restore_runs(args.archive, args.out, names=args.name or None):
         print(folder)
