@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmarket.api import prepare_data
 from fedmarket.config import MATMUL_CHOICES, config_from_dict
+from fedmarket.data.prepare import prepare_data
 from fedmarket.federation.payload import payload_bytes
 from fedmarket.matmul import configure_torch
 from fedmarket.methods import get_method

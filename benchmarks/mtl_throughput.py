@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from legacy_mtl import LegacyMTLClient  # noqa: E402
 
-from fedmarket.api import prepare_data  # noqa: E402
 from fedmarket.config import MATMUL_CHOICES, load_config  # noqa: E402
+from fedmarket.data.prepare import prepare_data  # noqa: E402
 from fedmarket.federation.core import RoundConfig  # noqa: E402
 from fedmarket.matmul import configure_torch  # noqa: E402
 from fedmarket.methods.base import get_method  # noqa: E402

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from fedmarket.api import prepare_data
 from fedmarket.config import load_config
+from fedmarket.data.prepare import prepare_data
 from fedmarket.errors import FedmarketError
 from fedmarket.methods import get_method
 from fedmarket.methods.s2ce import SoftTargets

@@ -14,10 +14,11 @@ import pandas as pd
 import pytest
 import torch
 
-from fedmarket.api import prepare_data, run_experiment
+from fedmarket.api import run_experiment
 from fedmarket.checkpoint import load_state
 from fedmarket.cli import main
 from fedmarket.config import config_from_dict
+from fedmarket.data.prepare import prepare_data
 from fedmarket.methods import get_method
 from fedmarket.methods.ctr_baselines import DENSE_UPLOAD
 from fedmarket.serving.export import export_run

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedmarket.api import prepare_data, run_seed
+from fedmarket.api import run_seed
 from fedmarket.checkpoint import load_state
 from fedmarket.config import config_from_dict
+from fedmarket.data.prepare import prepare_data
 from fedmarket.errors import ConfigError, PayloadError
 from fedmarket.federation.core import RoundConfig, Update
 from fedmarket.federation.runtime import Simulator

@@ -103,7 +103,7 @@ def test_rqvae_rounds_stay_clear_under_dp():
         cfg = fedmm_cfg(synthetic(), rounds=4, secure_aggregation={"enabled": True}, privacy=privacy)
         method = get_method("fedmm")
         opts = method.parse_options(cfg.method.options)
-        from fedmarket.api import prepare_data
+        from fedmarket.data.prepare import prepare_data
 
         _, strategy = method.build(cfg, opts, prepare_data(cfg).splits, 0)
         strategy = protect_strategy(cfg, strategy, 0)

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from fedmarket.api import prepare_data, run_seed
+from fedmarket.api import run_seed
 from fedmarket.config import config_from_dict
+from fedmarket.data.prepare import prepare_data
 from fedmarket.federation.core import RoundConfig
 from fedmarket.methods import get_method
 

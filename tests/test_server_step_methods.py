@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedmarket.api import prepare_data
 from fedmarket.config import config_from_dict
 from fedmarket.data import load_dataset
 from fedmarket.data.mtl import split_impressions
+from fedmarket.data.prepare import prepare_data
 from fedmarket.errors import ConfigError
 from fedmarket.federation.core import Update
 from fedmarket.federation.strategies import SECOND_MOMENT, ServerStep

@@ -445,8 +445,8 @@ def test_compare_s2ce_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_s2ce_target_mass_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Per setting of a jobs file: the soft target's mass on the true item, from the framework's own data."""
-    from fedmarket.api import prepare_data
     from fedmarket.config import load_config
+    from fedmarket.data.prepare import prepare_data
     from fedmarket.methods.s2ce import SoftTargets
     from fedmarket.methods.seq_trainer import market_text_vectors
 

@@ -16,19 +16,15 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
-from fedmarket.config import ExperimentConfig, config_from_dict
-from fedmarket.data import load_dataset
-from fedmarket.data.market import MarketData
-from fedmarket.data.split import MarketSplit, split_for_config, split_settings
+from fedmarket.config import ExperimentConfig, load_run_config  # noqa: F401  (re-exported)
+from fedmarket.data.prepare import PreparedData, prepare_data
 from fedmarket.errors import ConfigError, FedmarketError
 from fedmarket.eval.metrics import average_over_markets, mean_std_over_seeds
 from fedmarket.federation.core import ClientTrainer, Strategy
@@ -40,58 +36,7 @@ from fedmarket.serialization import json_default
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PreparedData:
-    markets: dict[str, MarketData]
-    splits: dict[str, MarketSplit]
-
-    @property
-    def fingerprint(self) -> str:
-        """A short hash of the interactions every market holds (names, users, items, times, raw keys): two
-        runs compare only when they ran on the same data."""
-        if not hasattr(self, "_fingerprint"):
-            import hashlib
-
-            sha = hashlib.sha1()
-            for name in sorted(self.markets):
-                m = self.markets[name]
-                sha.update(name.encode())
-                for attr in ("users", "items", "timestamps"):
-                    arr = getattr(m, attr, None)
-                    if isinstance(arr, np.ndarray):
-                        sha.update(np.ascontiguousarray(arr).tobytes())
-                for attr in ("user_ids", "item_ids"):
-                    arr = getattr(m, attr, None)
-                    if arr is not None:
-                        sha.update("\x1f".join(map(str, arr)).encode())
-            self._fingerprint = sha.hexdigest()[:16]
-        return self._fingerprint
-
-    def evaluation(self) -> dict[str, dict[str, Any]]:
-        """``metrics.json`` → ``evaluation``: per market, what the protocol evaluated and left out."""
-        return {n: s.evaluation_summary() for n, s in self.splits.items() if hasattr(s, "evaluation_summary")}
-
-
-_PREPARED: dict[str, PreparedData] = {}
 ACTIVE_RUN_DIR: Path | None = None  # the run folder being written (the CLI names it when interrupted)
-
-
-def prepare_data(cfg: ExperimentConfig) -> PreparedData:
-    """Load and split the configured markets (memoised per process: a comparison of many methods on the
-    same data loads and splits it once)."""
-    d = cfg.dataset
-    key = json.dumps(
-        [d.name, d.markets, d.data_dir, d.options, *split_settings(cfg.eval)],
-        sort_keys=True,
-        default=str,
-    )
-    if key not in _PREPARED:
-        markets = load_dataset(
-            d.name, data_dir=d.data_dir, markets=d.markets, use_cache=d.use_cache, **d.options
-        )
-        splits = {n: split_for_config(m, cfg.eval) for n, m in markets.items()}
-        _PREPARED[key] = PreparedData(markets, splits)
-    return _PREPARED[key]
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
@@ -492,10 +437,3 @@ def record_protocol(per_seed: list[dict[str, Any]], where: str) -> tuple[int, st
             f"{where}: seeds ran on different data (fingerprints {prints}); they cannot be combined"
         )
     return versions[0], (prints[0] if prints else None)
-
-
-def load_run_config(run_dir: str | Path) -> ExperimentConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise FedmarketError(f"{run_dir} is not a run folder: {path} is missing")
-    return config_from_dict(yaml.safe_load(path.read_text()))

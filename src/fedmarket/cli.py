@@ -76,8 +76,8 @@ def _parse_value(raw: str):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedmarket.api import load_run_config, run_experiment
-    from fedmarket.config import load_config
+    from fedmarket.api import run_experiment
+    from fedmarket.config import load_config, load_run_config
 
     if args.resume:
         changes = sorted(k for k in _overrides(args) if k != "progress")
@@ -300,7 +300,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
     mode = "simulation" if getattr(args, "flower_command", "deploy") == "simulate" else "deployment"
     if args.resume:
-        from fedmarket.api import load_run_config
+        from fedmarket.config import load_run_config
 
         cfg = load_run_config(args.resume)
         run_dir = Path(args.resume)

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fedmarket.errors import ConfigError
+from fedmarket.errors import ConfigError, FedmarketError
 
 MATMUL_CHOICES = ("auto", "blas", "onednn")  # train.matmul (`fedmarket.matmul`)
 
@@ -402,6 +402,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         return config_from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The resolved config a run folder was written with (its ``config.yaml``)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        raise FedmarketError(f"{run_dir} is not a run folder: {path} is missing")
+    return config_from_dict(yaml.safe_load(path.read_text()))
 
 
 def apply_override(data: dict[str, Any], dotted: str, value: Any) -> None:

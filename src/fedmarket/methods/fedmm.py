@@ -47,6 +47,8 @@ import numpy as np
 import torch
 
 from fedmarket.checkpoint import load_state
+from fedmarket.config import load_run_config
+from fedmarket.data.prepare import prepare_data
 from fedmarket.data.split import MarketSplit, market_seed
 from fedmarket.errors import ConfigError, PayloadError
 from fedmarket.federation.aggregators import weighted_mean
@@ -910,7 +912,6 @@ def code_alignment(codes: dict[str, np.ndarray], raw_keys: dict[str, np.ndarray]
 def alignment_from_run(run_dir: str | Path, write: bool = True) -> dict[str, Any]:
     """ANALYSIS ONLY: level-1 code alignment of every seed of a FedMM run folder, from the codes stored in
     its round checkpoints, written to ``alignment.json`` in the run folder."""
-    from fedmarket.api import load_run_config, prepare_data
 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)

@@ -38,7 +38,7 @@ MANIFEST = "manifest.json"
 
 
 def _run_files(run_dir: Path) -> tuple[dict[str, Any], Any]:
-    from fedmarket.api import load_run_config
+    from fedmarket.config import load_run_config
 
     if not run_dir.is_dir():
         raise ExportError(f"run folder {run_dir} does not exist")
@@ -82,7 +82,7 @@ def export_run(
 ) -> list[Path]:
     """Export ``markets`` (default: every exported market) of ``seed`` (default: the run's first) into
     ``out/<market>/``; returns the folders. Every input is checked before anything is written."""
-    from fedmarket.api import prepare_data
+    from fedmarket.data.prepare import prepare_data
     from fedmarket.serving.card import build_card, card_markdown
 
     run_dir, out = Path(run_dir), Path(out)
