@@ -117,7 +117,7 @@ def test_wheel_contents(wheel):
     for extra in ("serve", "tracking", "docs"):
         assert f"Provides-Extra: {extra}" in metadata
     assert "Requires-Dist: torch" not in metadata
-    assert "fedmarket/cli.py" in names and "fedmarket/methods/fedmm.py" in names
+    assert "fedmarket/cli.py" in names and "fedmarket/methods/fedmm/__init__.py" in names
     # every non-Python file the source package holds is shipped too (package data read at run time)
     package = ROOT / "src" / "fedmarket"
     data = [
