@@ -6,15 +6,16 @@ the code-alignment diagnostic of every FedMM run (analysis only), and a summary 
     .venv/bin/python scripts/compare_fedmm.py --models deepfm --seeds 1 --rows local fedmm   # a subset
     .venv/bin/python scripts/compare_fedmm.py --rows --reuse RUN_DIR...   # report on finished runs only
 
-Equivalent single-process form (no alignment, no summary): ``fedmarket compare CONFIG... --seeds 3``.
+Each row's seeds run as single-seed processes of the lab's job pool (`fedmarket.lab.grid`, = ``fedmarket grid``:
+``OUT/runs/seed<N>/`` per seed, ``OUT/runs/merged/<name>`` per row); a second comparison into the same ``--out``
+merges with the first one's seeds, so give it a new ``--out``. Equivalent single-process form (no alignment, no
+summary): ``fedmarket compare CONFIG... --seeds 3``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -46,55 +47,31 @@ def config_path(row: str, model: str) -> Path:
 
 
 def run_all(paths: list[Path], seeds: int, jobs: int, out: Path, threads: int) -> list[Path]:
-    """Run each config as its own `fedmarket run` process, ``jobs`` at a time; returns the run folders."""
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    pending, running, run_dirs = list(paths), [], {}
-    fedmarket = str(Path(sys.executable).with_name("fedmarket"))
-    while pending or running:
-        while pending and len(running) < jobs:
-            path = pending.pop(0)
-            cmd = [
-                fedmarket,
-                "run",
-                str(path),
-                "--seeds",
-                str(seeds),
-                "--no-progress",
-                "--output-dir",
-                str(out / "runs"),
-                "--set",
-                f"train.threads={threads}",
-            ]
-            log = (logs / f"{path.stem}.log").open("w")
-            print(f"start {path.stem}", flush=True)
-            running.append((path, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
-        time.sleep(2)
-        for item in list(running):
-            path, proc, log = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            log.close()
-            text = (logs / f"{path.stem}.log").read_text()
-            folder = [
-                line.split("run folder:", 1)[1].strip() for line in text.splitlines() if "run folder:" in line
-            ]
-            if proc.returncode or not folder:
-                print(f"FAILED {path.stem} (see {logs / (path.stem + '.log')})", flush=True)
-                continue
-            run_dirs[path] = Path(folder[-1])
-            print(f"done  {path.stem} -> {folder[-1]}", flush=True)
-    return [run_dirs[p] for p in paths if p in run_dirs]
+    """Every config × seeds 0..N-1 as single-seed processes, ``jobs`` at a time (`fedmarket.lab.grid`: per-seed
+    folders in ``out/runs/seed<N>``, FedMM's alignment diagnostic, merged folders in ``out/runs/merged``);
+    returns each config's merged run folder, in the order of ``paths`` (those that finished)."""
+    from fedmarket.config import load_config
+    from fedmarket.lab.grid import run_grid
+
+    if not paths:
+        return []
+    result = run_grid(
+        [str(p) for p in paths], list(range(seeds)), out=out / "runs", parallel=jobs, threads=threads
+    )
+    if result.failed:
+        print(f"FAILED (left out): {result.failed} (logs in {out / 'runs' / 'logs'})", flush=True)
+    merged = {folder.name: folder for folder in result.merged}
+    names = [load_config(p).name for p in paths]
+    return [merged[n] for n in names if n in merged]
 
 
 def summary_markdown(run_dirs: list[Path]) -> str:
     """Per-market AUC, average AUC/LogLoss/gAUC (mean ± std), bytes up per market per round, alignment."""
-    from fedmarket.report import _markdown, comparison_table, load_run
+    from fedmarket.report import comparison_table, load_run, markdown_table
 
     runs = [load_run(d) for d in run_dirs]
     auc = comparison_table(runs, "auc", formatted=True)
-    lines = ["### AUC per market (test, 1+99 candidates, mean ± std over seeds)", "", _markdown(auc), ""]
+    lines = ["### AUC per market (test, 1+99 candidates, mean ± std over seeds)", "", markdown_table(auc), ""]
     rows = []
     for label, run, folder in zip(auc.index, runs, run_dirs, strict=True):
         comm = run["communication"].values()
@@ -127,7 +104,7 @@ def summary_markdown(run_dirs: list[Path]) -> str:
     lines += [
         "### Averages over markets, bytes and code alignment",
         "",
-        _markdown(pd.DataFrame(rows), index=False),
+        markdown_table(pd.DataFrame(rows), index=False),
         "",
     ]
     return "\n".join(lines)
@@ -141,7 +118,7 @@ def gap_table(run_dirs: list[Path], markets=SMALL_MARKETS) -> str:
     model (100 % = the not-private ceiling; negative = worse than Local). Mean AUC over seeds."""
     import pandas as pd
 
-    from fedmarket.report import _markdown
+    from fedmarket.report import markdown_table
 
     metrics = [json.loads((d / "metrics.json").read_text()) for d in run_dirs]
     ref: dict[tuple[str, str], dict] = {}
@@ -158,14 +135,14 @@ def gap_table(run_dirs: list[Path], markets=SMALL_MARKETS) -> str:
             gap = csi[mk]["auc"] - local[mk]["auc"]
             row[mk] = f"{100 * (m['per_market'][mk]['auc'] - local[mk]['auc']) / gap:.0f} %" if gap else ""
         rows.append(row)
-    return _markdown(pd.DataFrame(rows), index=False) if rows else ""
+    return markdown_table(pd.DataFrame(rows), index=False) if rows else ""
 
 
 def seed_table(run_dirs: list[Path], seed: int) -> str:
     """AUC per market of one seed of each run (to compare 1-seed rows with the same seed of 3-seed rows)."""
     import pandas as pd
 
-    from fedmarket.report import _markdown
+    from fedmarket.report import markdown_table
 
     rows = []
     for folder in run_dirs:
@@ -182,7 +159,7 @@ def seed_table(run_dirs: list[Path], seed: int) -> str:
             if a:
                 row["same c1 / chance"] = f"{a['same_code']:.3f} / {a['chance']:.3f}"
         rows.append(row)
-    return _markdown(pd.DataFrame(rows).fillna(""), index=False)
+    return markdown_table(pd.DataFrame(rows).fillna(""), index=False)
 
 
 def main() -> None:

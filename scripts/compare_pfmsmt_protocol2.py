@@ -38,7 +38,7 @@ def folder_for(restored: Path, ds: str, name: str) -> Path:
 
 
 def dataset_section(restored: Path, ds: str) -> list[str]:
-    from fedmarket.report import _markdown, check_comparable, load_run, verdict_table
+    from fedmarket.report import check_comparable, load_run, markdown_table, verdict_table
 
     found = [(label, folder_for(restored, ds, n)) for label, n in ROWS]
     found = [(label, f) for label, f in found if (f / "metrics.json").is_file()]
@@ -68,19 +68,19 @@ def dataset_section(restored: Path, ds: str) -> list[str]:
                 "upload KB / scenario / round": f"{up / 1e3:.1f}",
             }
         )
-    lines = [f"## {ds}", "", _markdown(pd.DataFrame(rows), index=False), ""]
+    lines = [f"## {ds}", "", markdown_table(pd.DataFrame(rows), index=False), ""]
     for metric in METRICS:
         for reference in ("FedAvg-MMoE + local fine-tune", "popularity + recency (no learning)"):
             if reference in labels:
                 table = verdict_table(runs, labels, metric, reference)
-                lines += [f"### {metric}: paired difference to {reference}", "", _markdown(table), ""]
+                lines += [f"### {metric}: paired difference to {reference}", "", markdown_table(table), ""]
     ev = runs[-1].get("evaluation") or {}
     if ev:
         frame = pd.DataFrame(ev).T.reindex(
             columns=["evaluated_impressions", "cold_test_impressions", "cold_test_positives", "catalog_items"]
         )
         frame.index.name = "scenario"
-        lines += ["### What protocol 2 evaluated", "", _markdown(frame), ""]
+        lines += ["### What protocol 2 evaluated", "", markdown_table(frame), ""]
     return lines
 
 

@@ -79,7 +79,7 @@ def overview(runs: list[dict], labels: list[str]) -> pd.DataFrame:
 
 
 def model_section(restored: Path, model: str, suffix: str) -> list[str]:
-    from fedmarket.report import _markdown, check_comparable, comparison_table, load_run, verdict_table
+    from fedmarket.report import check_comparable, comparison_table, load_run, markdown_table, verdict_table
 
     found = rows_for(restored, suffix)
     if not found:
@@ -91,8 +91,13 @@ def model_section(restored: Path, model: str, suffix: str) -> list[str]:
     auc = comparison_table(runs, "auc", formatted=True)
     auc.index = labels
     auc.insert(0, "seeds", [len(r["seeds"]) for r in runs])
-    lines += ["### Test AUC (1+99 candidates), mean ± std over seeds", "", _markdown(auc), ""]
-    lines += ["### Rounds, upload, cold-item report", "", _markdown(overview(runs, labels), index=False), ""]
+    lines += ["### Test AUC (1+99 candidates), mean ± std over seeds", "", markdown_table(auc), ""]
+    lines += [
+        "### Rounds, upload, cold-item report",
+        "",
+        markdown_table(overview(runs, labels), index=False),
+        "",
+    ]
     for metric in ("auc", "full_ndcg@10"):
         for reference in ("FedAvg", "FedAvg + stats", "popularity + recency (no learning)"):
             if reference not in labels:
@@ -101,7 +106,7 @@ def model_section(restored: Path, model: str, suffix: str) -> list[str]:
             lines += [
                 f"### {metric}: paired difference to {reference} (mean, 95 % interval, verdict)",
                 "",
-                _markdown(table),
+                markdown_table(table),
                 "",
             ]
     return lines
@@ -163,7 +168,7 @@ def validation_score(
 def effort_section(restored: Path) -> list[str]:
     """A fair effort at FedMM's own claim: variants chosen on validation, judged on test against FedAvg +
     stats (and the dense variant), per market — the small markets are where the claim says codes help."""
-    from fedmarket.report import _markdown, check_comparable, load_run, verdict_table
+    from fedmarket.report import check_comparable, load_run, markdown_table, verdict_table
 
     found = [
         (label, restored / name) for label, name in EFFORT if (restored / name / "metrics.json").is_file()
@@ -205,19 +210,19 @@ def effort_section(restored: Path) -> list[str]:
         "over markets of each market's best validation round) ran seeds 1 and 2 and is judged on test against "
         f"FedAvg + stats. Chosen on validation: **{chosen}**. Rows with one seed get no verdict (`untested`).",
         "",
-        _markdown(pd.DataFrame(rows), index=False),
+        markdown_table(pd.DataFrame(rows), index=False),
         "",
     ]
     for metric in ("auc", "full_ndcg@10"):
         for reference in ("FedAvg + stats", "FedAvg + dense stats"):
             if reference in labels:
                 table = verdict_table(runs, labels, metric, reference)
-                lines += [f"### {metric}: paired difference to {reference}", "", _markdown(table), ""]
+                lines += [f"### {metric}: paired difference to {reference}", "", markdown_table(table), ""]
     return lines
 
 
 def evaluation_section(restored: Path) -> list[str]:
-    from fedmarket.report import _markdown
+    from fedmarket.report import markdown_table
 
     any_run = next(p for p in sorted(restored.glob("*/metrics.json")))
     ev = json.loads(any_run.read_text()).get("evaluation") or {}
@@ -240,7 +245,7 @@ def evaluation_section(restored: Path) -> list[str]:
         "with a train interaction (the only candidates of the main metrics); `collapsed_repeats`: repeated "
         "(user, item) rows collapsed before the split.",
         "",
-        _markdown(frame),
+        markdown_table(frame),
         "",
     ]
 

@@ -78,18 +78,13 @@ def test_merge_refuses_bad_inputs_and_leaves_nothing(tmp_path):
 def test_run_grid_drops_only_the_checkpoints_of_its_own_finished_jobs(tmp_path: Path) -> None:
     """Several grids may write into one --out at once; one that finishes must not delete the checkpoints a
     still-running (or killed, to be resumed) run folder needs."""
-    import importlib.util
+    from fedmarket.lab.grid import drop_checkpoints
 
-    spec = importlib.util.spec_from_file_location(
-        "run_grid", Path(__file__).resolve().parents[1] / "scripts" / "run_grid.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     mine, other = tmp_path / "seed0" / "a-1", tmp_path / "seed0" / "b-2"
     for folder in (mine, other):
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "checkpoints" / "seed0.ckpt").write_bytes(b"x")
-    module.drop_checkpoints([mine])
+    drop_checkpoints([mine])
     assert not (mine / "checkpoints").exists()
     assert (other / "checkpoints" / "seed0.ckpt").read_bytes() == b"x"
 
@@ -100,7 +95,6 @@ def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_pa
     (here: other learning rate) or a finished one is not taken."""
     import yaml
 
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "grid"
     base = small(out / "seed0", [0]).to_dict()
     base["train"]["threads"] = 1
@@ -118,10 +112,11 @@ def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_pa
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump({k: v for k, v in full.items() if k != "output_dir"}, sort_keys=False))
 
-    spec = importlib_module(root / "scripts" / "run_grid.py")
+    from fedmarket.lab.grid import resumable
+
     job = {"config": str(config), "seed": 0, "set": {}, "tag": "job-seed0"}
-    assert spec.resumable(job, out, 1) == folder
-    assert spec.resumable(dict(job, set={"train.lr": 0.5}), out, 1) is None  # `other` has 1 round, not 3
+    assert resumable(job, out, 1) == folder
+    assert resumable(dict(job, set={"train.lr": 0.5}), out, 1) is None  # `other` has 1 round, not 3
 
     archive = tmp_path / "results"
     run = run_grid_cli(
@@ -138,15 +133,6 @@ def test_run_grid_resume_continues_the_interrupted_folder_of_the_same_job(tmp_pa
 
     archived = json.loads(gzip.decompress((archive / "merge_test" / "seed0.json.gz").read_bytes()))
     assert archived == json.loads((folder / "seeds" / "seed0.json").read_text())
-
-
-def importlib_module(path: Path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_merge_ignores_how_a_run_displayed_itself(tmp_path: Path) -> None:
@@ -174,19 +160,20 @@ def test_run_grid_failed_merge_keeps_the_previous_merged_folder(tmp_path: Path) 
     import shutil
 
     shutil.rmtree(other)
-    run = run_grid_cli("--out", str(out))
+    run = run_grid_cli("--out", str(out), script=True)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in (out / "merged").iterdir()) == ["merge_test"]
 
 
-def run_grid_cli(*args: str):
+def run_grid_cli(*args: str, script: bool = False):
+    """``fedmarket grid ARGS`` in a subprocess (``script=True``: through the ``scripts/run_grid.py`` entry point)."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    script = str(root / "scripts" / "run_grid.py")
+    entry = [str(root / "scripts" / "run_grid.py")] if script else ["-m", "fedmarket", "grid"]
     return subprocess.run(
-        [sys.executable, script, *args], capture_output=True, text=True, timeout=600, cwd=root
+        [sys.executable, *entry, *args], capture_output=True, text=True, timeout=600, cwd=root
     )
 
 

@@ -4,6 +4,7 @@ fedmarket run CONFIG.yaml [--seeds N] [--rounds R] [--resume RUN_DIR]
 fedmarket compare CONFIG.yaml... [--out DIR] [--seeds N]
 fedmarket data info DATASET [--data-dir DIR]
 fedmarket report RUN_DIR... [--out DIR]
+fedmarket grid CONFIG... [--seeds S...] [--jobs N] [--out DIR] [--jobs-file JOBS.yaml] [--resume] [--archive DIR]
 fedmarket merge RUN_DIR... --out DIR | fedmarket merge --grid ROOT --out DIR
 fedmarket first-phase RUN_DIR --out DIR [--skip-missing]
 fedmarket archive RUN_DIR|ROOT... --to ARCHIVE | fedmarket restore ARCHIVE --out DIR [--name NAME...]
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -229,6 +231,33 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(write_report(runs, out, metrics=SEQ_METRICS, title="fedmarket sequential comparison"))
     else:
         print(write_report(runs, out))
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from fedmarket.lab.grid import run_grid
+
+    result = run_grid(
+        args.configs,
+        args.seeds,
+        jobs_file=args.jobs_file,
+        out=args.out,
+        parallel=args.jobs,
+        threads=args.threads,
+        timeout=args.timeout,
+        drop=args.drop_checkpoints,
+        archive=args.archive,
+        resume=args.resume,
+        skip_archived=args.skip_archived,
+        deadline=args.deadline,
+        reserve=args.reserve,
+    )
+    print(
+        f"{result.done}/{result.total} jobs finished in {result.wall:.0f} s wall ({args.jobs} at a time); "
+        f"failed: {result.failed or 'none'}"
+    )
+    for folder in result.merged:
+        print("merged", folder)
     return 0
 
 
@@ -447,6 +476,59 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dirs", nargs="+")
     rep.add_argument("--out")
     rep.set_defaults(func=cmd_report)
+
+    gr = sub.add_parser(
+        "grid",
+        help="configs × seeds as parallel single-seed processes, then each config's seeds merged",
+        description="Run a grid of experiments (configs × seeds, optional overrides) as parallel single-seed "
+        "`fedmarket run` processes, one thread each, --jobs at a time; per-seed run folders in OUT/seed<N>/, "
+        "logs in OUT/logs, each config's seeds merged into OUT/merged/<name> (docs/lab.md).",
+    )
+    gr.add_argument("configs", nargs="*")
+    gr.add_argument(
+        "--jobs-file",
+        help="YAML list of jobs, each {config: PATH, seeds: [..], set: {key: value, ...}} (a sweep: set `name`)",
+    )
+    gr.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of each config (default: 0)")
+    gr.add_argument(
+        "--jobs",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="processes at once (default: one fewer than the cores)",
+    )
+    gr.add_argument("--threads", type=int, default=1, help="threads per process (default 1)")
+    gr.add_argument("--timeout", type=float, default=None, help="seconds per job")
+    gr.add_argument("--out", default="runs/grid")
+    gr.add_argument(
+        "--drop-checkpoints",
+        action="store_true",
+        help="delete the round checkpoints of the jobs that finished (others under --out are kept)",
+    )
+    gr.add_argument(
+        "--archive",
+        metavar="DIR",
+        help="archive each job's seed record there as soon as it finishes (`fedmarket archive`: small, "
+        "committable; seeds from many grids accumulate, `fedmarket restore DIR` merges them)",
+    )
+    gr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue each job's interrupted run folder under --out from its last checkpoint",
+    )
+    gr.add_argument(
+        "--skip-archived",
+        action="store_true",
+        help="with --archive: leave out the jobs whose seed record is archived there under the same config "
+        "(a grid of remaining work, restarted until every job is archived, runs each job once)",
+    )
+    gr.add_argument(
+        "--deadline",
+        type=float,
+        default=None,
+        help="seconds for the whole grid: running jobs are killed at it (the merge still runs)",
+    )
+    gr.add_argument("--reserve", type=float, default=0.0, help="no job starts later than deadline - reserve")
+    gr.set_defaults(func=cmd_grid)
 
     mg = sub.add_parser(
         "merge", help="combine run folders of one config that ran different seeds into one run folder"

@@ -279,7 +279,7 @@ def _cell(value: Any) -> str:
     return re.sub(r"\s+", " ", str(value)).replace("|", "\\|")
 
 
-def _markdown(df: pd.DataFrame, index: bool = True) -> str:
+def markdown_table(df: pd.DataFrame, index: bool = True) -> str:
     """A plain GitHub-flavoured Markdown table (pandas' to_markdown needs the optional tabulate)."""
     header = ([df.index.name or ""] if index else []) + [str(c) for c in df.columns]
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
@@ -598,7 +598,7 @@ def _failures_section(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]) 
     ]
     if not rows:
         return []
-    return ["## Failures", "", _markdown(pd.DataFrame(rows), index=False), ""]
+    return ["## Failures", "", markdown_table(pd.DataFrame(rows), index=False), ""]
 
 
 def _notes_section(runs: Sequence[Mapping[str, Any]], labels: Sequence[str]) -> list[str]:
@@ -618,7 +618,7 @@ def _communication_section(runs: Sequence[Mapping[str, Any]]) -> list[str]:
         "Bytes each market uploaded to and downloaded from the server, as recorded by the runtime; "
         "MB = 10^6 bytes.",
         "",
-        _markdown(table, index=False),
+        markdown_table(table, index=False),
         "",
     ]
 
@@ -723,7 +723,7 @@ def _transfer_section(
         f"negative transfer; one-to-one transfer's source market is `{source}` (the only market it uploads "
         "from), where the other rows show what collaboration gives the source and transfer does not.",
         "",
-        _markdown(table),
+        markdown_table(table),
         "",
         f"![gain over local]({stem}_gain_over_local.png)",
         "",
@@ -906,7 +906,7 @@ def _local_section(
         "",
         f"![difference to {reference}]({stem}_vs_local_heatmap.png)",
         "",
-        _markdown(verdict_table(runs, labels, metric, reference)),
+        markdown_table(verdict_table(runs, labels, metric, reference)),
         "",
     ]
 
@@ -976,7 +976,7 @@ def _winners_section(
         "difference; `wins` only when it excludes 0, else `tie`; `untested` with fewer than 3 paired seeds "
         f"(then no run wins). Markets won: {tally}.",
         "",
-        _markdown(table),
+        markdown_table(table),
         "",
     ]
 
@@ -1018,7 +1018,7 @@ def write_report(
     datasets = sorted({str(r.get("dataset")) for r in runs if r.get("dataset")})
     if len(datasets) > 1:
         lines += [f"Note: these runs come from different datasets ({', '.join(datasets)}).", ""]
-    lines += ["## Runs", "", _markdown(_runs_overview(runs, labels, out_dir)), ""]
+    lines += ["## Runs", "", markdown_table(_runs_overview(runs, labels, out_dir)), ""]
     if any(r.get("convergence") for r in runs):
         lines += [
             "`rounds`: rounds each seed trained, stopped by `train.patience` "
@@ -1041,7 +1041,7 @@ def write_report(
         stem = _file_stem(metric)
         _plot_per_market(mean, std, metric, out_dir / f"{stem}_per_market.png")
         _plot_vs_bytes(runs, labels, metric, out_dir / f"{stem}_vs_bytes.png")
-        lines += [f"## {metric}", "", _markdown(comparison_table(runs, metric, formatted=True)), ""]
+        lines += [f"## {metric}", "", markdown_table(comparison_table(runs, metric, formatted=True)), ""]
         lines += [f"![{metric} per market]({stem}_per_market.png)", ""]
         lines += [f"![{metric} vs bytes uploaded]({stem}_vs_bytes.png)", ""]
     if missing:
@@ -1093,7 +1093,7 @@ def write_run_report(
         ("Test metrics of the one seed" if one_seed else "Test metrics, mean ± std over seeds")
         + f"; `{AVERAGE}` is the unweighted mean over markets.",
         "",
-        _markdown(table),
+        markdown_table(table),
         "",
     ]
 
@@ -1161,7 +1161,7 @@ def _evaluation_section(run: Mapping[str, Any]) -> list[str]:
         "",
         intro,
         "",
-        _markdown(frame),
+        markdown_table(frame),
         "",
     ]
 
@@ -1202,7 +1202,7 @@ def _upload_audit_section(run_dir: Path, run: dict) -> list[str]:
                 "arrays (shape)": listed.replace("|", "\\|"),
             }
         )
-    return [*lines, _markdown(pd.DataFrame(rows).set_index("market")), ""]
+    return [*lines, markdown_table(pd.DataFrame(rows).set_index("market")), ""]
 
 
 def _privacy_section(run: dict) -> list[str]:
@@ -1232,7 +1232,7 @@ def _privacy_section(run: dict) -> list[str]:
         rows = record.get("rounds") or []
         if rows:
             table = pd.DataFrame(rows).set_index("round")
-            lines += [_markdown(table.rename(columns={"markets": "markets uploading"})), ""]
+            lines += [markdown_table(table.rename(columns={"markets": "markets uploading"})), ""]
     else:
         lines += ["No differential privacy in this run (`privacy.mode: off`).", ""]
     secure = record.get("secure_aggregation")
