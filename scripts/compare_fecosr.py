@@ -28,17 +28,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmarket.report import TRANSFER_REFERENCE, gain_over_local  # noqa: E402
-from fedmarket.summary import (  # noqa: E402
+from fedmarket.eval.convergence import stop_slopes  # noqa: E402
+from fedmarket.lab.summary import (  # noqa: E402
     find_rows,
     finish_dataset,
     matched_rounds,
     paired,
     per_seed_average,
     rounds_text,
-    stop_slopes,
     upload_bytes,
 )
+from fedmarket.report import TRANSFER_REFERENCE, gain_over_local  # noqa: E402
 
 ROWS = [  # (suffix of the config name, label)
     ("seq_local_id", "Local ID-SASRec"),

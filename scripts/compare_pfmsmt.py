@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fedmarket.summary import (  # noqa: E402
+from fedmarket.lab.summary import (  # noqa: E402
     find_rows,
     finish_dataset,
     paired,

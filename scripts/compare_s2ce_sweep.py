@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
-from fedmarket.summary import matched_rounds  # noqa: E402
+from fedmarket.lab.summary import matched_rounds  # noqa: E402
 
 OPTIONS = ("tau", "top_k", "lam", "whiten")
 

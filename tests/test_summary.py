@@ -1,4 +1,4 @@
-"""The comparison summaries: shared helpers (fedmarket.summary) and scripts/compare_fecosr.py on hand-built
+"""The comparison summaries: shared helpers (fedmarket.lab.summary) and scripts/compare_fecosr.py on hand-built
 merged run folders whose numbers are known."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from fedmarket.summary import paired, per_seed_average, rounds_text, upload_bytes
+from fedmarket.lab.summary import paired, per_seed_average, rounds_text, upload_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKETS = ["a", "b", "c"]
@@ -341,7 +341,7 @@ def test_compare_fecosr_derives_the_first_phase_rows(tmp_path: Path, monkeypatch
 
 def test_stop_slopes_tell_a_plateau_from_a_stop_on_noise(tmp_path: Path) -> None:
     """Phase 1 stops at round 30 while its score still rises 0.002 per round; phase 2 stops flat at 45."""
-    from fedmarket.summary import stop_slopes
+    from fedmarket.eval.convergence import stop_slopes
 
     rng = np.random.default_rng(0)
     history = []
@@ -368,7 +368,7 @@ def test_stop_slopes_tell_a_plateau_from_a_stop_on_noise(tmp_path: Path) -> None
 
 
 def test_matched_rounds_compares_first_phases_round_by_round(tmp_path: Path) -> None:
-    from fedmarket.summary import matched_rounds
+    from fedmarket.lab.summary import matched_rounds
 
     def write(name: str, seed: int, level, phase_end: int | None, rounds: int) -> Path:
         run = tmp_path / name

@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 from fedmarket.errors import FedmarketError
+from fedmarket.eval.convergence import stop_slopes
 from fedmarket.eval.metrics import lower_is_better
 
 __all__ = [
@@ -567,9 +568,7 @@ def _rounds_run(run: Mapping[str, Any]) -> str:
 
 def _stop_slope(run: Mapping[str, Any]) -> str:
     """The validation score's slope per round just before each seed's final early stop (×10⁻³, see
-    `fedmarket.summary.stop_slopes`): near 0 at a plateau; clearly positive when patience fired on noise."""
-    from fedmarket.summary import stop_slopes
-
+    `fedmarket.eval.convergence.stop_slopes`): near 0 at a plateau; clearly positive when patience fired on noise."""
     metric = ((run.get("config") or {}).get("eval") or {}).get("select_metric")
     if not metric or not run.get("run_dir"):
         return "–"

@@ -20,8 +20,8 @@ import numpy as np
 import yaml
 
 from fedmarket.errors import FedmarketError
+from fedmarket.eval.convergence import validation_scores
 from fedmarket.federation.runtime import Plateau
-from fedmarket.summary import validation_scores
 
 # a run's headline test metrics, in order: AUC for CTR runs, CTR/CTCVR AUC for multi-task ones, NDCG@10 for
 # sequences (full ranking first)
@@ -46,7 +46,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
 
 def without_merged_copies(dirs: Sequence[Path]) -> list[Path]:
     """``dirs`` less each ``merged/<name>`` folder whose per-seed folders (a config of the same name, in
-    ``scripts/run_grid.py``'s ``OUT/seed<N>/`` layout) are listed too, so that every seed shows once."""
+    ``fedmarket grid``'s ``OUT/seed<N>/`` layout) are listed too, so that every seed shows once."""
 
     def name(d: Path) -> str | None:
         try:

@@ -1,8 +1,9 @@
 """Helpers shared by the comparison summaries (``scripts/compare_*.py``): per-seed market averages read from a
-merged run folder, rounds trained, bytes uploaded (from the dict ``fedmarket.report.load_run`` returns) and
-paired per-seed differences between two rows.
+merged run folder, rounds trained, bytes uploaded (from the dict ``fedmarket.report.load_run`` returns),
+paired per-seed differences between two rows, and first phases compared round by round. Where early stopping
+stopped a run (`fedmarket.eval.convergence.stop_slopes`) is part of the product's report, below the lab.
 
-A merged run folder (``fedmarket merge`` / ``scripts/run_grid.py``) holds ``metrics.json`` and
+A merged run folder (``fedmarket merge`` / ``fedmarket grid``) holds ``metrics.json`` and
 ``seeds/seed<N>.json``; each seed file's ``test`` maps market -> metric -> value.
 """
 
@@ -15,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from fedmarket.eval.convergence import validation_scores
 
 
 def per_seed_average(run_dir: str | Path, metric: str) -> dict[int, float]:
@@ -107,51 +110,6 @@ def finish_dataset(
         f"Per-{unit} plots and tables: [{dataset}/report.md]({dataset}/report.md)",
         "",
     ]
-
-
-def validation_scores(rec: dict[str, Any], metric: str) -> dict[int, float]:
-    """Validation score per round of a seed record (``seeds/seed<N>.json``): the mean of ``metric`` over the
-    markets evaluated that round, in round order."""
-    by_round: dict[int, list[float]] = {}
-    for h in rec.get("history", []):
-        if h.get("split") == "valid" and h.get(metric) is not None:
-            by_round.setdefault(int(h["round"]), []).append(float(h[metric]))
-    return {r: float(np.nanmean(v)) for r, v in sorted(by_round.items())}
-
-
-def stop_slopes(run_dir: str | Path, metric: str, window: int = 20) -> list[dict[str, Any]]:
-    """Where early stopping (``train.patience``) stopped each seed of a run, and whether that was a plateau.
-
-    One row per stop (a phase end, then the run's convergence): the round, the validation score there (mean of
-    ``metric`` over the markets) and the slope of that score per round, a least-squares line over the last
-    ``window`` evaluated rounds of the same phase (its second half when shorter, to leave out its first
-    rise). A patience rule can fire on noise while the score still rises: a clearly positive slope says the
-    stop was not a plateau. Runs without early stopping give no rows."""
-    rows = []
-    for path in sorted((Path(run_dir) / "seeds").glob("seed*.json")):
-        rec = json.loads(path.read_text())
-        conv = rec.get("convergence") or {}
-        stops = [(r, "phase end") for r in conv.get("phase_ends") or []]
-        if conv.get("converged_round") is not None:
-            stops.append((conv["converged_round"], "converged"))
-        score = validation_scores(rec, metric)
-        start = 0
-        for stop, kind in stops:
-            phase = [r for r in sorted(score) if start < r <= stop]
-            xs = phase[-min(window, max(3, len(phase) // 2)) :]  # past the phase's first rise
-            slope = float(np.polyfit(xs, [score[r] for r in xs], 1)[0]) if len(xs) >= 3 else float("nan")
-            rows.append(
-                {
-                    "seed": int(rec["seed"]),
-                    "round": int(stop),
-                    "kind": kind,
-                    "score": score.get(stop, float("nan")),
-                    "slope": slope,
-                    "rounds_fitted": len(xs),
-                }
-            )
-            start = stop
-    return rows
 
 
 def first_phase_curve(rec: dict[str, Any], metric: str, max_round: int | None = None) -> dict[int, float]:
