@@ -13,6 +13,7 @@ user never interacted with in train, resampled every epoch. Evaluation scores th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,14 @@ from fedmarket.data.split import MarketSplit, SeenItems, market_seed, sample_tra
 from fedmarket.eval.metrics import candidate_ranking_metrics, ctr_metrics, full_ranking_metrics
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration, load_payload_into, module_to_payload
+from fedmarket.methods.epochs import (
+    Proximal,
+    epoch_rng,
+    proximal_term,
+    run_epoch,
+    seed_dropout,
+    tied_parameters,
+)
 from fedmarket.models.ctr import CTRModel, build_ctr_model, is_numeric
 
 
@@ -167,8 +176,7 @@ class CTRClient(ClientTrainer):
 
     def proximal_term(self, anchor: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
         """FedProx (Li et al., MLSys 2020, eq. 2): (μ/2)‖θ − θ_global‖² over the shared parameters."""
-        params = dict(self.model.named_parameters())
-        return 0.5 * mu * sum((params[k] - a).pow(2).sum() for k, a in anchor.items() if k in params)
+        return proximal_term(tied_parameters(self.model, anchor), mu)
 
     def fit(self, payload: Payload, config: RoundConfig) -> Update:
         load_payload_into(self.model, payload)
@@ -184,43 +192,48 @@ class CTRClient(ClientTrainer):
     def epoch_instances(
         self, seed: int, server_round: int, epoch: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rng = np.random.default_rng(market_seed(seed, self.market, server_round, epoch))
+        rng = epoch_rng(seed, self.market, server_round, epoch)
         d = self.data
         negs = sample_train_negatives(d.train_users, d.train_seen, d.num_items, self.negatives, rng)
         users = np.concatenate([d.train_users, np.repeat(d.train_users, self.negatives)])
         items = np.concatenate([d.train_items, negs.ravel()])
         labels = np.concatenate([np.ones(len(d.train_users)), np.zeros(negs.size)]).astype(np.float32)
         perm = rng.permutation(len(users))
-        torch.manual_seed(
-            int(rng.integers(0, 2**31 - 1))
-        )  # dropout, reproducible per (seed, market, round, epoch)
+        seed_dropout(rng)  # after the negatives and the permutation
         return users[perm], items[perm], labels[perm]
 
     def batch_x(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.data.user_x[users], self.data.item_x[items]], dim=1)
 
-    def train_epoch(self, seed: int, server_round: int, epoch: int, anchor: dict, mu: float) -> float:
+    def epoch_batches(
+        self, seed: int, server_round: int, epoch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(users, items, labels) batches of one epoch, slices of `epoch_instances` (drawn when iterated)."""
         users, items, labels = self.epoch_instances(seed, server_round, epoch)
         users_t, items_t, labels_t = (
             torch.from_numpy(users),
             torch.from_numpy(items),
             torch.from_numpy(labels),
         )
-        self.model.train()
-        total, count = 0.0, 0
         starts = range(0, len(users), self.batch_size)
         for s in tqdm(starts, desc=f"{self.market} epoch", leave=False, disable=not self.progress):
             e = s + self.batch_size
-            logits = self.model(self.batch_x(users_t[s:e], items_t[s:e]))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels_t[s:e])
-            total += float(loss.detach()) * len(logits)
-            count += len(logits)
-            if anchor:
-                loss = loss + self.proximal_term(anchor, mu)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-        return total / max(1, count)
+            yield users_t[s:e], items_t[s:e], labels_t[s:e]
+
+    def _batch_loss(
+        self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Binary cross-entropy of one batch (`fedmarket.methods.epochs.LossFn`)."""
+        users, items, labels = batch
+        logits = self.model(self.batch_x(users, items))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        return loss, loss, len(logits)
+
+    def train_epoch(self, seed: int, server_round: int, epoch: int, anchor: dict, mu: float) -> float:
+        """One epoch of the shared loop (`fedmarket.methods.epochs.run_epoch`); the mean training loss."""
+        batches = self.epoch_batches(seed, server_round, epoch)
+        proximal = Proximal.of(self.model, anchor, mu)
+        return run_epoch(self.model, self.optimizer, batches, self._batch_loss, proximal=proximal).mean
 
     # ------------------------------------------------------------ evaluation
     @torch.no_grad()

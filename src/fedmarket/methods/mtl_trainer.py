@@ -20,6 +20,7 @@ mean of the two AUCs, the default model-selection score).
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +32,11 @@ from fedmarket.data.split import market_seed
 from fedmarket.eval.metrics import ctr_metrics
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration, load_payload_into, module_to_payload
+from fedmarket.methods.epochs import Proximal, epoch_rng, run_epoch, seed_dropout
 from fedmarket.models.mmoe import MMoE
 
 _GATHER_BATCHES = 64
-"""Training batches whose rows `MTLClient._train_epoch` gathers with one index op."""
+"""Training batches whose rows `MTLClient._batches` gathers with one index op."""
 
 
 @dataclass
@@ -177,10 +179,8 @@ class MTLClient(ClientTrainer):
         )
 
     def _epoch_rows(self, seed: int, server_round: int, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng(market_seed(seed, self.market, server_round, epoch))
-        torch.manual_seed(
-            int(rng.integers(0, 2**31 - 1))
-        )  # dropout, reproducible per (seed, scenario, round)
+        rng = epoch_rng(seed, self.market, server_round, epoch)
+        seed_dropout(rng)  # before the permutation
         return rng.permutation(self.data.train_index)
 
     def _train_epoch(
@@ -191,11 +191,21 @@ class MTLClient(ClientTrainer):
         anchor: dict[str, torch.Tensor],
         mu: float,
     ) -> float:
+        """One epoch of the shared loop (`fedmarket.methods.epochs.run_epoch`) over ``rows`` in order, with the
+        proximal term towards ``anchor`` when ``mu`` > 0; the mean training loss."""
+
+        def loss_fn(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+            ctr_loss, ctcvr_loss = model.loss(*batch)
+            loss = ctr_loss + ctcvr_loss
+            return loss, loss, len(batch[0])
+
+        proximal = Proximal.of(model, anchor, mu)
+        return run_epoch(model, optimizer, self._batches(rows), loss_fn, proximal=proximal).mean
+
+    def _batches(self, rows: np.ndarray) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(sparse, dense, click, CTCVR) of each batch of ``rows``, in order; batches of one row are skipped
+        (BatchNorm needs two rows)."""
         d = self.data
-        model.train()
-        params = dict(model.named_parameters())
-        tied = [(params[k], a) for k, a in anchor.items() if k in params]
-        total, count = 0.0, 0
         rows_t = torch.from_numpy(rows)
         n, bs = len(rows_t), self.batch_size
         chunk = bs * _GATHER_BATCHES
@@ -209,16 +219,7 @@ class MTLClient(ClientTrainer):
                 e = min(s + bs, len(ci))
                 if e - s < 2:  # BatchNorm needs two rows
                     continue
-                ctr_loss, ctcvr_loss = model.loss(sparse[s:e], dense[s:e], click[s:e], ctcvr[s:e])
-                loss = ctr_loss + ctcvr_loss
-                total += float(loss.detach()) * (e - s)
-                count += e - s
-                if tied and mu > 0:
-                    loss = loss + 0.5 * mu * sum((p - a).pow(2).sum() for p, a in tied)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-        return total / max(1, count)
+                yield sparse[s:e], dense[s:e], click[s:e], ctcvr[s:e]
 
     # ------------------------------------------------------------ evaluation
     @torch.inference_mode()

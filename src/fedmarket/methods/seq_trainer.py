@@ -21,6 +21,7 @@ this round; others skip: one-to-one transfer's pre-training).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,7 @@ from fedmarket.eval.metrics import candidate_ranking_metrics, full_ranking_metri
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration, load_payload_into, module_to_payload
 from fedmarket.methods.base import ServerStepOptions
+from fedmarket.methods.epochs import epoch_rng, run_epoch, seed_dropout
 from fedmarket.methods.s2ce import SoftTargets, fused_s2ce_loss, s2ce_loss
 from fedmarket.models.sasrec import SASRec
 from fedmarket.models.text_encoder import ENCODERS, encode_texts
@@ -358,21 +360,22 @@ class SeqClient(ClientTrainer):
             return fused_s2ce_loss(h[mask], table, tgt, soft, self.opts.lam, self.opts.loss_chunk)
         return s2ce_loss(h[mask] @ table.T, tgt, soft, self.opts.lam)
 
-    def train_epoch(self, seed: int, server_round: int, epoch: int) -> float:
-        rng = np.random.default_rng(market_seed(seed, self.market, server_round, epoch))
-        torch.manual_seed(int(rng.integers(0, 2**31 - 1)))  # dropout, reproducible per round
+    def epoch_batches(self, seed: int, server_round: int, epoch: int) -> Iterator[torch.Tensor]:
+        """The window indices of each batch of one epoch (permutation drawn when iterated)."""
+        rng = epoch_rng(seed, self.market, server_round, epoch)
+        seed_dropout(rng)  # before the permutation
         perm = torch.from_numpy(rng.permutation(len(self.data.train_inputs)))
-        self.model.train()
-        total, count = 0.0, 0
         for s in range(0, len(perm), self.batch_size):
-            idx = perm[s : s + self.batch_size]
-            loss = self.batch_loss(self.data.train_inputs[idx], self.data.train_targets[idx])
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        return total / max(1, count)
+            yield perm[s : s + self.batch_size]
+
+    def _window_loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        loss = self.batch_loss(self.data.train_inputs[idx], self.data.train_targets[idx])
+        return loss, loss, len(idx)
+
+    def train_epoch(self, seed: int, server_round: int, epoch: int) -> float:
+        """One epoch of the shared loop (`fedmarket.methods.epochs.run_epoch`); the mean training loss."""
+        batches = self.epoch_batches(seed, server_round, epoch)
+        return run_epoch(self.model, self.optimizer, batches, self._window_loss).mean
 
     # ------------------------------------------------------------ federation
     def initial_payload(self) -> Payload:

@@ -3,6 +3,7 @@ codes. Uploads are built from the declaration in force (`upload_declaration`).""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from fedmarket.errors import PayloadError
 from fedmarket.federation.core import ClientTrainer, MarketMetrics, RoundConfig, Update
 from fedmarket.federation.payload import Payload, UploadDeclaration
 from fedmarket.methods.ctr_trainer import CTRClient, CTRData
+from fedmarket.methods.epochs import run_epochs
 from fedmarket.methods.fedmm.features import rqvae_input, user_history_codes
 from fedmarket.methods.fedmm.options import (
     CTR_DENSE,
@@ -210,16 +212,21 @@ class FedMMClient(ClientTrainer):
         x = self.item_input
         gen = torch.Generator().manual_seed(seed)
         optimizer = torch.optim.Adam(self.rqvae.parameters(), lr=self.opts.rqvae_lr)
-        self.rqvae.train()
-        recon = []
-        for _ in range(self.opts.rqvae_epochs * config.local_epochs):
+        bs = self.opts.rqvae_batch_size
+
+        def batches(_epoch: int) -> Iterator[torch.Tensor]:
+            # one permutation per epoch, all drawn from the round's generator
             perm = torch.randperm(len(x), generator=gen)
-            for s in range(0, len(x), self.opts.rqvae_batch_size):
-                out = self.rqvae(x[perm[s : s + self.opts.rqvae_batch_size]])
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                optimizer.step()
-                recon.append(float(out["recon"]))
+            for s in range(0, len(x), bs):
+                yield x[perm[s : s + bs]]
+
+        def loss_fn(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+            out = self.rqvae(batch)
+            return out["loss"], out["recon"], len(batch)
+
+        epochs = self.opts.rqvae_epochs * config.local_epochs
+        record = run_epochs(self.rqvae, optimizer, batches, loss_fn, epochs=epochs)
+        recon = [value for epoch in record for value in epoch.values]  # per batch, unweighted
         _, c1, c2 = self.rqvae.encode(x)
         usage_g = code_usage(c1.numpy(), self.opts.global_codes)
         usage_l = code_usage(c2.numpy(), self.opts.local_codes)
