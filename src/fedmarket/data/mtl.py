@@ -32,7 +32,6 @@ leave a client); ``feat_*`` fields use a fixed public vocabulary with the same s
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -50,7 +49,7 @@ from fedmarket.data._tables import select_markets
 from fedmarket.data.cache import cache_key, resolve_cache_dir
 from fedmarket.data.market import MarketData
 from fedmarket.data.paths import resolve_data_dir
-from fedmarket.data.split import market_seed
+from fedmarket.data.seeds import market_seed
 from fedmarket.errors import DataError
 
 PROXY_VERSION = "1"
@@ -707,12 +706,3 @@ def load_aliccp(
             meta={"label": "Ali-CCP", "scenario_field": ALICCP_SCENARIO_FIELD},
         )
     return out
-
-
-def fingerprint(markets: dict[str, MTLMarket]) -> str:
-    """A short digest of scenarios' contents (tests and run records)."""
-    sha = hashlib.sha1()
-    for m in markets.values():
-        for arr in (m.sparse, m.click, m.conversion):
-            sha.update(np.ascontiguousarray(arr).tobytes())
-    return sha.hexdigest()[:12]

@@ -27,7 +27,6 @@ only to reproduce records made under it; runs of different versions are never me
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -35,17 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from fedmarket.data.market import MarketData
+from fedmarket.data.seeds import market_seed  # also imported from here by the runtimes
 from fedmarket.errors import DataError
 
 PROTOCOL_VERSION = 2
 """The evaluation protocol new runs use; written in every ``metrics.json`` as ``protocol_version``."""
 PROTOCOLS = (1, 2)
 REPEATS = ("collapse", "keep")
-
-
-def market_seed(seed: int, market: str, *salt: int) -> np.random.SeedSequence:
-    """A seed sequence that depends only on (seed, market name, salt...), stable across runs and Python."""
-    return np.random.SeedSequence([int(seed), zlib.crc32(market.encode("utf-8")), *[int(s) for s in salt]])
 
 
 @dataclass

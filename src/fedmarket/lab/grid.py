@@ -91,8 +91,7 @@ def resumable(job: dict, out: Path, threads: int) -> Path | None:
     """The newest interrupted run folder of this very job under ``OUT/seed<N>/``: its saved config equals the
     job's (`fedmarket.lab.runs.same_run_config`), it has a round checkpoint and no finished seed; None if there
     is none."""
-    from fedmarket.api import load_run_config
-    from fedmarket.config import load_config
+    from fedmarket.config import load_config, load_run_config
     from fedmarket.lab.runs import same_run_config
 
     seed = job["seed"]

@@ -17,15 +17,9 @@ from typing import Any
 
 import yaml
 
-from fedmarket.api import (
-    _write_atomic,
-    _write_json,
-    load_run_config,
-    prepare_data,
-    record_protocol,
-    write_results,
-)
-from fedmarket.config import ExperimentConfig, config_from_dict
+from fedmarket.api import _write_atomic, _write_json, record_protocol, write_results
+from fedmarket.config import ExperimentConfig, config_from_dict, load_run_config
+from fedmarket.data.prepare import prepare_data
 from fedmarket.errors import FedmarketError
 from fedmarket.methods import get_method
 from fedmarket.serialization import json_default

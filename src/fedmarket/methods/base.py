@@ -4,7 +4,6 @@ the top of the module, so a reader (and `tests/test_payload_declarations.py`) fi
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,9 +53,6 @@ class Method:
         if validate is not None:
             validate("method.options")
         return opts
-
-    def option_dict(self, raw: dict[str, Any]) -> dict[str, Any]:
-        return dataclasses.asdict(self.parse_options(raw))
 
 
 METHODS: dict[str, Method] = {}
