@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from fedmarket.data.split import market_seed
+from fedmarket.data.seeds import market_seed
 
 Batch = TypeVar("Batch")
 LossFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor, int]]
