@@ -1,4 +1,4 @@
-"""Summarise a FeCoSR comparison: merged run folders (``scripts/run_grid.py`` -> ``OUT/merged``) of the
+"""Summarise a FeCoSR comparison: merged run folders (``fedmarket grid`` -> ``OUT/merged``) of the
 sequential datasets -> ``OUT/summary.md`` and one ``OUT/<dataset>/report.md`` per dataset (the standard
 ``fedmarket report``: per-market plots, the transfer's gain over local).
 

@@ -1,4 +1,4 @@
-"""Summarise a PF-MSMTrec comparison: merged run folders (``scripts/run_grid.py`` -> ``OUT/merged``) of one or
+"""Summarise a PF-MSMTrec comparison: merged run folders (``fedmarket grid`` -> ``OUT/merged``) of one or
 more multi-task datasets -> ``OUT/summary.md`` (one table per dataset: scenario-mean CTR / CTCVR AUC and
 LogLoss, mean ± std over seeds, rounds trained, bytes per round; a per-scenario CTR AUC table; the
 comparison's bar checked with paired per-seed differences) and ``OUT/pfmsmt_<dataset>.png`` (mean AUC per row

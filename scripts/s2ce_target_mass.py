@@ -46,7 +46,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--jobs-file", help="a run_grid jobs file: each job's config with its `set`")
+    group.add_argument("--jobs-file", help="a `fedmarket grid` jobs file: each job's config with its `set`")
     group.add_argument("--config", help="one config")
     args = parser.parse_args()
     if args.jobs_file and not Path(args.jobs_file).is_file():
