@@ -241,7 +241,8 @@ def archive_runs(paths: list[str | Path], dest: str | Path) -> list[Path]:
     (which hold checkpoints, plots and uploads logs, and are not kept): ``dest/<name>/config.yaml`` (the
     experiment without seeds, output folder and display settings) and ``dest/<name>/seed<N>.json.gz`` (the
     seed's whole record, as in ``seeds/seed<N>.json``; ~0.1 MB). Seeds of the same config run in different
-    folders, sessions or machines accumulate there; `restore_runs` turns an archive back into merged run folders.
+    folders, at different times or on different machines accumulate there; `restore_runs` turns an archive
+    back into merged run folders.
 
     ``paths``: run folders (one seed or merged) or roots searched for finished ones. A config that differs from
     the one archived under its name, or a seed archived before with a different record, is an error naming
