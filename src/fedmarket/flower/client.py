@@ -69,6 +69,14 @@ def _process_start_time() -> float:
 
 
 _PROCESS_START = _process_start_time()
+_TASK_START: float | None = None  # set by a long-lived ClientApp (fedmarket.flower.worker) per task
+
+
+def task_started() -> None:
+    """Called by the long-lived ClientApp when it acquires a task: ``process_age`` then measures that task
+    (Flower's own pulls + FAB check + app lookup) instead of the age of the process."""
+    global _TASK_START
+    _TASK_START = time.time()
 
 
 # ------------------------------------------------------------------------------------------ process start-up
@@ -209,6 +217,8 @@ class _Cached:
 _SPLITS: dict[str, MarketSplit] = {}
 _TRAINERS: dict[tuple[str, int, str], _Cached] = {}
 _CONFIGS: dict[str, ExperimentConfig] = {}
+# a long-lived process (a Ray worker, fedmarket.flower.worker) serves run after run: keep the newest few
+_MAX_CACHED = 4
 
 
 @dataclass
@@ -231,6 +241,8 @@ class Timing:
 def experiment_config(text: str) -> ExperimentConfig:
     if text not in _CONFIGS:
         _CONFIGS[text] = config_from_dict(json.loads(text))
+        while len(_CONFIGS) > _MAX_CACHED:
+            del _CONFIGS[next(iter(_CONFIGS))]
     return _CONFIGS[text]
 
 
@@ -285,6 +297,8 @@ def market_split(
                     pickle.dump(_SPLITS[key], f, protocol=pickle.HIGHEST_PROTOCOL)
                 os.replace(tmp, path)  # atomic: a concurrent or killed writer never leaves a torn file
         timing.data = time.perf_counter() - t0
+        while len(_SPLITS) > _MAX_CACHED:  # a long-lived process: the oldest splits go first
+            del _SPLITS[next(iter(_SPLITS))]
     return _SPLITS[key]
 
 
@@ -292,7 +306,7 @@ class MarketClient:
     """Serves one message for this node's market: finds or rebuilds the trainer at the needed state."""
 
     def __init__(self, request: dict[str, Any], context: Context) -> None:
-        self.timing = Timing(process_age=time.time() - _PROCESS_START)
+        self.timing = Timing(process_age=time.time() - (_TASK_START or _PROCESS_START))
         self.request = request
         self.cfg = experiment_config(request["experiment"])
         node = dict(context.node_config)
@@ -325,9 +339,14 @@ class MarketClient:
         return trainers[self.market]
 
     def trainer_at(self, tag: tuple[int, str] | None) -> ClientTrainer:
-        """The trainer holding state ``tag`` (None: freshly initialised)."""
+        """The trainer holding state ``tag`` (None: freshly initialised).
+
+        The trainer is taken OUT of the cache while a message uses it (fit and evaluate change it) and put
+        back by `keep` / `save` with the state it then holds, so a message that fails halfway, or one that
+        changes the model without saving it (a test evaluation loading a payload), never leaves a cached
+        trainer whose tag is not its state: a long-lived process then rebuilds it from the state folder."""
         wanted = tag or (0, "init")
-        cached = _TRAINERS.get(self.cache_key)
+        cached = _TRAINERS.pop(self.cache_key, None)
         if cached is not None and cached.tag == wanted:
             self.timing.cache_hit = 1
             return cached.trainer
@@ -337,14 +356,20 @@ class MarketClient:
             t0 = time.perf_counter()
             trainer.load_state_dict(self.store.load(tag))
             self.timing.state_load = time.perf_counter() - t0
-        _TRAINERS[self.cache_key] = _Cached(trainer, wanted)
         return trainer
+
+    def keep(self, trainer: ClientTrainer, tag: tuple[int, str]) -> None:
+        """Cache ``trainer``, which holds state ``tag`` (see `trainer_at`)."""
+        _TRAINERS.pop(self.cache_key, None)
+        _TRAINERS[self.cache_key] = _Cached(trainer, tag)
+        while len(_TRAINERS) > _MAX_CACHED:  # the oldest first (dicts keep insertion order)
+            del _TRAINERS[next(iter(_TRAINERS))]
 
     def save(self, trainer: ClientTrainer, tag: tuple[int, str], keep_round: int) -> None:
         t0 = time.perf_counter()
         self.store.save(tag, trainer.state_dict())
         self.store.prune(keep_round)
-        _TRAINERS[self.cache_key] = _Cached(trainer, tag)
+        self.keep(trainer, tag)
         self.timing.state_save = time.perf_counter() - t0
 
     # ---------------------------------------------------------------- the three message kinds
@@ -358,6 +383,7 @@ class MarketClient:
         if want_initial:
             trainer = self.trainer_at(None)
             content[ARRAYS] = payload_to_record(trainer.initial_payload())
+            self.keep(trainer, (0, "init"))  # reading the initial payload leaves the model as it was
         return content
 
     def train(self, payload: dict, server_round: int) -> RecordDict:

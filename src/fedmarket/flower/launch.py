@@ -3,7 +3,10 @@
 - simulation: one ``flower-superlink --simulation`` (Ray backend, one simulated SuperNode per market with
   ``partition-id`` = the market's index in ``dataset.markets``, 1 CPU each);
 - deployment: one ``flower-superlink`` and one ``flower-supernode --node-config 'market="<m>" ...'`` per market,
-  each a separate process, optionally over TLS with certificates generated here.
+  each a separate process, optionally over TLS with certificates generated here. By default each SuperNode
+  runs with ``--isolation process`` and one long-lived ClientApp process (`fedmarket.flower.worker`) that
+  serves all its messages, instead of Flower's fresh ClientApp process per message (``clientapp=
+  "per-message"``); ``poll_interval`` shortens the SuperNode's 3 s idle poll of the SuperLink.
 
 Every process is started in its own session and stopped by its process-group id (= the pid we started;
 the group holds only that process and the children it spawned: SuperExec, ServerApp, ClientApp processes),
@@ -73,6 +76,9 @@ wait-nodes = 120.0
 state-dir = ""
 market-nodes = ""
 """
+
+
+CLIENTAPP_MODES = ("long-lived", "per-message")
 
 
 def _bin(name: str) -> str:
@@ -203,9 +209,21 @@ class LocalFederation:
         tls: bool = False,
         auth: bool = False,
         extra_env: dict[str, str] | None = None,
+        clientapp: str = "long-lived",
+        poll_interval: float | None = None,
     ) -> None:
+        """``clientapp``: "long-lived" (one ClientApp process per SuperNode serves every message, see
+        `fedmarket.flower.worker`) or "per-message" (Flower's default: a fresh process per message).
+        ``poll_interval``: cap, in seconds, on the SuperNode's sleeps between polls of the SuperLink
+        (Flower 1.41: 3 s when no message came, 0.5 s between checks for a reply); None keeps Flower's."""
         if auth and not tls:
             raise FedmarketError("SuperNode authentication (--auth) needs TLS (--tls)")
+        if clientapp not in CLIENTAPP_MODES:
+            raise FedmarketError(f"clientapp must be one of {CLIENTAPP_MODES}, got {clientapp!r}")
+        if poll_interval is not None and not 0.01 <= poll_interval <= 60:
+            raise FedmarketError(f"poll_interval must be within 0.01-60 s, got {poll_interval}")
+        self.clientapp = clientapp
+        self.poll_interval = poll_interval
         self.auth = auth
         self.home = home.absolute()
         self.home.mkdir(parents=True, exist_ok=True)
@@ -360,14 +378,25 @@ class LocalFederation:
         if data_dir:
             node_config += f' data-dir="{data_dir}"'
         argv = [
-            _bin("flower-supernode"),
             "--superlink",
             self.address,
-            "--port",
+            "--port",  # the SuperNode's Runtime API, which its ClientApp(s) connect to
             str(free_port()),
             "--node-config",
             node_config,
         ]
+        if self.clientapp == "long-lived" or self.poll_interval is not None:
+            # Flower's SuperNode run by fedmarket.flower.worker: the same code, its idle poll capped, and
+            # with --clientapp one long-lived ClientApp process as its child (same process group)
+            wrapper = [sys.executable, "-m", "fedmarket.flower.worker", "supernode"]
+            if self.poll_interval is not None:
+                wrapper += ["--poll-interval", str(self.poll_interval)]
+            if self.clientapp == "long-lived":
+                wrapper.append("--clientapp")
+                argv += ["--isolation", "process"]
+            argv = [*wrapper, "--", *argv]
+        else:
+            argv = [_bin("flower-supernode"), *argv]
         if max_wait_time is not None:
             argv += ["--max-wait-time", str(max_wait_time)]
         if private_key is not None:
@@ -501,9 +530,13 @@ def run_on_flower(
     auth: bool = False,
     timeout: float = 3600.0,
     reply_timeout: float = 600.0,
+    clientapp: str = "long-lived",
+    poll_interval: float | None = None,
 ) -> Path:
     """Run ``cfg`` on a fresh local Flower federation (``mode`` = "simulation" or "deployment") and return
-    the run folder (same format as ``fedmarket run``, plus ``flower/`` with logs and ``flower_timing.json``)."""
+    the run folder (same format as ``fedmarket run``, plus ``flower/`` with logs and ``flower_timing.json``).
+    ``clientapp`` and ``poll_interval``: how the deployment's SuperNodes run their ClientApp and how often
+    they poll the SuperLink (`LocalFederation`); simulation ignores both."""
     if mode not in ("simulation", "deployment"):
         raise FedmarketError(f"mode must be 'simulation' or 'deployment', got {mode!r}")
     cfg, run_dir = prepare_flower_run(cfg, run_dir, resume)
@@ -515,7 +548,14 @@ def run_on_flower(
             stale.unlink(missing_ok=True)
     if auth and mode != "deployment":
         raise FedmarketError("SuperNode authentication (--auth) is for deployment, not simulation")
-    with LocalFederation(home, simulation=mode == "simulation", tls=tls, auth=auth) as fed:
+    with LocalFederation(
+        home,
+        simulation=mode == "simulation",
+        tls=tls,
+        auth=auth,
+        clientapp=clientapp,
+        poll_interval=poll_interval,
+    ) as fed:
         fed.start_superlink()
         bound: dict[str, int] = {}
         if mode == "deployment":
