@@ -170,7 +170,8 @@ def test_fedmm_on_the_deployment_engine_equals_in_process(tmp_path):
     cfg_dict = {**FEDMM_SYNTHETIC, "output_dir": str(tmp_path / "runs")}
     expected = metrics(run_experiment(config_from_dict({**cfg_dict, "name": "inproc"})))
     cfg, run_dir = prepare_flower_run(config_from_dict(cfg_dict), None, False)
-    with LocalFederation(run_dir / "flower") as fed:
+    # Flower's stock ClientApp isolation (a fresh process per message); the other tests use the long-lived one
+    with LocalFederation(run_dir / "flower", clientapp="per-message") as fed:
         fed.start_superlink()
         for market in cfg.dataset.markets:
             fed.start_supernode(market)

@@ -347,6 +347,8 @@ def cmd_flower(args: argparse.Namespace) -> int:
         auth=getattr(args, "auth", False),
         timeout=args.timeout,
         reply_timeout=args.reply_timeout,
+        clientapp=args.clientapp,
+        poll_interval=args.poll_interval,
     )
     _print_run(run_dir)
     return 0
@@ -412,6 +414,20 @@ def _flower_args(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds for the whole run")
     sp.add_argument(
         "--reply-timeout", type=float, default=600.0, help="seconds to wait for a market's reply each step"
+    )
+    sp.add_argument(
+        "--clientapp",
+        choices=("long-lived", "per-message"),
+        default="long-lived",
+        help="deployment: one long-lived ClientApp process per SuperNode (default), or Flower's fresh "
+        "process per message",
+    )
+    sp.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="deployment: cap on the SuperNodes' idle poll of the SuperLink (Flower: 3 s)",
     )
     sp.set_defaults(func=cmd_flower)
 
