@@ -5,14 +5,15 @@ simulation, from ``partition-id`` into the experiment's market list. The client 
 (``load_dataset(..., markets=[market])`` + `split_for_config` with the experiment's eval settings: splits depend
 only on ``eval.split_seed`` and the market, so they equal the in-process ones).
 
-Trainer state across messages. Under the Deployment Engine every message starts a fresh ClientApp process,
-so the trainer's ``state_dict`` is written to a per-market state folder after every train/evaluate step,
+Trainer state across messages. Under the Deployment Engine with Flower's default isolation every message
+starts a fresh ClientApp process (with fedmarket's long-lived ClientApp, `fedmarket.flower.worker`, one
+process serves them all), so the trainer's ``state_dict`` is written to a per-market state folder after every train/evaluate step,
 named by (round, stage): ``<state-dir>/<run key>/seed<S>/<market>/r00003-eval.ckpt``. A train message for round
 r loads the latest state before r, an evaluate message the latest up to r, the final test the selected
 round. Keying by round, not "latest", is what makes both failure paths exact: a SuperLink killed mid-round
 resumes that round from the states before it, and a SuperNode restarted on the same state folder rejoins
 with its own last state. (The state stays on the market's own disk; ``context.state`` would be lost with a
-restarted SuperNode.) Within one process (simulation, where a Ray actor serves many messages) the built
+restarted SuperNode.) Within one process (a long-lived ClientApp, or a Ray actor in simulation) the built
 trainer and the parsed market data are cached and reused whenever the cached state is the one needed, so
 no data is re-read and no state re-loaded per round.
 """
