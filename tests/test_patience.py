@@ -49,7 +49,9 @@ def test_plateau_is_off_at_zero_and_lower_is_better_for_losses() -> None:
 
 
 def test_plateau_ends_a_phase_first_when_the_strategy_has_one() -> None:
-    class Phased:
+    from fedmarket.federation.driver import _NoPhases
+
+    class Phased(_NoPhases):
         def __init__(self) -> None:
             self.calls = []
 
@@ -261,17 +263,14 @@ def test_phase_tests_survive_a_resume(splits, tmp_path) -> None:
     assert again.phase_tests == first.phase_tests and len(first.phase_tests) == 1
 
 
-class _TwoPhase:
+def _TwoPhase(federated_rounds: int):  # noqa: N802 - reads as the class it builds
     """A phased strategy as the runtime sees it: first phase rounds 1..federated_rounds (`FederatedPhase`)."""
+    from fedmarket.federation.driver import _NoPhases
+    from fedmarket.federation.strategies import FederatedPhase
 
-    def __init__(self, federated_rounds: int) -> None:
-        from fedmarket.federation.strategies import FederatedPhase
-
-        self.phase = type("P", (FederatedPhase,), {})()
-        self.phase.federated_rounds = federated_rounds
-
-    def __getattr__(self, name):
-        return getattr(self.phase, name)
+    strategy = type("TwoPhase", (FederatedPhase, _NoPhases), {})()
+    strategy.federated_rounds = federated_rounds
+    return strategy
 
 
 def test_phase_patience_zero_runs_the_first_phase_to_its_last_round() -> None:

@@ -110,6 +110,8 @@ def run_seed(
         phase_patience=cfg.train.phase_patience,
         stop_slope=cfg.train.stop_slope,
         slope_window=cfg.train.slope_window,
+        parallel_markets=cfg.train.parallel_markets,
+        threads=cfg.train.threads,
     )
     result = sim.run(resume=resume)
     result.privacy["server_step"] = describe_server_step(base_strategy, rounds)

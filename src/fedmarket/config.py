@@ -115,6 +115,9 @@ class TrainConfig:
     # noise while the score still rises (e.g. stop_slope 1e-4 with slope_window 20).
     stop_slope: float | None = None
     slope_window: int = 20
+    # markets trained at the same time in worker processes (one `threads` each), in process only: 0 or 1 =
+    # one after another. Results are bit-identical to the serial run (markets are merged in a fixed order).
+    parallel_markets: int = 0
 
     def validate(self, prefix: str) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
@@ -142,6 +145,9 @@ class TrainConfig:
             isinstance(ss, bool) or not isinstance(ss, (int, float)) or not math.isfinite(ss)
         ):
             raise ConfigError(f"{prefix}.stop_slope must be null (off) or a finite number, got {ss!r}")
+        pm = self.parallel_markets
+        if isinstance(pm, bool) or not isinstance(pm, int) or pm < 0:
+            raise ConfigError(f"{prefix}.parallel_markets must be an integer >= 0 (0 = serial), got {pm!r}")
         sw = self.slope_window
         if isinstance(sw, bool) or not isinstance(sw, int) or sw < 2:
             raise ConfigError(f"{prefix}.slope_window must be an integer >= 2, got {sw!r}")

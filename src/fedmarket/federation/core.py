@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from fedmarket.federation.payload import Payload
 
@@ -30,7 +30,7 @@ class RoundConfig:
     round: int  # 1-based
     local_epochs: int
     seed: int
-    options: dict[str, Any] = field(default_factory=dict)
+    options: RoundOptions = field(default_factory=dict)  # type: ignore[assignment]
 
 
 @dataclass
@@ -72,6 +72,18 @@ class ClientTrainer(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class RoundOptions(TypedDict, total=False):
+    """The per-round options a strategy sends with `RoundConfig` (``Strategy.round_options``); every key is
+    optional and a trainer ignores the ones it does not use. JSON-serialisable, so it travels to a remote
+    market unchanged."""
+
+    upload: bool  # False: train but upload nothing (local phases)
+    finetune: bool  # the local fine-tuning phase (market-specific modules train)
+    proximal_mu: float  # FedProx / Ditto proximal weight towards the download
+    ditto_lambda: float  # Ditto's personal-model regulariser
+    active: list[str]  # one-to-one transfer: the markets that train in this round (others skip it)
+
+
 class Strategy(ABC):
     """Server side of a method."""
 
@@ -91,8 +103,8 @@ class Strategy(ABC):
         """What each market loads before evaluating after this round (default: next round's download)."""
         return self.configure_train(server_round + 1, markets)
 
-    def round_options(self, server_round: int) -> dict[str, Any]:
-        """Extra per-round options sent with `RoundConfig` (e.g. FedProx's μ)."""
+    def round_options(self, server_round: int) -> RoundOptions:
+        """Extra per-round options sent with `RoundConfig` (e.g. FedProx's μ; `RoundOptions`)."""
         return {}
 
     def step_kind(self, server_round: int) -> tuple[bool, str]:
@@ -104,11 +116,103 @@ class Strategy(ABC):
             "combination of the others' uploads), not one weighted sum"
         )
 
+    # ---- phases (FedAvg + fine-tune, FeCoSR, one-to-one transfer: `strategies.FederatedPhase`)
+    def in_first_phase(self, server_round: int) -> bool:
+        """Round ``server_round`` belongs to a first phase (federated or source pre-training) that a
+        validation plateau may end. Default: no phases."""
+        return False
+
+    def first_phase_limit(self) -> int | None:
+        """The first phase's last round (its maximum), or None without phases."""
+        return None
+
+    def on_plateau(self, server_round: int) -> bool:
+        """The validation plateau was reached after ``server_round``: True if that ends a phase (the run goes
+        on, counting afresh), False if the run has converged. Default: converged."""
+        return False
+
+    def plateau_markets(self, server_round: int) -> list[str] | None:
+        """The markets whose validation score counts for the plateau in this round (None: all)."""
+        return None
+
+    # ---- what the server reports and when it stops
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        """Server-side columns added to this round's validation rows (e.g. ε). Default: none."""
+        return {}
+
+    def stop_before(self, server_round: int) -> bool:
+        """True: do not run ``server_round`` (e.g. it would exceed a privacy budget). Default: never."""
+        return False
+
+    def privacy_report(self) -> dict[str, Any]:
+        """The run's privacy record (DP accountant, secure-aggregation rounds). Default: nothing to report."""
+        return {}
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class StrategyWrapper(Strategy):
+    """A strategy that delegates every step of the contract to ``inner``; a subclass overrides the steps it
+    changes (DP noise and accounting, simulated secure aggregation). Nothing is forwarded implicitly: a new
+    hook on `Strategy` must be forwarded here."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+
+    def initialize(self, initial: Payload) -> None:
+        self.inner.initialize(initial)
+
+    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        return self.inner.configure_train(server_round, markets)
+
+    def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        self.inner.aggregate_train(server_round, updates)
+
+    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
+        return self.inner.configure_evaluate(server_round, markets)
+
+    def round_options(self, server_round: int) -> RoundOptions:
+        return self.inner.round_options(server_round)
+
+    def step_kind(self, server_round: int) -> tuple[bool, str]:
+        return self.inner.step_kind(server_round)
+
+    def in_first_phase(self, server_round: int) -> bool:
+        return self.inner.in_first_phase(server_round)
+
+    def first_phase_limit(self) -> int | None:
+        return self.inner.first_phase_limit()
+
+    def on_plateau(self, server_round: int) -> bool:
+        return self.inner.on_plateau(server_round)
+
+    def plateau_markets(self, server_round: int) -> list[str] | None:
+        return self.inner.plateau_markets(server_round)
+
+    def round_metrics(self, server_round: int) -> dict[str, float]:
+        return self.inner.round_metrics(server_round)
+
+    def stop_before(self, server_round: int) -> bool:
+        return self.inner.stop_before(server_round)
+
+    def privacy_report(self) -> dict[str, Any]:
+        return self.inner.privacy_report()
+
+    @property
+    def base(self) -> Strategy:
+        """The method's own strategy under every wrapper."""
+        inner = self.inner
+        return inner.base if isinstance(inner, StrategyWrapper) else inner
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 class TrainerWrapper(ClientTrainer):

@@ -54,7 +54,14 @@ import numpy as np
 
 from fedmarket.data.split import market_seed
 from fedmarket.errors import PayloadError
-from fedmarket.federation.core import ClientTrainer, RoundConfig, Strategy, TrainerWrapper, Update
+from fedmarket.federation.core import (
+    ClientTrainer,
+    RoundConfig,
+    Strategy,
+    StrategyWrapper,
+    TrainerWrapper,
+    Update,
+)
 from fedmarket.federation.payload import Payload
 
 log = logging.getLogger(__name__)
@@ -355,7 +362,7 @@ class PrivateClient(TrainerWrapper):
         return Update(_cast_like(released, update.payload), update.num_examples, metrics)
 
 
-class PrivateStrategy(Strategy):
+class PrivateStrategy(StrategyWrapper):
     """Server side of client-level DP: adds the noise to the sum (``mode: server``), keeps the accountant,
     and stops before a round that would exceed ``target_epsilon``.
 
@@ -363,7 +370,7 @@ class PrivateStrategy(Strategy):
     only learns Σ_k Δ̄_k (`fedmarket.federation.secagg.secure_sum`)."""
 
     def __init__(self, inner: Strategy, settings: DPSettings, seed: int = 0, secure_sum: Any = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.settings = settings
         self.seed = seed
         self.secure_sum = secure_sum
@@ -372,14 +379,6 @@ class PrivateStrategy(Strategy):
         self.epsilons: list[dict[str, Any]] = []  # one per round: round, epsilon, markets, mean norm
         self.stopped_before: int | None = None
         self._downloads: dict[int, dict[str, Payload]] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def step_kind(self, server_round: int) -> tuple[bool, str]:
-        return self.inner.step_kind(server_round)
 
     # ---------------------------------------------------------------- accounting
     def _step_params(self) -> tuple[float, float]:
@@ -417,19 +416,10 @@ class PrivateStrategy(Strategy):
         return {"epsilon": 0.0}
 
     # ---------------------------------------------------------------- strategy
-    def initialize(self, initial: Payload) -> None:
-        self.inner.initialize(initial)
-
     def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
         downloads = self.inner.configure_train(server_round, markets)
         self._downloads = {server_round: downloads}
         return downloads
-
-    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        return self.inner.configure_evaluate(server_round, markets)
-
-    def round_options(self, server_round: int) -> dict[str, Any]:
-        return self.inner.round_options(server_round)
 
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
         s = self.settings
@@ -532,9 +522,7 @@ class PrivateStrategy(Strategy):
                 "clear_reasons": [],
                 "what": "sum of clipped deltas (uniform weights); the server adds the noise to the sum",
             }
-        inner_report = getattr(self.inner, "privacy_report", None)
-        if inner_report is not None:
-            report.update({k: v for k, v in inner_report().items() if k not in report})
+        report.update({k: v for k, v in self.inner.privacy_report().items() if k not in report})
         return report
 
     def state_dict(self) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import numpy as np
 
 from fedmarket.data.split import market_seed
 from fedmarket.errors import PayloadError
-from fedmarket.federation.core import Strategy, Update
+from fedmarket.federation.core import Strategy, StrategyWrapper, Update
 from fedmarket.federation.payload import Payload
 
 DEFAULT_FRACTION_BITS = 24
@@ -177,35 +177,15 @@ def server_step_kind(strategy: Strategy, server_round: int) -> tuple[bool, str]:
     return strategy.step_kind(server_round)
 
 
-class SecureAggregation(Strategy):
+class SecureAggregation(StrategyWrapper):
     """Wraps a weighted-sum strategy so the server only learns Σ_k n_k θ_k and Σ_k n_k (see module doc)."""
 
     def __init__(self, inner: Strategy, seed: int = 0, fraction_bits: int = DEFAULT_FRACTION_BITS) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.seed = seed
         self.fraction_bits = fraction_bits
         self.log: list[dict[str, Any]] = []
         self.last_masked: dict[str, np.ndarray] = {}  # what the server saw last round (tests, audits)
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def initialize(self, initial: Payload) -> None:
-        self.inner.initialize(initial)
-
-    def step_kind(self, server_round: int) -> tuple[bool, str]:
-        return self.inner.step_kind(server_round)
-
-    def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        return self.inner.configure_train(server_round, markets)
-
-    def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
-        return self.inner.configure_evaluate(server_round, markets)
-
-    def round_options(self, server_round: int) -> dict[str, Any]:
-        return self.inner.round_options(server_round)
 
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
         uploaded = {m: u for m, u in updates.items() if u.payload}

@@ -45,6 +45,10 @@ class FederatedPhase:
         """Round ``server_round`` belongs to the federated (or source) phase that a plateau may end."""
         return 0 < server_round <= self.federated_rounds
 
+    def first_phase_limit(self) -> int | None:
+        """The federated phase's last round (its maximum while a plateau has not ended it earlier)."""
+        return self.federated_rounds
+
     def on_plateau(self, server_round: int) -> bool:
         """True: the federated phase ended here, fine-tuning starts next round (``federated_rounds`` is then
         the maximum). False: no fine-tuning stage (``federated_rounds`` = 0), or it converged too: stop."""
