@@ -23,7 +23,6 @@ metrics, stop condition, privacy report: real methods with defaults, no attribut
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import secrets
@@ -786,8 +785,3 @@ class Driver:
 def _text(reply: Any, exc: BaseException) -> str:
     """The failure text of a step: the transport's own error, or the check that refused the reply."""
     return reply.error if isinstance(reply, Failure) else _error_text(exc)
-
-
-def copy_state(state: Any) -> Any:
-    """A deep copy of a trainer state (what a best round keeps in process)."""
-    return copy.deepcopy(state)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import logging
 import multiprocessing as mp
-import os
 import pickle
 import traceback
 from pathlib import Path
@@ -316,14 +315,6 @@ def in_process_transport(
     if parallel_markets > 1 and len(trainers) > 1:
         return ParallelTransport(trainers, parallel_markets, threads)
     return InProcessTransport(trainers)
-
-
-def default_workers() -> int:
-    """The CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
 
 
 class Simulator(Driver):
