@@ -84,6 +84,10 @@ def run_seed(
         "%d threads, fp32 matmuls on %s (train.matmul: %s)", cfg.train.threads, kernels, cfg.train.matmul
     )
     trainers, strategy = method.build(cfg, opts, data.splits, seed)
+    for key in ("join", "leave"):
+        unknown = sorted(set(getattr(cfg.train, key)) - set(trainers))
+        if unknown:
+            raise ConfigError(f"train.{key}: unknown markets {unknown}; this run has {sorted(trainers)}")
     base_strategy = strategy
     trainers, strategy = protect(cfg, trainers, strategy, seed)
     rounds = cfg.train.rounds
@@ -110,6 +114,8 @@ def run_seed(
         phase_patience=cfg.train.phase_patience,
         stop_slope=cfg.train.stop_slope,
         slope_window=cfg.train.slope_window,
+        join=dict(cfg.train.join),
+        leave=dict(cfg.train.leave),
         parallel_markets=cfg.train.parallel_markets,
         threads=cfg.train.threads,
     )
@@ -296,6 +302,7 @@ def seed_record(
         "convergence": result.convergence,
         "phase_tests": result.phase_tests,
         "seconds": seconds,
+        **({"participation": result.participation} if result.participation else {}),
     }
 
 

@@ -118,6 +118,13 @@ class TrainConfig:
     # markets trained at the same time in worker processes (one `threads` each), in process only: 0 or 1 =
     # one after another. Results are bit-identical to the serial run (markets are merged in a fixed order).
     parallel_markets: int = 0
+    # late join and leave: market -> the first round it takes part in (absent: round 1), and market -> the last
+    # round it takes part in (absent: the run's last). A market that has not joined yet is not trained,
+    # evaluated or tested; on joining it gets the current shared state (the strategy's `admit`). On Flower a
+    # market listed in `join` is not waited for at the start: it joins when its SuperNode connects (at the
+    # earliest at its round). A market that left keeps its best round for the final test.
+    join: dict[str, int] = field(default_factory=dict)
+    leave: dict[str, int] = field(default_factory=dict)
 
     def validate(self, prefix: str) -> None:
         for key in ("rounds", "local_epochs", "batch_size", "negatives", "min_markets", "threads"):
@@ -153,6 +160,15 @@ class TrainConfig:
             raise ConfigError(f"{prefix}.slope_window must be an integer >= 2, got {sw!r}")
         if ss is not None and self.patience <= 0:
             raise ConfigError(f"{prefix}.stop_slope needs early stopping on (train.patience > 0)")
+        for key in ("join", "leave"):
+            for market, r in getattr(self, key).items():
+                if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= self.rounds:
+                    raise ConfigError(
+                        f"{prefix}.{key}.{market} must be a round in 1..train.rounds={self.rounds}, got {r!r}"
+                    )
+        for market, r in self.leave.items():
+            if r < self.join.get(market, 1):
+                raise ConfigError(f"{prefix}.leave.{market}={r} is before its join round {self.join[market]}")
 
 
 @dataclass

@@ -135,6 +135,14 @@ class Strategy(ABC):
         """The markets whose validation score counts for the plateau in this round (None: all)."""
         return None
 
+    # ---- membership
+    def admit(self, market: str, server_round: int) -> None:
+        """``market`` joins the running federation at ``server_round`` (> 1). What a newcomer gets first is
+        the strategy's choice: by default whatever `configure_train` sends any market that round (the FedAvg
+        family: the current global model; the market's own parts start fresh). Strategies whose later rounds
+        send nothing (fine-tuning phases) override this to send the newcomer the shared state once."""
+        return None
+
     # ---- what the server reports and when it stops
     def round_metrics(self, server_round: int) -> dict[str, float]:
         """Server-side columns added to this round's validation rows (e.g. ε). Default: none."""
@@ -192,6 +200,9 @@ class StrategyWrapper(Strategy):
 
     def plateau_markets(self, server_round: int) -> list[str] | None:
         return self.inner.plateau_markets(server_round)
+
+    def admit(self, market: str, server_round: int) -> None:
+        self.inner.admit(market, server_round)
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         return self.inner.round_metrics(server_round)

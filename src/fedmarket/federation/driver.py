@@ -72,6 +72,9 @@ class SimulationResult:
     elapsed_before: float = 0.0
     # per round with a secure-aggregation capable transport: secured or in the clear, and why
     secure_aggregation: list[dict[str, Any]] = field(default_factory=list)
+    # who took part in which round: [{"round", "markets" (present), "trained" (uploaded), "joined", "left"}]
+    participation: list[dict[str, Any]] = field(default_factory=list)
+    joined: dict[str, int] = field(default_factory=dict)  # market -> the round it joined (1: from the start)
 
 
 # ------------------------------------------------------------------ pure round bookkeeping
@@ -286,6 +289,13 @@ class DriverSettings:
     phase_patience: int | None = None
     stop_slope: float | None = None
     slope_window: int = 20
+    # late join and leave (`train.join`, `train.leave`): market -> first / last round it takes part in
+    join: dict[str, int] = field(default_factory=dict)
+    leave: dict[str, int] = field(default_factory=dict)
+
+    def present(self, market: str, server_round: int) -> bool:
+        """Whether ``market`` takes part in ``server_round`` (joined, not left)."""
+        return self.join.get(market, 1) <= server_round <= self.leave.get(market, self.rounds)
 
     @classmethod
     def from_config(cls, cfg: Any, seed: int) -> DriverSettings:
@@ -307,6 +317,8 @@ class DriverSettings:
             phase_patience=t.phase_patience,
             stop_slope=t.stop_slope,
             slope_window=t.slope_window,
+            join=dict(t.join),
+            leave=dict(t.leave),
         )
 
 
@@ -427,6 +439,8 @@ class Ledger:
     upload_digests: dict[str, str] = field(default_factory=dict)  # market -> digest of its last upload
     draws: dict[int, list[str]] | None = None  # secret sampling: each round's draw (replayed on resume)
     secure_aggregation: list[dict[str, Any]] = field(default_factory=list)
+    joined: dict[str, int] = field(default_factory=dict)  # market -> the round it took part first
+    participation: list[dict[str, Any]] = field(default_factory=list)
 
     KEYS = (
         "round",
@@ -439,6 +453,8 @@ class Ledger:
         "upload_digests",
         "draws",
         "secure_aggregation",
+        "joined",
+        "participation",
     )
 
     def state_dict(self) -> dict[str, Any]:
@@ -577,11 +593,34 @@ class Driver:
         self.elapsed_before = float(state.get("elapsed", 0.0))
         return True
 
+    # ----------------------------------------------------------------- who takes part
+    def present(self, server_round: int) -> list[str]:
+        """The markets taking part in ``server_round`` (joined, not left), in market order."""
+        return [
+            m
+            for m in self.transport.markets
+            if m in self.ledger.joined and self.settings.present(m, server_round)
+        ]
+
+    def admit(self, server_round: int) -> None:
+        """Markets whose join round has come (in process: by ``train.join``; on Flower also: whose node has
+        connected) take part from ``server_round`` on. A market joining a running federation (round > 1) is
+        announced to the strategy (`Strategy.admit`), which decides what a newcomer downloads first."""
+        for market in self.transport.markets:
+            if market in self.ledger.joined or not self.settings.present(market, server_round):
+                continue
+            self.ledger.joined[market] = server_round
+            self.ledger.communication.setdefault(market, {"up_bytes": 0, "down_bytes": 0, "rounds": 0})
+            if server_round > 1:
+                log.info("round %d: market %s joins the federation", server_round, market)
+                self.strategy.admit(market, server_round)
+
     # ----------------------------------------------------------------- one round
     def run_round(self, server_round: int) -> None:
         s, ledger, transport = self.settings, self.ledger, self.transport
+        present = self.present(server_round)
         selected = select_markets(
-            transport.markets, s.seed, server_round, s.client_fraction, self.min_markets, ledger.draws
+            present, s.seed, server_round, s.client_fraction, self.min_markets, ledger.draws
         )
         downloads = self.strategy.configure_train(server_round, selected)
         options = self.strategy.round_options(server_round)
@@ -619,6 +658,15 @@ class Driver:
                     continue
             ledger.book_upload(server_round, market, update.payload, down)
             updates[market] = update
+        ledger.participation.append(
+            {
+                "round": server_round,
+                "markets": present,
+                "trained": list(updates),
+                "joined": [m for m in present if ledger.joined.get(m) == server_round and server_round > 1],
+                "left": [m for m in ledger.joined if s.leave.get(m) == server_round - 1],
+            }
+        )
         if len(updates) < self.min_markets:
             failed = [f["market"] for f in ledger.failures if f["round"] == server_round]
             raise FedmarketError(
@@ -651,8 +699,9 @@ class Driver:
 
     def _evaluate_round(self, server_round: int, updates: dict[str, Update]) -> None:
         s, ledger = self.settings, self.ledger
-        names = list(self.transport.markets)
+        names = self.present(server_round)
         payloads = self.strategy.configure_evaluate(server_round, names)
+        payloads = {m: payloads.get(m) for m in names}  # markets that have not joined or have left: none
         results = self.transport.evaluate(s.seed, server_round, payloads, ledger.best)
         extra = dict(self.strategy.round_metrics(server_round))  # server-side columns, e.g. ε
         for name in names:
@@ -681,7 +730,7 @@ class Driver:
         results = self.transport.test(s.seed, server_round, ledger.best, s.full_ranking, final)
         test: dict[str, dict[str, float]] = {}
         for name in self.transport.markets:
-            if name not in results:
+            if name not in results or name not in ledger.joined:  # never took part: nothing to test
                 continue
             reply = results[name]
             try:
@@ -706,7 +755,12 @@ class Driver:
         initial = self.transport.open(self.settings.seed, want_initial=not resumed)
         if not self.transport.markets:
             raise FedmarketError("no markets to train")
-        self.min_markets = min(self.settings.min_markets, len(self.transport.markets))
+        first = [m for m in self.transport.markets if self.settings.present(m, 1)]
+        if not first:
+            raise FedmarketError(
+                f"no market takes part in round 1: train.join puts every market {self.transport.markets} later"
+            )
+        self.min_markets = min(self.settings.min_markets, len(first))
         if not resumed:
             self.strategy.initialize(initial)
             self.ledger.communication = {
@@ -736,7 +790,8 @@ class Driver:
                 log.info("stopping before round %d (the strategy's stop condition)", server_round)
                 break
             t0 = time.perf_counter()
-            self.transport.refresh(s.seed)  # a (re)started market rejoins here
+            self.transport.refresh(s.seed)  # a (re)started market rejoins here; a new one appears
+            self.admit(server_round)
             self.run_round(server_round)
             ledger.round = server_round
             ends = len(self.plateau.phase_ends)
@@ -779,7 +834,12 @@ class Driver:
             phase_tests=self.ledger.phase_tests,
             elapsed_before=self.elapsed_before,
             secure_aggregation=self.ledger.secure_aggregation,
+            participation=self.ledger.participation if self._membership_changed() else [],
         )
+
+    def _membership_changed(self) -> bool:
+        """Whether any market joined late or left (the participation record is then worth reporting)."""
+        return any(r > 1 for r in self.ledger.joined.values()) or bool(self.settings.leave)
 
 
 def _text(reply: Any, exc: BaseException) -> str:

@@ -96,7 +96,9 @@ class InProcessTransport(Transport):
         return TrainOutcome({m: _fit(self.trainers[m], r) for m, r in requests.items()})
 
     def evaluate(self, seed, server_round, payloads, best) -> dict[str, MarketMetrics | Failure]:
-        return {name: _evaluate(self.trainers[name], payloads.get(name)) for name in self.markets}
+        return {
+            name: _evaluate(self.trainers[name], payloads[name]) for name in self.markets if name in payloads
+        }
 
     def keep(self, name: str) -> dict[str, Any]:
         return {"state": copy.deepcopy(self.trainers[name].state_dict())}
@@ -253,7 +255,7 @@ class ParallelTransport(Transport):
 
     def evaluate(self, seed, server_round, payloads, best) -> dict[str, MarketMetrics | Failure]:
         return self._merged(
-            self._broadcast("evaluate", self._split({m: payloads.get(m) for m in self.markets}))
+            self._broadcast("evaluate", self._split({m: payloads[m] for m in self.markets if m in payloads}))
         )
 
     def keep(self, name: str) -> dict[str, Any]:

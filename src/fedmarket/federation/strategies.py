@@ -238,6 +238,13 @@ class FedAvgThenLocal(FederatedPhase, FedAvg):
     def __init__(self, federated_rounds: int = 0, aggregation: str = "mean", **kwargs: Any) -> None:
         super().__init__(aggregation, **kwargs)
         self.federated_rounds = federated_rounds
+        self.newcomers: list[str] = []  # joined late, not yet trained with the global model
+
+    def admit(self, market: str, server_round: int) -> None:
+        """A newcomer gets the global model with its first training round, also in the fine-tuning phase
+        (where others download nothing), and fine-tunes it with fresh local embeddings."""
+        if market not in self.newcomers:
+            self.newcomers.append(market)
 
     def federated(self, server_round: int) -> bool:
         return self.federated_rounds == 0 or server_round <= self.federated_rounds
@@ -245,7 +252,7 @@ class FedAvgThenLocal(FederatedPhase, FedAvg):
     def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
         if self.federated(server_round) or server_round == self.federated_rounds + 1:
             return super().configure_train(server_round, markets)
-        return {m: {} for m in markets}
+        return {m: (self.global_payload if m in self.newcomers else {}) for m in markets}
 
     def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
         if self.federated(server_round):
@@ -253,8 +260,16 @@ class FedAvgThenLocal(FederatedPhase, FedAvg):
         return {m: {} for m in markets}  # each market evaluates its own fine-tuned model
 
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        self.newcomers = [m for m in self.newcomers if m not in updates]
         if self.federated(server_round):
             super().aggregate_train(server_round, updates)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "newcomers": list(self.newcomers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.newcomers = list(state.get("newcomers", []))
 
     def round_options(self, server_round: int) -> dict[str, Any]:
         federated = self.federated(server_round)

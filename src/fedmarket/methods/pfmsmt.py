@@ -134,14 +134,29 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
         self.initial: Payload = {}
         self.personal: dict[str, Payload] = {}
         self.velocity: dict[str, Payload] = {}
+        self.newcomers: list[str] = []  # joined late, not yet trained with their first download
 
     def initialize(self, initial: Payload) -> None:
         self.initial = {k: np.array(v, copy=True) for k, v in initial.items()}
         self.personal = {}
         self.velocity = {}
+        self.newcomers = []
 
     def download(self, market: str) -> Payload:
         return self.personal.get(market, self.initial)
+
+    def admit(self, market: str, server_round: int) -> None:
+        """A newcomer starts from the template with a fresh personalised row: the plain mean of the
+        markets' current personalised models (no similarity to anyone yet), sent with its first training
+        round even in the fine-tuning phase; its own aggregation row forms from its first upload on."""
+        if market in self.personal or not self.personal:
+            return  # nothing aggregated yet: the initial template, as for everyone
+        models = list(self.personal.values())
+        self.personal[market] = {
+            k: (np.mean([np.asarray(p[k], np.float64) for p in models], axis=0).astype(np.asarray(v).dtype))
+            for k, v in models[0].items()
+        }
+        self.newcomers.append(market)
 
     def federating(self, server_round: int) -> bool:
         return self.federated_rounds == 0 or server_round <= self.federated_rounds
@@ -149,9 +164,10 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
     def configure_train(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
         if self.federating(server_round - 1):
             return {m: self.download(m) for m in markets}
-        return {m: {} for m in markets}
+        return {m: (self.download(m) if m in self.newcomers else {}) for m in markets}
 
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
+        self.newcomers = [m for m in self.newcomers if m not in updates]
         if not self.federating(server_round):
             return
         markets = [m for m, u in updates.items() if u.payload]
@@ -184,6 +200,7 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
             "initial": self.initial,
             "personal": self.personal,
             "server_velocity": self.velocity,
+            "newcomers": list(self.newcomers),
             **self.phase_state(),
         }
 
@@ -193,6 +210,7 @@ class PersonalizedStrategy(FederatedPhase, Strategy):
         self.personal = {m: dict(p) for m, p in state["personal"].items()}
         # absent in checkpoints written before server momentum
         self.velocity = {m: dict(v) for m, v in state.get("server_velocity", {}).items()}
+        self.newcomers = list(state.get("newcomers", []))
 
 
 def build_pfmsmt(cfg, opts: PFMSMTOptions, splits, seed):

@@ -71,6 +71,12 @@ class OneToOneTransfer(FederatedPhase, Strategy):
         self.source = source
         self.federated_rounds = source_rounds
         self.source_payload: Payload = {}
+        self.newcomers: list[str] = []  # joined late, not yet trained from the source model
+
+    def admit(self, market: str, server_round: int) -> None:
+        """A newcomer after the source phase downloads the source model with its first training round."""
+        if market not in self.newcomers and market != self.source:
+            self.newcomers.append(market)
 
     @property
     def source_rounds(self) -> int:
@@ -91,7 +97,8 @@ class OneToOneTransfer(FederatedPhase, Strategy):
         source = self._check()
         if server_round == self.source_rounds + 1:
             return {m: ({} if m == source else self.source_payload) for m in markets}
-        return {m: {} for m in markets}
+        late = server_round > self.source_rounds + 1
+        return {m: (self.source_payload if late and m in self.newcomers else {}) for m in markets}
 
     def configure_evaluate(self, server_round: int, markets: list[str]) -> dict[str, Payload]:
         source = self._check()
@@ -101,6 +108,8 @@ class OneToOneTransfer(FederatedPhase, Strategy):
 
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
         source = self._check()
+        if server_round > self.source_rounds:
+            self.newcomers = [m for m in self.newcomers if m not in updates]
         if server_round <= self.source_rounds and source in updates and updates[source].payload:
             self.source_payload = dict(updates[source].payload)
 
@@ -110,11 +119,17 @@ class OneToOneTransfer(FederatedPhase, Strategy):
         return {"finetune": True, "upload": False}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "source_payload": self.source_payload, **self.phase_state()}
+        return {
+            "source": self.source,
+            "source_payload": self.source_payload,
+            "newcomers": list(self.newcomers),
+            **self.phase_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.source = state["source"]
         self.source_payload = dict(state["source_payload"])
+        self.newcomers = list(state.get("newcomers", []))
         self.load_phase_state(state)
 
     def plateau_markets(self, server_round: int) -> list[str] | None:

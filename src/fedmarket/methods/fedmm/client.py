@@ -207,6 +207,7 @@ class FedMMClient(ClientTrainer):
         seed = int(market_seed(config.seed, self.market, config.round).generate_state(1)[0])
         have_global, have_local = self._load_rqvae(payload)
         if self.item_input is None:
+            self._embed_if_late(payload, config)
             self.item_input = self._build_item_input()
             self.rqvae.init_codebooks(self.item_input, seed, init_global=not have_global)
         x = self.item_input
@@ -245,6 +246,23 @@ class FedMMClient(ClientTrainer):
             return Update(self._weighted_upload(upload), 1, metrics)  # weight 1: the sums carry the weights
         return Update(upload, len(x), metrics)
 
+    def _embed_if_late(self, payload: Payload, config: RoundConfig) -> None:
+        """A market that joined after the embedding phase trains its item embeddings now (locally; with a
+        federated embedding model, from the federation's, which the server sends a newcomer)."""
+        if self.item_embeddings is None and self.opts.item_stats != "only":
+            self.fit_embeddings({k: v for k, v in payload.items() if k.startswith("embed.")}, config)
+
+    def _catch_up(self, payload: Payload, config: RoundConfig) -> None:
+        """A market that joined after the RQ-VAE phase (the server sends a newcomer the merged codebook and
+        autoencoder with its first CTR round): its item embeddings, then the federation's global codebook as
+        is and its own local codebook by k-means on its residuals (the RQ-VAE's initialisation)."""
+        self._embed_if_late(payload, config)
+        self.item_input = self._build_item_input()
+        have_global, _ = self._load_rqvae(payload)
+        seed = int(market_seed(config.seed, self.market, config.round).generate_state(1)[0])
+        with torch.no_grad():
+            self.rqvae.init_codebooks(self.item_input, seed, init_global=not have_global)
+
     def assign_codes(self) -> tuple[np.ndarray, np.ndarray]:
         """Step 4: (c1, c2) for every item of the market, written into the CTR model's item fields."""
         _, c1, c2 = self.rqvae.encode(self.item_input)
@@ -278,7 +296,7 @@ class FedMMClient(ClientTrainer):
         """Step 4: CTR with the codes as categorical fields; upload the declared CTR parameters (FedAvg)."""
         if self.codes is None:
             if self.item_input is None:
-                raise RuntimeError("FedMM: the CTR phase started before the RQ-VAE phase")
+                self._catch_up(payload, config)
             self._load_rqvae(payload)  # the first CTR round brings the final merged G
             self.assign_codes()
         update = self.ctr.fit(_strip_prefix(payload, "ctr."), config)

@@ -137,6 +137,15 @@ class FedMMStrategy(Strategy):
         self.server = opts.server_step()
         self.velocity: dict[str, Payload] = {"embed": {}, "ctr": {}}
         self.merged_once = {"global": False, "local": False}
+        self.newcomers: list[str] = []  # joined in the CTR phase, not yet sent the merged codebook
+
+    def admit(self, market: str, server_round: int) -> None:
+        """A newcomer in the CTR phase gets, with its first training round, the merged codebook and
+        autoencoder (and a federated embedding model) besides the CTR model: it keeps the global codebook as
+        the federation's and fits its own local codebook (`FedMMClient`). Earlier, the phase's own download
+        is all it needs."""
+        if self.schedule.phase(server_round)[0] == "ctr" and market not in self.newcomers:
+            self.newcomers.append(market)
 
     def initialize(self, initial: Payload) -> None:
         for phase in self.state:
@@ -153,7 +162,8 @@ class FedMMStrategy(Strategy):
         if self.schedule.uploads_sums(self.opts, self.secure_sums, server_round):
             # zeros under the keys the markets send back (the runtimes accept only broadcast keys and shapes)
             payload = {**payload, **self._weighted_shapes(payload)}
-        return {m: payload for m in markets}
+        catch_up = {**self.state["embed"], **self.state["rqvae"], **payload}
+        return {m: (catch_up if m in self.newcomers else payload) for m in markets}
 
     @staticmethod
     def _weighted_shapes(payload: Payload) -> Payload:
@@ -200,6 +210,7 @@ class FedMMStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, updates: dict[str, Update]) -> None:
         phase, _ = self.schedule.phase(server_round)
+        self.newcomers = [m for m in self.newcomers if m not in updates]
         updates = {m: u for m, u in updates.items() if u.payload}
         if not updates:
             return
@@ -285,10 +296,16 @@ class FedMMStrategy(Strategy):
         self.state["rqvae"] = merged
 
     def state_dict(self) -> dict[str, Any]:
-        return {"state": self.state, "merged_once": dict(self.merged_once), "server_velocity": self.velocity}
+        return {
+            "state": self.state,
+            "merged_once": dict(self.merged_once),
+            "server_velocity": self.velocity,
+            "newcomers": list(self.newcomers),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.state = {k: dict(v) for k, v in state["state"].items()}
         self.merged_once = dict(state["merged_once"])
         velocity = state.get("server_velocity", {})  # absent in checkpoints written before server momentum
         self.velocity = {phase: dict(velocity.get(phase, {})) for phase in ("embed", "ctr")}
+        self.newcomers = list(state.get("newcomers", []))
