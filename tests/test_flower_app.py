@@ -19,6 +19,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from fedmarket.api import run_experiment
 from fedmarket.config import config_from_dict
 from fedmarket.errors import FedmarketError
+from fedmarket.federation.driver import Driver
 from fedmarket.flower import client as flower_client
 from fedmarket.flower.client import StateStore, handle
 from fedmarket.flower.records import payload_to_record, record_to_payload
@@ -262,24 +263,24 @@ def test_with_bound_nodes_only_the_registered_node_may_serve_a_market(tmp_path):
     assert 103 not in {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train"}
 
 
-def test_a_missing_node_fails_its_steps_and_a_returning_node_rejoins(tmp_path):
+def test_a_missing_node_fails_its_steps_and_a_returning_node_rejoins(tmp_path, monkeypatch):
     grid = memory_grid(tmp_path)
     run_dir = tmp_path / "run"
     server = FlowerServer(
         grid, config_from_dict(synthetic_cfg(tmp_path)), run_dir, wait_nodes=0, reply_timeout=1
     )
-    original = server.run_round
+    original = Driver.run_round  # one round of the shared driver (after its node discovery)
 
-    def run_round(seed, server_round, *args):
+    def run_round(driver, server_round):
         if server_round == 2:
             grid.down.add(101)
-        original(seed, server_round, *args)
+        original(driver, server_round)
         if server_round == 2:  # the market comes back as a NEW node on its own state folder
             grid.down.discard(101)
             grid.nodes[201] = grid.nodes.pop(101)
             grid.contexts[201] = grid.contexts.pop(101)
 
-    server.run_round = run_round
+    monkeypatch.setattr(Driver, "run_round", run_round)
     server.run()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     failed = {(f["round"], f["market"], f["stage"]) for f in metrics["failures"]}
@@ -296,7 +297,7 @@ def test_below_min_markets_the_round_fails(tmp_path):
         FlowerServer(grid, cfg, tmp_path / "run", wait_nodes=0, reply_timeout=1).run()
 
 
-def test_a_killed_server_resumes_from_its_round_checkpoint_to_the_same_numbers(tmp_path):
+def test_a_killed_server_resumes_from_its_round_checkpoint_to_the_same_numbers(tmp_path, monkeypatch):
     cfg_dict = synthetic_cfg(tmp_path, "fedprox")
     full_dir = tmp_path / "full"
     FlowerServer(memory_grid(tmp_path / "a"), config_from_dict(cfg_dict), full_dir, wait_nodes=0).run()
@@ -304,17 +305,18 @@ def test_a_killed_server_resumes_from_its_round_checkpoint_to_the_same_numbers(t
     grid = memory_grid(tmp_path / "b")
     killed_dir = tmp_path / "killed"
     server = FlowerServer(grid, config_from_dict(cfg_dict), killed_dir, wait_nodes=0)
-    original = server.run_round
+    original = Driver.run_round
 
-    def dying(seed, server_round, *args):
+    def dying(driver, server_round):
         if server_round == 3:
-            original(seed, server_round, *args)  # the markets trained round 3, then the SuperLink died
+            original(driver, server_round)  # the markets trained round 3, then the SuperLink died
             raise KeyboardInterrupt
-        return original(seed, server_round, *args)
+        return original(driver, server_round)
 
-    server.run_round = dying
-    with pytest.raises(KeyboardInterrupt):
-        server.run()
+    with monkeypatch.context() as patch:
+        patch.setattr(Driver, "run_round", dying)
+        with pytest.raises(KeyboardInterrupt):
+            server.run()
     flower_client._TRAINERS.clear()  # and every ClientApp process with it
     FlowerServer(grid, config_from_dict(cfg_dict), killed_dir, wait_nodes=0, resume=True).run()
     full = json.loads((full_dir / "metrics.json").read_text())

@@ -2,12 +2,13 @@
 
 What the ServerApp sees. In a round whose server step is a weighted sum (the FedAvg family's example-weighted
 mean, FedMM's non-RQ-VAE rounds, and every round under server-side DP, where the sum is of clipped updates:
-`fedmarket.federation.secagg.server_step_kind` decides, as in process), the train step is Flower's SecAgg+
-protocol instead of one plain ``train`` message per market: each market uploads [w_k, w_k·θ_k] quantised
+the strategy's `Strategy.step_kind` decides, as in process), the train step of the round `Driver`'s Flower
+transport is Flower's SecAgg+ protocol (`secure_train`) instead of one plain ``train`` message per market:
+each market uploads [w_k, w_k·θ_k] quantised
 and masked (pairwise masks from Diffie-Hellman keys plus a private mask, both secret-shared among the
 markets with Shamir shares, so a market that drops after masking is recovered from the survivors' shares),
-and the server reconstructs only Σ w_k θ_k / Σ w_k. That value goes to the method's own `Strategy` as
-every surviving market's upload, so a strategy whose server step is the weighted mean of its inputs returns
+and the server reconstructs only Σ w_k θ_k / Σ w_k. That value goes to the driver, and through it to the
+method's own `Strategy`, as every surviving market's (secured) upload, so a strategy whose server step is the weighted mean of its inputs returns
 it unchanged (and `PrivateStrategy` in ``mode: server`` recovers Σ_k Δ̄_k from it, adds its noise and
 accounts as usual; there w_k = 1, uniform, as its sensitivity needs). Rounds whose server step is not a
 sum (coordinate-wise median / trimmed mean, personalised aggregation, FedMM's first codebook merge by
@@ -37,7 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
@@ -62,10 +63,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 
 from fedmarket.data.split import market_seed
 from fedmarket.errors import FedmarketError
-from fedmarket.federation.core import Strategy, Update
-from fedmarket.federation.payload import Payload, payload_bytes, validate_num_examples, validate_update
-from fedmarket.federation.runtime import select_markets
-from fedmarket.federation.secagg import server_step_kind
+from fedmarket.federation.driver import Failure, Reply, TrainOutcome, TrainRequest
+from fedmarket.federation.payload import Payload, validate_num_examples, validate_update
 from fedmarket.flower.records import (
     ARRAYS,
     ENVELOPE,
@@ -76,6 +75,9 @@ from fedmarket.flower.records import (
     record_to_payload,
 )
 from fedmarket.serialization import json_default
+
+if TYPE_CHECKING:
+    from fedmarket.flower.server import FlowerTransport
 
 log = logging.getLogger(__name__)
 
@@ -204,57 +206,52 @@ class _OneRound(LegacyStrategy):
         return None
 
 
-def run_secure_round(
-    server: Any, seed: int, server_round: int, strategy: Strategy, state: dict, min_markets: int
-) -> bool:
-    """Run ``server_round`` of `fedmarket.flower.server.FlowerServer` through SecAgg+ if its server step is a
-    weighted sum; return False (nothing done, the round is recorded as clear) if it is not."""
-    cfg = server.cfg
-    record = state.setdefault("secure_aggregation", [])
-    is_sum, why = server_step_kind(strategy, server_round)
-    selected = select_markets(
-        server.markets, seed, server_round, cfg.train.client_fraction, min_markets, server.secret_draws(state)
-    )
-    reachable = [m for m in selected if m in server.nodes]
-    if is_sum and len(reachable) < 2:
-        is_sum, why = False, "fewer than 2 markets reachable: a sum of one upload is that upload"
-    if not is_sum:
-        record.append({"round": server_round, "secure": False, "reason": why})
-        return False
-    downloads = strategy.configure_train(server_round, selected)
+def secure_train(
+    transport: FlowerTransport,
+    seed: int,
+    server_round: int,
+    requests: dict[str, TrainRequest],
+    why: str,
+) -> TrainOutcome:
+    """The train step of a weighted-sum round through SecAgg+ (`fedmarket.flower.server.FlowerTransport`
+    calls it when the strategy's `Strategy.step_kind` says sum and at least 2 markets are reachable;
+    ``why`` is its reason). Every surviving market's reply is the reconstructed aggregate, marked
+    ``secured`` (the market checked its own upload before masking, see `_bridge`); a market without a node
+    or that dropped out fails; the outcome's ``secure`` is the round's entry in the privacy record."""
+    cfg = transport.cfg
+    nodes = transport.nodes
+    reachable = [m for m in requests if m in nodes]
     uniform = uniform_weights(cfg)
     max_weight = 1.0 if uniform else float(cfg.secure_aggregation.max_weight)
     q = quantization_range(len(reachable))
-    options = strategy.round_options(server_round)
     spec = {
         "uniform": uniform,
         "max_weight": max_weight,
         "clipping_range": cfg.secure_aggregation.clipping_range,
     }
+    replies: dict[str, Reply | Failure] = {}
     fitins, node_market = {}, {}
-    for market in selected:
-        down = downloads.get(market, {})
-        state["communication"][market]["down_bytes"] += payload_bytes(down)
-        if market not in server.nodes:
-            server._fail(state, seed, server_round, market, "fit", "no SuperNode connected for this market")
+    for market, req in requests.items():
+        if market not in nodes:
+            replies[market] = Failure("no SuperNode connected for this market")
             continue
+        down = req.download
         keys = sorted(down)
-        best = state["best"].get(market)
-        request = server._request(
+        request = transport.request(
             seed,
             server_round,
-            local_epochs=cfg.train.local_epochs,
-            options=options,
-            keep_round=best["round"] if best else 0,
+            local_epochs=req.config.local_epochs,
+            options=req.config.options,
+            keep_round=req.keep_round,
             secagg={**spec, "keys": keys},
         )
-        node = server.nodes[market]
+        node = nodes[market]
         fitins[node] = FitIns(
             ndarrays_to_parameters([np.asarray(down[k]) for k in keys]),
             {LEGACY_KEY: json.dumps(request, default=json_default)},
         )
         node_market[node] = market
-    shim = _OneRound(fitins, server.grid)
+    shim = _OneRound(fitins, transport.grid)
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         config=ServerConfig(num_rounds=cfg.train.rounds),
@@ -269,65 +266,34 @@ def run_secure_round(
         clipping_range=cfg.secure_aggregation.clipping_range,
         quantization_range=q,
         modulus_range=MODULUS,
-        timeout=server.reply_timeout,
+        timeout=transport.reply_timeout,
     )
-    workflow(server.grid, context)
+    workflow(transport.grid, context)
     results = shim.results or []
-    survivors = {node_market[proxy.node_id]: res for proxy, res in results}
-    for market in node_market.values():
-        if market not in survivors:
-            why_failed = "dropped out of SecAgg+" if results else "SecAgg+ halted (too few markets answered)"
-            server._fail(state, seed, server_round, market, "fit", why_failed)
-    updates: dict[str, Update] = {}
-    if results:
-        layouts = {str(res.metrics.pop(LAYOUT_KEY, "")) for _, res in results}
-        if len(layouts) != 1:
-            raise FedmarketError(f"round {server_round}: markets summed different arrays: {sorted(layouts)}")
-        layout = json.loads(layouts.pop())
-        arrays = parameters_to_ndarrays(results[0][1].parameters)
-        aggregate: Payload = {
-            k: np.asarray(a, dtype=np.dtype(dt)) for (k, dt), a in zip(layout, arrays, strict=True)
-        }
-        for market in selected:  # market order, as in a plain round
-            res = survivors.get(market)
-            if res is None:
-                continue
-            up = payload_bytes(aggregate)  # the masked upload has the aggregate's shape
-            state["communication"][market]["up_bytes"] += up
-            state["communication"][market]["rounds"] += 1
-            state["uploads"].append(
-                {
-                    "seed": seed,
-                    "round": server_round,
-                    "market": market,
-                    "bytes": up,
-                    "down_bytes": payload_bytes(downloads.get(market, {})),
-                    "keys": {k: list(np.shape(v)) for k, v in aggregate.items()},
-                }
-            )
-            # every survivor "uploads" the aggregate: a weighted mean of identical inputs returns it
-            metrics = {k: float(v) for k, v in res.metrics.items()}
-            updates[market] = Update(aggregate, int(res.num_examples), metrics)
-    if len(updates) < min_markets:
+    if not results:
         raise FedmarketError(
-            f"round {server_round}: only {len(updates)} market(s) completed SecAgg+, fewer than "
-            f"train.min_markets={min_markets}"
+            f"round {server_round}: no market completed SecAgg+ (it halted: too few markets answered); "
+            f"markets asked: {list(node_market.values())}"
         )
-    strategy.aggregate_train(server_round, updates)
-    if not any(u.payload for u in updates.values()):
-        return True  # nothing left any market (e.g. a local-training phase): nothing to protect or list
-    record.append(
-        {
-            "round": server_round,
-            "secure": True,
-            "reason": why,
-            "markets": len(updates),
-            "quantization_range": q,
-        }
-    )
-    if server_round % cfg.eval.every == 0 or server_round == cfg.train.rounds:
-        server.evaluate_round(seed, server_round, strategy, state, updates)
-    return True
+    survivors = {node_market[proxy.node_id]: res for proxy, res in results}
+    layouts = {str(res.metrics.pop(LAYOUT_KEY, "")) for _, res in results}
+    if len(layouts) != 1:
+        raise FedmarketError(f"round {server_round}: markets summed different arrays: {sorted(layouts)}")
+    layout = json.loads(layouts.pop())
+    arrays = parameters_to_ndarrays(results[0][1].parameters)
+    aggregate: Payload = {
+        k: np.asarray(a, dtype=np.dtype(dt)) for (k, dt), a in zip(layout, arrays, strict=True)
+    }
+    for market in node_market.values():
+        res = survivors.get(market)
+        if res is None:
+            replies[market] = Failure("dropped out of SecAgg+")
+            continue
+        # every survivor "uploads" the aggregate (the masked upload has its shape): a weighted mean of
+        # identical inputs returns it
+        replies[market] = Reply(aggregate, int(res.num_examples), dict(res.metrics), secured=True)
+    secure = {"secure": True, "reason": why, "markets": len(survivors), "quantization_range": q}
+    return TrainOutcome({m: replies[m] for m in requests}, secure)
 
 
 def secure_aggregation_report(cfg: Any, record: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,22 +1,30 @@
-"""The ServerApp side: the method's own `Strategy`, driven round by round over a Flower ``Grid``.
+"""The ServerApp side: the method's own `Strategy`, run by the one round `Driver` over a Flower ``Grid``.
 
-Each round is the in-process `Simulator`'s round (same market selection, same checks, same aggregation order,
-same best-round rule, via the shared functions of `fedmarket.federation.runtime`), with messages instead of
-calls:
+The round loop is `fedmarket.federation.driver.Driver`, the same one the in-process runtime runs (market
+selection, download accounting, every upload check, aggregation in market order, best-round rule, early
+stopping, checkpoints). On Flower it reaches the markets through `FlowerTransport`, which turns each of its
+steps into messages:
 
-1. discover SuperNodes (a ``query`` message asks each new node which market it serves; the first market's
-   reply also carries the initial shared parameters, as the in-process runtime takes the first trainer's);
-2. ``train``: each selected market gets its own download (strategies may personalise); every reply is
-   checked against the method's `UploadDeclaration` and by `validate_update`, then aggregated in market order
-   (so the float sums equal the in-process ones);
-3. ``evaluate`` on validation for every market; the server keeps each market's best round (it sees only the
+1. discovery (`FlowerTransport.open`, and `refresh` before every round): a ``query`` message asks each new
+   node which market it serves; the first market's reply also carries the initial shared parameters, as the
+   in-process runtime takes the first trainer's. Markets listed in ``train.join`` are not waited for at the
+   start; a node that connects later for a market not yet in the run adds that market (if
+   ``dataset.markets`` is empty or lists it), and the driver decides from which round it takes part;
+2. ``train``: each selected market gets its own download; its reply (upload, example count, training
+   metrics) goes to the driver, which checks it against the method's `UploadDeclaration` and by
+   `validate_update` before aggregating. With ``secure_aggregation`` on, a round whose server step is a
+   weighted sum is Flower's SecAgg+ protocol instead (`fedmarket.flower.secagg.secure_train`): the driver
+   receives the reconstructed aggregate as every surviving market's (secured) reply;
+3. ``evaluate`` on validation for every market; the driver keeps each market's best round (it sees only the
    metrics — the model state stays in the market, which keeps a snapshot of that round, see `client`);
-4. after the last round, ``evaluate`` on test with each market restoring its selected round.
+4. at a phase end and after the last round, ``evaluate`` on test with each market restoring its best round.
 
 A market whose node is missing, errors, times out or uploads something invalid is recorded in ``failures``
 and left out of that step; the round fails only below ``train.min_markets``. A node that (re)connects is
-discovered at the next round and rejoins. After every round the server state is checkpointed in the run
-folder, so a run whose SuperLink died is resumed by submitting it again with ``resume=true``.
+discovered at the next round and rejoins. After every round the driver checkpoints the seed in the run
+folder (with the transport's market list), so a run whose SuperLink died is resumed by submitting it again
+with ``resume=true``. `FlowerServer` runs every seed and writes the run folder (plus ``flower_timing.json``,
+``flower_progress.json`` and refused market claims).
 """
 
 from __future__ import annotations
@@ -27,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import yaml
 from flwr.app import Message, RecordDict
 
@@ -39,24 +46,20 @@ from fedmarket.api import (
     seed_record,
     write_results,
 )
-from fedmarket.checkpoint import load_state, save_state
 from fedmarket.config import ExperimentConfig, load_config
 from fedmarket.errors import FedmarketError
-from fedmarket.federation.core import Strategy, Update
-from fedmarket.federation.payload import (
-    check_not_replayed,
-    payload_bytes,
-    validate_num_examples,
-    validate_update,
-)
-from fedmarket.federation.runtime import (
-    Plateau,
+from fedmarket.federation.core import MarketMetrics, Strategy
+from fedmarket.federation.driver import (
+    Driver,
+    DriverSettings,
+    Failure,
+    Reply,
     SimulationResult,
-    convergence_report,
-    improves,
-    select_markets,
-    selection_score,
+    TrainOutcome,
+    TrainRequest,
+    Transport,
 )
+from fedmarket.federation.payload import Payload
 from fedmarket.flower.records import (
     ARRAYS,
     ENVELOPE,
@@ -66,7 +69,7 @@ from fedmarket.flower.records import (
     payload_to_record,
     record_to_payload,
 )
-from fedmarket.flower.secagg import run_secure_round, secure_aggregation_report
+from fedmarket.flower.secagg import secure_aggregation_report, secure_train
 from fedmarket.matmul import configure_torch
 from fedmarket.methods import get_method
 from fedmarket.methods.base import Method
@@ -87,6 +90,204 @@ def server_strategy(method: Method, cfg: ExperimentConfig, seed: int) -> Strateg
     return strategy
 
 
+# ------------------------------------------------------------------------------------ the transport
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _train_reply(message: Message | Failure) -> Reply | Failure:
+    """A ``train`` reply as the driver checks it: upload, example count (from the metrics), metrics."""
+    if isinstance(message, Failure):
+        return message
+    try:
+        upload = record_to_payload(message.content[ARRAYS])
+        metrics = dict(message.content[METRICS])
+    except Exception as exc:  # a malformed reply fails that market alone
+        return Failure(_error_text(exc))
+    return Reply(upload, metrics.pop("num_examples", None), metrics)
+
+
+def _reported(message: Message | Failure) -> MarketMetrics | Failure:
+    """The per-market metrics of an ``evaluate`` reply (checked by the driver against the declaration)."""
+    if isinstance(message, Failure):
+        return message
+    try:
+        return open_envelope(message.content[ENVELOPE])["metrics"]
+    except Exception as exc:
+        return Failure(_error_text(exc))
+
+
+def _best_round(best: dict[str, dict], market: str) -> int:
+    entry = best.get(market)
+    return int(entry["round"]) if entry else 0
+
+
+class FlowerTransport(Transport):
+    """The driver's markets over a Flower ``Grid``, one message per market and step, through ``server``
+    (`FlowerServer`: discovery, messaging, timings). ``markets`` starts as ``server.markets`` (the
+    configured markets, or those of the previous seed) or a checkpoint's, and may grow at `refresh`."""
+
+    def __init__(self, server: FlowerServer) -> None:
+        self.server = server
+        self.cfg = server.cfg
+        self.markets = list(server.markets)
+        self.secure_aggregation = bool(server.cfg.secure_aggregation.enabled)
+        self._restored = False  # markets come from a checkpoint
+
+    # ----------------------------------------------------------------------------- what secagg reads
+    @property
+    def grid(self) -> Any:
+        return self.server.grid
+
+    @property
+    def nodes(self) -> dict[str, int]:
+        """market -> node id of every market whose node is online and accepted."""
+        return self.server.nodes
+
+    @property
+    def reply_timeout(self) -> float:
+        return self.server.reply_timeout
+
+    def request(self, seed: int, server_round: int, **fields: Any) -> dict[str, Any]:
+        """A request envelope's fields (`FlowerServer.request`)."""
+        return self.server.request(seed, server_round, **fields)
+
+    # ----------------------------------------------------------------------------- markets
+    def _awaited(self) -> list[str]:
+        """The markets discovery waits for: all known ones except those that join later (``train.join``)."""
+        return [m for m in self.markets if m not in self.cfg.train.join]
+
+    def _grow(self) -> None:
+        """Append the markets of connected nodes not in the run yet (sorted among themselves), when
+        ``dataset.markets`` is empty or lists them."""
+        listed = self.cfg.dataset.markets
+        new = sorted(m for m in self.nodes if m not in self.markets and (not listed or m in listed))
+        self.markets.extend(new)
+
+    def open(self, seed: int, want_initial: bool) -> Payload | None:
+        server = self.server
+        initial = server.discover(seed, want_initial, server.wait_nodes, expected=self._awaited())
+        if not self._restored:  # a market that joins later is in the run from the start only if it is here
+            self.markets = [m for m in self.markets if m not in self.cfg.train.join or m in self.nodes]
+        self._grow()
+        if not self.markets:
+            raise FedmarketError("no SuperNode connected")
+        if not want_initial:
+            return None
+        if not any(m in initial for m in self.markets):  # nodes known before this seed: ask again
+            server.known_nodes -= set(self.nodes.values())
+            initial = server.discover(seed, want_initial=True, wait=0.0, expected=self._awaited())
+        first = next((m for m in self.markets if m in initial), None)
+        if first is None:
+            raise FedmarketError(f"no market answered with initial parameters; nodes: {self.nodes}")
+        return initial[first]
+
+    def refresh(self, seed: int) -> None:
+        self.server.discover(seed, want_initial=False, wait=0.0, expected=[])  # a (re)started node rejoins
+        self._grow()
+
+    # ----------------------------------------------------------------------------- messaging
+    def send(
+        self, seed: int, server_round: int, kind: str, requests: dict[str, tuple[dict[str, Any], Payload]]
+    ) -> dict[str, Message | Failure]:
+        """Send each market its (envelope fields, payload); one reply or failure per market, in the order of
+        ``requests`` (a market without a node fails at once)."""
+        contents, destinations = {}, {}
+        for market, (fields, payload) in requests.items():
+            if market not in self.nodes:
+                continue
+            contents[market] = RecordDict(
+                {
+                    ENVELOPE: envelope(**self.request(seed, server_round, **fields)),
+                    ARRAYS: payload_to_record(payload),
+                }
+            )
+            destinations[market] = self.nodes[market]
+        replies, errors = self.server.exchange(
+            kind, contents, destinations, {"seed": seed, "round": server_round}
+        )
+        out: dict[str, Message | Failure] = {}
+        for market in requests:
+            if market not in destinations:
+                out[market] = Failure("no SuperNode connected for this market")
+            elif market in replies:
+                out[market] = replies[market]
+            else:
+                out[market] = Failure(errors.get(market, "no reply"))
+        return out
+
+    # ----------------------------------------------------------------------------- the steps
+    def train(
+        self,
+        seed: int,
+        server_round: int,
+        requests: dict[str, TrainRequest],
+        step: tuple[bool, str] | None = None,
+    ) -> TrainOutcome:
+        secure = None
+        if self.secure_aggregation and step is not None:
+            is_sum, why = step
+            if is_sum and sum(m in self.nodes for m in requests) < 2:
+                is_sum, why = False, "fewer than 2 markets reachable: a sum of one upload is that upload"
+            if is_sum:  # a weighted-sum round goes through Flower's SecAgg+ (`fedmarket.flower.secagg`)
+                return secure_train(self, seed, server_round, requests, why)
+            secure = {"secure": False, "reason": why}
+        messages = {
+            market: (
+                {
+                    "local_epochs": r.config.local_epochs,
+                    "options": r.config.options,
+                    "keep_round": r.keep_round,
+                },
+                r.download,
+            )
+            for market, r in requests.items()
+        }
+        replies = self.send(seed, server_round, "train", messages)
+        return TrainOutcome({m: _train_reply(r) for m, r in replies.items()}, secure)
+
+    def evaluate(
+        self, seed: int, server_round: int, payloads: dict[str, Payload | None], best: dict[str, dict]
+    ) -> dict[str, MarketMetrics | Failure]:
+        requests = {  # the markets taking part (the driver's ``payloads`` keys), in market order
+            m: ({"split": "valid", "keep_round": _best_round(best, m)}, payloads[m] or {})
+            for m in self.markets
+            if m in payloads
+        }
+        return {m: _reported(r) for m, r in self.send(seed, server_round, "evaluate", requests).items()}
+
+    def test(
+        self, seed: int, server_round: int, best: dict[str, dict], full_ranking: bool, final: bool
+    ) -> dict[str, MarketMetrics | Failure]:
+        """Each market tests its best round so far (the market restores that round's saved state for this
+        message only: its next ``train`` loads its latest state again, so a mid-run test changes nothing)."""
+        requests = {
+            m: (
+                {"split": "test", "restore_round": _best_round(best, m), "full_ranking": full_ranking},
+                {},
+            )
+            for m in self.markets
+        }
+        return {m: _reported(r) for m, r in self.send(seed, server_round, "evaluate", requests).items()}
+
+    def round_done(self, seed: int, server_round: int, seconds: float) -> None:
+        self.server.timings.append(
+            {"seed": seed, "round": server_round, "stage": "round", "seconds": seconds}
+        )
+        _write_json(
+            self.server.run_dir / "flower_progress.json",
+            {"seed": seed, "round": server_round, "seconds": seconds},
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"markets": list(self.markets), "runtime": "flower"}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.markets = list(state["markets"])
+        self._restored = True
+
+
+# ------------------------------------------------------------------------------------ the ServerApp
 class FlowerServer:
     """Runs every seed of an experiment over ``grid`` and writes the run folder."""
 
@@ -121,11 +322,14 @@ class FlowerServer:
         self.evaluation: dict[str, dict[str, Any]] = {}  # market -> what its split evaluates (hello replies)
         # with SuperNode authentication: market -> the node id its registered key got; no other node may serve it
         self.bound_nodes = dict(bound_nodes or {})
+        # the markets of the run: the configured ones, or (none configured) the previous seed's; each seed's
+        # `FlowerTransport` starts from it and leaves its own here
         self.markets: list[str] = list(cfg.dataset.markets or [])
         self.timings: list[dict[str, Any]] = []
 
     # ----------------------------------------------------------------------------- messaging
-    def _request(self, seed: int, server_round: int, **fields: Any) -> dict[str, Any]:
+    def request(self, seed: int, server_round: int, **fields: Any) -> dict[str, Any]:
+        """The fields of a request envelope: the experiment, the run key, seed, round and ``fields``."""
         return {
             "experiment": self.experiment,
             "key": self.key,
@@ -187,17 +391,21 @@ class FlowerServer:
             errors[key] = f"no reply within {self.reply_timeout:.0f} s"
         return replies, errors
 
-    def discover(self, seed: int, want_initial: bool, wait: float) -> dict[str, Any]:
+    def discover(
+        self, seed: int, want_initial: bool, wait: float, expected: list[str] | None = None
+    ) -> dict[str, Payload]:
         """Map markets to connected nodes, asking new nodes which market they serve. Waits up to ``wait``
-        seconds for every expected market. Returns the initial payload of the first market if asked."""
+        seconds until every market in ``expected`` (default: ``markets``; none: any market) has a node.
+        Returns market -> initial payload of the markets that sent one (asked with ``want_initial``)."""
         deadline = time.perf_counter() + wait
-        initial: dict[str, Any] = {}
+        awaited = self.markets if expected is None else expected
+        initial: dict[str, Payload] = {}
         while True:
             online = set(self.grid.get_node_ids())
             self.nodes = {m: n for m, n in self.nodes.items() if n in online}
             new = sorted(online - self.known_nodes)
             if new:
-                req = self._request(seed, 0, want_initial=want_initial)
+                req = self.request(seed, 0, want_initial=want_initial)
                 contents = {n: RecordDict({ENVELOPE: envelope(**req)}) for n in new}
                 replies, errors = self.exchange(
                     "query", contents, {n: n for n in new}, {"seed": seed, "round": 0}
@@ -241,18 +449,16 @@ class FlowerServer:
                         initial[market] = record_to_payload(reply.content[ARRAYS])
                 for node, err in errors.items():
                     log.warning("node %s did not answer discovery: %s", node, err)
-            expected = self.markets or sorted(self.nodes)
-            if self.nodes and all(m in self.nodes for m in expected):
+            if self.nodes and all(m in self.nodes for m in awaited):
                 break
             if time.perf_counter() > deadline:
                 break
             time.sleep(1.0)
-        if not self.markets:
-            self.markets = sorted(self.nodes)
         return initial
 
     # ----------------------------------------------------------------------------- one seed
     def run_seed(self, seed: int) -> SimulationResult:
+        """One seed: the round `Driver` over a `FlowerTransport`, checkpointed in the run folder."""
         cfg = self.cfg
         base_strategy = server_strategy(self.method, cfg, seed)
         # the same server-side wrappers as in process (DP noise + accountant); secure aggregation is Flower's
@@ -261,292 +467,21 @@ class FlowerServer:
             cfg, base_strategy, seed, simulate_secure_aggregation=False, num_markets=len(self.markets)
         )
         ckpt = self.run_dir / "checkpoints" / f"seed{seed}.ckpt"
-        state = self._fresh_state()
-        resumed = self.resume and ckpt.exists()
-        if resumed:
-            saved = load_state(ckpt)
-            strategy.load_state_dict(saved["strategy"])
-            state = {k: saved.get(k, v) for k, v in state.items()}  # older checkpoints lack new keys
-            self.markets = saved["markets"]
-            log.info("seed %d: resumed from %s at round %d", seed, ckpt, state["round"])
-        initial = self.discover(seed, want_initial=not resumed, wait=self.wait_nodes)
-        if not self.markets:
-            raise FedmarketError("no SuperNode connected")
-        if not resumed:
-            if not any(m in initial for m in self.markets):  # nodes known before this seed: ask again
-                self.known_nodes -= set(self.nodes.values())
-                initial = self.discover(seed, want_initial=True, wait=0.0)
-            first = next((m for m in self.markets if m in initial), None)
-            if first is None:
-                raise FedmarketError(f"no market answered with initial parameters; nodes: {self.nodes}")
-            strategy.initialize(initial[first])
-            state["communication"] = {m: {"up_bytes": 0, "down_bytes": 0, "rounds": 0} for m in self.markets}
-        min_markets = min(cfg.train.min_markets, len(self.markets))
-        stop_before = getattr(strategy, "stop_before", None)  # e.g. a privacy budget (target ε)
-        plateau = Plateau(
-            cfg.train.patience,
-            cfg.train.min_delta,
-            cfg.eval.select_metric,
-            phase_patience=cfg.train.phase_patience,
-            stop_slope=cfg.train.stop_slope,
-            slope_window=cfg.train.slope_window,
+        transport = FlowerTransport(self)
+        driver = Driver(
+            transport,
+            strategy,
+            self.declaration,
+            DriverSettings.from_config(cfg, seed),
+            checkpoint_path=ckpt,
+            progress=cfg.progress,
         )
-        plateau.load_state_dict(state.get("plateau"))
-        for server_round in range(state["round"] + 1, cfg.train.rounds + 1):
-            if plateau.converged_round is not None:
-                break  # resumed after convergence
-            if stop_before is not None and stop_before(server_round):
-                log.info("stopping before round %d (the strategy's stop condition)", server_round)
-                break
-            t0 = time.perf_counter()
-            self.discover(seed, want_initial=False, wait=0.0)  # a (re)started node rejoins here
-            self.run_round(seed, server_round, strategy, state, min_markets)
-            self.timings.append(
-                {"seed": seed, "round": server_round, "stage": "round", "seconds": time.perf_counter() - t0}
-            )
-            state["round"] = server_round
-            ends = len(plateau.phase_ends)
-            converged = plateau.update(server_round, state["history"], strategy)
-            if len(plateau.phase_ends) > ends:  # a phase ended: test the run as if it stopped here
-                test, selected = self._test_best(seed, state, server_round)
-                state["phase_tests"].append({"round": server_round, "test": test, "selected_round": selected})
-            state["plateau"] = plateau.state_dict()
-            self._checkpoint(ckpt, strategy, state)
-            _write_json(
-                self.run_dir / "flower_progress.json",
-                {"seed": seed, "round": server_round, "seconds": time.perf_counter() - t0},
-            )
-            if converged:
-                log.info("seed %d: converged (train.patience), stopping after round %d", seed, server_round)
-                break
-        self.discover(seed, want_initial=False, wait=0.0)
-        result = self.finish(seed, state)
-        result.convergence = convergence_report(plateau, state["round"])
-        result.privacy = dict(getattr(strategy, "privacy_report", dict)())
+        result = driver.run(resume=self.resume and ckpt.exists())
+        self.markets = list(transport.markets)
         result.privacy["server_step"] = describe_server_step(base_strategy, cfg.train.rounds)
         if cfg.secure_aggregation.enabled:
-            result.privacy.update(secure_aggregation_report(cfg, state["secure_aggregation"]))
+            result.privacy.update(secure_aggregation_report(cfg, result.secure_aggregation))
         return result
-
-    def _fresh_state(self) -> dict[str, Any]:
-        return {
-            "round": 0,
-            "history": [],
-            "secure_aggregation": [],  # per round: through SecAgg+ or in the clear, and why
-            "failures": [],
-            "uploads": [],
-            "communication": {},
-            "best": {},
-            "plateau": {},
-            "phase_tests": [],
-            "upload_digests": {},
-        }
-
-    def _checkpoint(self, path: Path, strategy: Strategy, state: dict[str, Any]) -> None:
-        save_state(
-            path, {**state, "strategy": strategy.state_dict(), "markets": self.markets, "runtime": "flower"}
-        )
-
-    def _fail(self, state: dict, seed: int, server_round: int, market: str, stage: str, error: str) -> None:
-        log.warning("round %d: market %s failed in %s: %s", server_round, market, stage, error)
-        state["failures"].append(
-            {
-                "seed": seed,
-                "round": server_round,
-                "market": market,
-                "stage": stage,
-                "error": error,
-                "traceback": "",
-            }
-        )
-
-    def _send(
-        self,
-        seed: int,
-        server_round: int,
-        kind: str,
-        requests: dict[str, tuple[dict, dict]],
-        state: dict,
-        stage: str,
-    ) -> dict[str, Message]:
-        """Send each market its (envelope fields, payload); markets without a node fail at once."""
-        contents, destinations = {}, {}
-        for market, (fields, payload) in requests.items():
-            if market not in self.nodes:
-                self._fail(state, seed, server_round, market, stage, "no SuperNode connected for this market")
-                continue
-            contents[market] = RecordDict(
-                {
-                    ENVELOPE: envelope(**self._request(seed, server_round, **fields)),
-                    ARRAYS: payload_to_record(payload),
-                }
-            )
-            destinations[market] = self.nodes[market]
-        replies, errors = self.exchange(kind, contents, destinations, {"seed": seed, "round": server_round})
-        for market, err in errors.items():
-            self._fail(state, seed, server_round, market, stage, err)
-        return {m: replies[m] for m in requests if m in replies}
-
-    def run_round(
-        self, seed: int, server_round: int, strategy: Strategy, state: dict, min_markets: int
-    ) -> None:
-        if self.cfg.secure_aggregation.enabled and run_secure_round(
-            self, seed, server_round, strategy, state, min_markets
-        ):
-            return  # a weighted-sum round went through Flower's SecAgg+ (`fedmarket.flower.secagg`)
-        cfg = self.cfg
-        selected = select_markets(
-            self.markets, seed, server_round, cfg.train.client_fraction, min_markets, self.secret_draws(state)
-        )
-        downloads = strategy.configure_train(server_round, selected)
-        options = strategy.round_options(server_round)
-        requests = {}
-        for market in selected:
-            down = downloads.get(market, {})
-            state["communication"][market]["down_bytes"] += payload_bytes(down)
-            best = state["best"].get(market)
-            fields = {
-                "local_epochs": cfg.train.local_epochs,
-                "options": options,
-                "keep_round": best["round"] if best else 0,
-            }
-            requests[market] = (fields, down)
-        replies = self._send(seed, server_round, "train", requests, state, "fit")
-        updates: dict[str, Update] = {}
-        for market in selected:  # market order, not arrival order: the aggregate's float sums depend on it
-            if market not in replies:
-                continue
-            reply = replies[market]
-            down = downloads.get(market, {})
-            try:
-                upload = record_to_payload(reply.content[ARRAYS])
-                metrics = dict(reply.content[METRICS])
-                num_examples = validate_num_examples(
-                    metrics.pop("num_examples", None),
-                    market,
-                    self.cfg.train.max_examples,
-                    uploaded=bool(upload),
-                )
-                self.declaration.check(upload, market)
-                metrics = self.declaration.check_metrics(metrics, market, "training metric")
-                validate_update(upload, down if down else None, market)
-                check_not_replayed(upload, market, state.setdefault("upload_digests", {}))
-            except Exception as exc:
-                self._fail(state, seed, server_round, market, "fit", f"{type(exc).__name__}: {exc}")
-                continue
-            up = payload_bytes(upload)
-            state["communication"][market]["up_bytes"] += up
-            state["communication"][market]["rounds"] += 1
-            state["uploads"].append(
-                {
-                    "seed": seed,
-                    "round": server_round,
-                    "market": market,
-                    "bytes": up,
-                    "down_bytes": payload_bytes(down),
-                    "keys": {k: list(np.shape(v)) for k, v in upload.items()},
-                }
-            )
-            updates[market] = Update(upload, num_examples, {k: float(v) for k, v in metrics.items()})
-        if len(updates) < min_markets:
-            failed = [
-                f["market"] for f in state["failures"] if f["round"] == server_round and f["seed"] == seed
-            ]
-            raise FedmarketError(
-                f"round {server_round}: only {len(updates)} market(s) succeeded, fewer than train.min_markets="
-                f"{min_markets}; failures: {failed}"
-            )
-        strategy.aggregate_train(server_round, updates)
-        if server_round % cfg.eval.every == 0 or server_round == cfg.train.rounds:
-            self.evaluate_round(seed, server_round, strategy, state, updates)
-
-    def evaluate_round(
-        self, seed: int, server_round: int, strategy: Strategy, state: dict, updates: dict[str, Update]
-    ) -> None:
-        cfg = self.cfg
-        payloads = strategy.configure_evaluate(server_round, self.markets)
-        requests = {}
-        for market in self.markets:
-            best = state["best"].get(market)
-            fields = {"split": "valid", "keep_round": best["round"] if best else 0}
-            requests[market] = (fields, payloads.get(market) or {})
-        replies = self._send(seed, server_round, "evaluate", requests, state, "evaluate")
-        hook = getattr(strategy, "round_metrics", None)  # server-side columns, e.g. ε
-        extra = dict(hook(server_round)) if hook is not None else {}
-        for name in self.markets:
-            if name not in replies:
-                continue
-            metrics = self._reported(state, seed, server_round, name, replies[name], "evaluate")
-            if metrics is None:
-                continue
-            for market, values in metrics.items():
-                row = {"seed": seed, "round": server_round, "market": market, "split": "valid", **values}
-                row.update(extra)
-                if name in updates:
-                    row.update({f"train_{k}": v for k, v in updates[name].metrics.items()})
-                state["history"].append(row)
-            score = selection_score(metrics, cfg.eval.select_metric)
-            prev = state["best"].get(name)
-            if cfg.eval.select == "last" or improves(
-                prev["score"] if prev else None, score, cfg.eval.select_metric
-            ):
-                state["best"][name] = {"score": score, "round": server_round}
-
-    def _test_best(
-        self, seed: int, state: dict, server_round: int
-    ) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
-        """Each market tests its best round so far (the market restores that round's saved state for this
-        message only: its next ``train`` loads its latest state again, so a mid-run test changes nothing)."""
-        requests = {}
-        for market in self.markets:
-            best = state["best"].get(market)
-            fields = {
-                "split": "test",
-                "restore_round": best["round"] if best else 0,
-                "full_ranking": self.cfg.eval.full_ranking,
-            }
-            requests[market] = (fields, {})
-        replies = self._send(seed, server_round, "evaluate", requests, state, "test")
-        test: dict[str, dict[str, float]] = {}
-        for market in self.markets:
-            if market in replies:
-                test.update(self._reported(state, seed, server_round, market, replies[market], "test") or {})
-        return test, {m: b["round"] for m, b in state["best"].items()}
-
-    def secret_draws(self, state: dict) -> dict[int, list[str]] | None:
-        """With ``privacy.secret_sampling`` (and DP on), the record of each round's secret draw, kept in the
-        server's checkpointed state for resume (`select_markets`); None: the seeded, public draw."""
-        p = self.cfg.privacy
-        if p.mode == "off" or not p.secret_sampling:
-            return None
-        draws = state.setdefault("draws", {})
-        for key in [k for k in draws if isinstance(k, str)]:  # JSON-restored keys
-            draws[int(key)] = draws.pop(key)
-        return draws
-
-    def _reported(
-        self, state: dict, seed: int, server_round: int, name: str, reply: Any, stage: str
-    ) -> dict[str, dict[str, float]] | None:
-        """The per-market metrics of an evaluate reply, checked against the declaration in force (undeclared
-        keys or non-scalar values: that market fails this stage, recorded; None)."""
-        try:
-            metrics = open_envelope(reply.content[ENVELOPE])["metrics"]
-            return {m: self.declaration.check_metrics(v, m, f"{stage} metric") for m, v in metrics.items()}
-        except Exception as exc:
-            self._fail(state, seed, server_round, name, stage, f"{type(exc).__name__}: {exc}")
-            return None
-
-    def finish(self, seed: int, state: dict) -> SimulationResult:
-        test, selected = self._test_best(seed, state, state["round"])
-        return SimulationResult(
-            test=test,
-            history=state["history"],
-            communication=state["communication"],
-            failures=state["failures"],
-            selected_round=selected,
-            uploads=state["uploads"],
-            phase_tests=state["phase_tests"],
-        )
 
     # ----------------------------------------------------------------------------- every seed
     def run(self) -> Path:
@@ -566,7 +501,7 @@ class FlowerServer:
             record = seed_record(
                 seed,
                 result,
-                time.perf_counter() - t0,
+                result.elapsed_before + time.perf_counter() - t0,  # a resumed seed counts its earlier part
                 self.cfg.eval.protocol,
                 evaluation=dict(self.evaluation),
             )
