@@ -234,6 +234,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_onboard(args: argparse.Namespace) -> int:
+    from fedmarket.config import load_config
+    from fedmarket.onboard import FRACTIONS, Plan, run_plan, write_report
+
+    if args.report_only:
+        print(write_report(Path(args.out)))
+        return 0
+    overrides = {k: v for k, v in _overrides(args).items() if k not in ("seeds", "train.rounds")}
+    cfg = load_config(args.config, overrides)
+    plan = Plan(
+        cfg=cfg,
+        newcomers=list(args.market),
+        fractions=[float(k) for k in (args.fractions or FRACTIONS)],
+        seeds=list(args.seed),
+        rounds=args.rounds,
+        join_round=args.join_round,
+        out=Path(args.out),
+        alone_rounds=args.alone_rounds,
+        patience=args.patience,
+    )
+    report = run_plan(plan, workers=args.workers)
+    print(f"report: {report} (curves: {report.with_suffix('.png')})")
+    return 0
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     from fedmarket.lab.grid import run_grid
 
@@ -545,6 +570,46 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gr.add_argument("--reserve", type=float, default=0.0, help="no job starts later than deadline - reserve")
     gr.set_defaults(func=cmd_grid)
+
+    ob = sub.add_parser(
+        "onboard",
+        help="what joining the federation is worth for a new market, by how much data it arrives with",
+        description="For each --market as the newcomer, with only the first k %% of its train data by time: "
+        "local alone, one-to-one transfer from the best source, joining the running federation late, and "
+        "joining from the start; test metric vs k with 95 %% intervals over seeds (OUT/onboard.md, .png).",
+    )
+    ob.add_argument("config", help="an experiment config of a FedAvg-family method")
+    ob.add_argument("--market", nargs="+", required=True, help="the newcomer market(s), each in turn")
+    ob.add_argument(
+        "--fractions", type=float, nargs="+", help="k in %% of own train data (default 5 10 25 50 100)"
+    )
+    ob.add_argument("--seed", type=int, nargs="+", default=[0, 1, 2], help="seeds (default 0 1 2)")
+    ob.add_argument(
+        "--rounds",
+        type=int,
+        default=8,
+        help="late and start: the newcomer's own rounds in the federation (default 8)",
+    )
+    ob.add_argument(
+        "--alone-rounds",
+        type=int,
+        default=30,
+        help="local and transfer: at most this many rounds (default 30)",
+    )
+    ob.add_argument(
+        "--patience", type=int, default=3, help="local and transfer: validation patience (default 3)"
+    )
+    ob.add_argument(
+        "--join-round", type=int, default=3, help="late: the round it joins the federation (default 3)"
+    )
+    ob.add_argument(
+        "--out", required=True, help="folder of the cells and the report (an interrupted study resumes)"
+    )
+    ob.add_argument("--workers", type=int, default=1, help="cells run at once, in processes (default 1)")
+    ob.add_argument("--report-only", action="store_true", help="rewrite the report from the finished cells")
+    ob.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    ob.add_argument("--data-dir", help="dataset.data_dir")
+    ob.set_defaults(func=cmd_onboard, no_progress=True)
 
     mg = sub.add_parser(
         "merge", help="combine run folders of one config that ran different seeds into one run folder"

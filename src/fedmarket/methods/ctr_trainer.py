@@ -185,8 +185,9 @@ class CTRClient(ClientTrainer):
         losses = []
         for epoch in range(config.local_epochs):
             losses.append(self.train_epoch(config.seed, config.round, epoch, anchor, mu))
+        upload = self.upload() if config.options.get("upload", True) else {}  # False: a local phase
         return Update(
-            self.upload(), num_examples=len(self.data.train_users), metrics={"loss": float(np.mean(losses))}
+            upload, num_examples=len(self.data.train_users), metrics={"loss": float(np.mean(losses))}
         )
 
     def epoch_instances(
