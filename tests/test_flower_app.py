@@ -10,6 +10,7 @@ in seconds; `test_flower_deployment.py` runs the same over real SuperLink/SuperN
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +324,35 @@ def test_a_killed_server_resumes_from_its_round_checkpoint_to_the_same_numbers(t
     resumed = json.loads((killed_dir / "metrics.json").read_text())
     assert resumed["per_market"] == full["per_market"]
     assert resumed["communication"] == full["communication"]
+
+
+def test_a_market_listed_in_join_is_not_waited_for_and_joins_when_its_node_connects(tmp_path, monkeypatch):
+    """``train.join``: the run starts without m2's node; it connects after round 1, the transport adds m2 at
+    the next discovery and the driver admits it at round 2, exactly as the in-process run with the same
+    ``join`` (bit-identical)."""
+    cfg_dict = synthetic_cfg(tmp_path, "fedavg", join={"m2": 2})
+    expected = in_process(cfg_dict, tmp_path)
+    grid = memory_grid(tmp_path)
+    grid.down.add(102)  # m2's node is not there at the start (and is not waited for)
+    original = Driver.run_round
+
+    def run_round(driver, server_round):
+        original(driver, server_round)
+        grid.down.discard(102)  # m2's SuperNode connects after round 1
+
+    monkeypatch.setattr(Driver, "run_round", run_round)
+    run_dir = tmp_path / "flower_run"
+    started = time.monotonic()
+    FlowerServer(grid, config_from_dict(cfg_dict), run_dir, wait_nodes=120).run()
+    assert time.monotonic() - started < 120  # m2 was not waited for
+    got = json.loads((run_dir / "metrics.json").read_text())
+    assert got["per_market"] == expected["per_market"]
+    assert got["communication"] == expected["communication"]
+    assert got["selected_round"] == expected["selected_round"]
+    assert got["failures"] == []
+    seed = json.loads((run_dir / "seeds" / "seed0.json").read_text())
+    assert sorted({h["round"] for h in seed["history"] if h["market"] == "m2"}) == [2, 3]
+    assert [p["joined"] for p in seed["participation"]] == [[], ["m2"], []]
 
 
 def test_not_private_methods_do_not_run_on_flower(tmp_path):

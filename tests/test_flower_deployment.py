@@ -133,6 +133,57 @@ def test_flower_simulation_writes_the_same_run_folder_and_numbers(tmp_path, data
         assert (run_dir / name).exists(), name
 
 
+def test_a_market_joining_later_on_the_deployment_engine_takes_part_from_its_round(tmp_path):
+    """``train.join``: the run starts with the SuperNodes of m0 and m1 only (m2 is not waited for); m2's
+    SuperNode is started once round 1 is done, and the driver admits m2 at the first round whose discovery
+    sees its node (2, or 3 on a slow machine). m2 then has validation rows from that round on only and a test
+    metric at the end, and the whole run equals the in-process run with m2 joining at that round exactly."""
+    cfg_dict = {
+        "name": "late_join",
+        "dataset": {
+            "name": "synthetic",
+            "markets": ["m0", "m1", "m2"],
+            "options": {"num_markets": 3, "users_per_market": [60, 40, 50], "items_per_market": 60},
+        },
+        "method": {"name": "fedavg"},
+        "model": {"hidden": [16]},
+        "train": {"rounds": 3, "batch_size": 256, "join": {"m2": 2}},
+        "eval": {"full_ranking": False, "candidates": 20},
+        "output_dir": str(tmp_path / "runs"),
+        "progress": False,
+    }
+    cfg, run_dir = prepare_flower_run(config_from_dict(cfg_dict), None, False)
+    with LocalFederation(run_dir / "flower") as fed:
+        fed.start_superlink()
+        for market in ("m0", "m1"):
+            fed.start_supernode(market)
+        proc = fed.submit(write_app_dir(fed.home / "app"), {"run-dir": str(run_dir), "reply-timeout": 60.0})
+        progress = run_dir / "flower_progress.json"
+        deadline = time.monotonic() + 120
+        while not (progress.exists() and json.loads(progress.read_text())["round"] >= 1):
+            assert time.monotonic() < deadline and proc.poll() is None, fed.log_tail("flwr-run")
+            time.sleep(0.2)
+        fed.start_supernode("m2")  # round 1 is done: m2's node connects now
+        wait_for_run(fed, proc, run_dir, timeout=180)
+        leftovers = fed
+    assert leftovers.leftover_pids() == []
+    result = metrics(run_dir)
+    seed = json.loads((run_dir / "seeds" / "seed0.json").read_text())
+    assert result["failures"] == []
+    joined = [p["round"] for p in seed["participation"] if "m2" in p["joined"]]
+    assert len(joined) == 1 and joined[0] in (2, 3), seed["participation"]
+    valid_rounds = sorted({h["round"] for h in seed["history"] if h["market"] == "m2"})
+    assert valid_rounds == list(range(joined[0], 4))  # validation rows from its join round on only
+    assert seed["participation"][0]["markets"] == ["m0", "m1"]
+    assert "auc" in result["per_market"]["m2"] and result["selected_round"]["0"]["m2"] >= joined[0]
+    assert result["communication"]["m2"]["rounds"] == 4 - joined[0]
+    # the same numbers as in process with m2 joining at that round (the run's arithmetic does not depend on
+    # when its node connected, only on the round it was admitted)
+    inproc = {**cfg_dict, "name": "inproc", "train": {**cfg_dict["train"], "join": {"m2": joined[0]}}}
+    expected = metrics(run_experiment(config_from_dict(inproc)))
+    assert_same_results(result, expected)
+
+
 # ------------------------------------------------------------------------------ a multi-stage method
 FEDMM_SYNTHETIC = {
     "name": "fedmm_deploy",
