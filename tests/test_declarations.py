@@ -120,3 +120,106 @@ def test_pfmsmt_declares_what_its_options_send() -> None:
     )
     assert on.allows("towers.ctr.out.weight") and not off.allows("towers.ctr.out.weight")
     assert m.declaration.allows("towers.ctr.out.weight")
+
+
+# ---------------------------------------------------------------- the declaration in force is tight
+def _families():
+    from fedmarket.data import load_dataset
+    from fedmarket.data.mtl import split_impressions
+    from fedmarket.data.split import leave_one_out
+    from fedmarket.data.synthetic import make_synthetic_markets
+    from tests import test_fecosr, test_pfmsmt_method
+
+    ctr = make_synthetic_markets(2, [50, 40], 60, (8, 14), seed=1)
+    ctr_splits = {n: leave_one_out(m, num_candidates=20, split_seed=1) for n, m in ctr.items()}
+    text = make_synthetic_markets(2, [40, 30], 60, (6, 14), with_text=True, seed=5)
+    seq_splits = {n: leave_one_out(m, num_candidates=20, split_seed=1) for n, m in text.items()}
+    mtl = load_dataset(
+        "synthetic-mtl",
+        num_markets=2,
+        users_per_market=30,
+        items_per_market=50,
+        interactions_per_user=(8, 15),
+    )
+    mtl_splits = {n: split_impressions(m) for n, m in mtl.items()}
+
+    def ctr_cfg(method, model="deepfm", features="none", **options):
+        return config_from_dict(
+            {
+                "name": "t",
+                "method": {"name": method, "options": options},
+                "model": {"name": model, "embed_dim": 8, "hidden": [16], "item_features": features},
+                "train": {"rounds": 4},
+                "eval": {"candidates": 20},
+                "progress": False,
+            }
+        )
+
+    fedmm = {"rqvae_rounds": 1, "rqvae_epochs": 1, "embedding_epochs": 1}
+    return {
+        "fedavg-deepfm": (ctr_cfg("fedavg"), ctr_splits, "auc", 1),
+        "fedavg-dcnv2": (ctr_cfg("fedavg", "dcnv2"), ctr_splits, "auc", 1),
+        "fedprox-buckets": (ctr_cfg("fedprox", features="buckets"), ctr_splits, "auc", 1),
+        "fedper-dcnv2": (ctr_cfg("fedper", "dcnv2"), ctr_splits, "auc", 1),
+        "fedmm-deepfm": (ctr_cfg("fedmm", **fedmm), ctr_splits, "auc", 3),
+        "fedmm-dcnv2-c1": (
+            ctr_cfg("fedmm", "dcnv2", ctr_federation="c1_dense", **fedmm),
+            ctr_splits,
+            "auc",
+            3,
+        ),
+        "fecosr": (test_fecosr.cfg_for("fecosr", 2, federated_rounds=1), seq_splits, "ndcg@10", 1),
+        "mtl_fedavg": (test_pfmsmt_method._cfg("mtl_fedavg"), mtl_splits, "mean_auc", 1),
+        "pfmsmt": (test_pfmsmt_method._cfg("pfmsmt"), mtl_splits, "mean_auc", 1),
+    }
+
+
+FAMILIES = (
+    "fedavg-deepfm",
+    "fedavg-dcnv2",
+    "fedprox-buckets",
+    "fedper-dcnv2",
+    "fedmm-deepfm",
+    "fedmm-dcnv2-c1",
+    "fecosr",
+    "mtl_fedavg",
+    "pfmsmt",
+)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_declaration_in_force_is_what_leaves(family) -> None:
+    """Every uploaded key is in the declaration the runtime enforces, and every pattern of it is used (unless
+    the data gave the model no such parameter, e.g. shared feature tables of a dataset without shared
+    features): the declaration in force, computed from the run's options, is exactly what left the markets."""
+    from fnmatch import fnmatchcase
+
+    import torch
+
+    from fedmarket.federation.runtime import Simulator
+
+    torch.set_num_threads(1)
+    cfg_, splits, metric, rounds = _families()[family]
+    m = get_method(cfg_.method.name)
+    opts = m.parse_options(cfg_.method.options)
+    trainers, strategy = m.build(cfg_, opts, splits, 0)
+    declaration = m.declaration_for(cfg_, opts)
+    sim = Simulator(
+        trainers, strategy, declaration, rounds=cfg_.train.rounds, select_metric=metric, progress=False
+    )
+    assert sim.declaration is declaration
+    result = sim.run()
+    assert not result.failures, result.failures
+    keys = {k for u in result.uploads for k in u["keys"]}
+    assert all(declaration.allows(k) for k in keys)
+    present = set()  # the parameters the markets' models have (when a trainer exposes one model)
+    for trainer in trainers.values():
+        model = getattr(trainer, "model", None)
+        present |= set(model.state_dict()) if model is not None else set()
+    unused = [
+        p
+        for p in declaration.patterns
+        if not any(fnmatchcase(k, p) for k in keys)
+        and (not present or any(fnmatchcase(k, p) for k in present))
+    ]
+    assert not unused, f"{family}: declared but never sent: {unused}"

@@ -70,12 +70,18 @@ def ctr_client_kwargs(cfg, seed: int) -> dict:
 
 def in_force(declaration: UploadDeclaration):
     """``Method.declare`` of the dense-layer methods: the item-statistic bucket tables are in force only with
-    ``model.item_features`` set."""
+    ``model.item_features`` set, the cross network only with ``model.name: dcnv2``."""
 
     def declare(cfg, opts) -> UploadDeclaration:
         keep = {"buckets": BUCKET_TABLES, "dense": NUMERIC_TABLES}.get(cfg.model.item_features, ())
+        cross = cfg.model.name == "dcnv2"  # the cross network exists in DCNv2 only
         return UploadDeclaration(
-            tuple(p for p in declaration.patterns if p not in STAT_TABLES or p in keep), declaration.reason
+            tuple(
+                p
+                for p in declaration.patterns
+                if (p not in STAT_TABLES or p in keep) and (p != "cross.*" or cross)
+            ),
+            declaration.reason,
         )
 
     return declare

@@ -130,6 +130,6 @@ register(
         build_fedmm,
         FedMMOptions,
         summary="FedMM: federated level-1 RQ-VAE codebook, codes into the CTR model",
-        declare=lambda cfg, opts: upload_declaration(opts, uses_secure_sums(cfg)),
+        declare=lambda cfg, opts: upload_declaration(opts, uses_secure_sums(cfg), cfg.model.name),
     )
 )

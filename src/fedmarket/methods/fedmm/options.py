@@ -136,9 +136,13 @@ class FedMMOptions(ServerStepOptions):
             )
 
 
-def upload_declaration(opts: FedMMOptions, secure_sums: bool = False) -> UploadDeclaration:
+def upload_declaration(
+    opts: FedMMOptions, secure_sums: bool = False, model: str | None = None
+) -> UploadDeclaration:
     """The subset of `FEDMM_UPLOAD` that this configuration sends (the runtime checks against the full one);
-    ``secure_sums``: secure aggregation is on (see `FedMMClient.secure_sums`)."""
+    ``secure_sums``: secure aggregation is on (see `FedMMClient.secure_sums`); ``model``: the CTR model's name
+    (the cross network's parameters exist in ``dcnv2`` only; None: either model)."""
+    dense = CTR_DENSE if model in (None, "dcnv2") else tuple(p for p in CTR_DENSE if p != "cross.*")
     keys: list[str] = []
     if opts.codebook in ("federated", "global_only"):
         keys += [GLOBAL_CODEBOOK, GLOBAL_USAGE]
@@ -151,9 +155,9 @@ def upload_declaration(opts: FedMMOptions, secure_sums: bool = False) -> UploadD
         if opts.federate_autoencoder:
             keys += [f"{WEIGHTED_AUTOENCODER}encoder.*", f"{WEIGHTED_AUTOENCODER}decoder.*"]
     if opts.embedding == "fedctr":
-        keys += [f"embed.{p}" for p in CTR_DENSE]
+        keys += [f"embed.{p}" for p in dense]
     if opts.ctr_federation != "none":
-        keys += [f"ctr.{p}" for p in CTR_DENSE]
+        keys += [f"ctr.{p}" for p in dense]
     user = opts.user_codes == "history"
     if opts.ctr_federation in ("c1_dense", "codes_dense"):
         keys += [f"ctr.{k}" for f in ("c1", "u1")[: 1 + user] for k in CODE_TABLES[f]]
