@@ -108,3 +108,12 @@ def test_a_failing_market_fails_alone_in_a_worker() -> None:
     result = sim.run()
     assert {f["market"] for f in result.failures} == {"b"}
     assert all("disk full" in f["error"] and f["stage"] == "fit" for f in result.failures)
+
+
+def test_markets_are_spread_over_workers_by_their_workload() -> None:
+    from fedmarket.federation.runtime import balance
+
+    names, sizes = ["ca", "de", "in", "uk", "es"], [45, 17, 2, 31, 44]
+    owner = balance(names, sizes, 2)  # largest first, each to the least loaded worker
+    assert owner == {"ca": 0, "es": 1, "uk": 1, "de": 0, "in": 0}
+    assert balance(["a", "b", "c"], [1, 1, 1], 2) == {"a": 0, "b": 1, "c": 0}  # alike: round robin

@@ -64,6 +64,11 @@ class ClientTrainer(ABC):
     def evaluate(self, payload: Payload | None, split: str, full_ranking: bool = False) -> MarketMetrics:
         """Load ``payload`` (if any) and evaluate on ``split`` ("valid" or "test")."""
 
+    def workload(self) -> int:
+        """A market's relative training cost per round (its train examples), by which markets are spread
+        over worker processes (`ParallelTransport`). Default: 1 (all alike)."""
+        return 1
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this market's training exactly (model, optimiser...)."""
@@ -245,6 +250,9 @@ class TrainerWrapper(ClientTrainer):
 
     def initial_payload(self) -> Payload:
         return self.inner.initial_payload()
+
+    def workload(self) -> int:
+        return self.inner.workload()
 
     def fit(self, payload: Payload, config: RoundConfig) -> Update:
         return self.inner.fit(payload, config)

@@ -175,10 +175,23 @@ def _worker(conn: Any, trainers: dict[str, ClientTrainer], threads: int) -> None
             _send(conn, ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"))
 
 
+def balance(markets: list[str], workloads: list[int], workers: int) -> dict[str, int]:
+    """Market -> worker: the largest market first, each to the worker with the least work so far (ties: the
+    lower worker). Which worker trains a market does not change its numbers, only the wall time."""
+    load = [0] * workers
+    owner: dict[str, int] = {}
+    for i in sorted(range(len(markets)), key=lambda i: (-workloads[i], i)):
+        w = min(range(workers), key=lambda w: (load[w], w))
+        owner[markets[i]] = w
+        load[w] += max(1, int(workloads[i]))
+    return owner
+
+
 class ParallelTransport(Transport):
-    """Markets trained in ``workers`` forked worker processes (market i goes to worker i mod workers); each
-    worker holds its markets' trainers for the whole seed. Requests go to every worker at once and the replies
-    are merged in market order, so the driver sees exactly what the serial transport gives it."""
+    """Markets trained in ``workers`` forked worker processes (spread by their `ClientTrainer.workload`,
+    `balance`); each worker holds its markets' trainers for the whole seed. Requests go to every worker at
+    once and the replies are merged in market order, so the driver sees exactly what the serial transport
+    gives it."""
 
     def __init__(self, trainers: dict[str, ClientTrainer], workers: int, threads: int = 1) -> None:
         if not trainers:
@@ -189,7 +202,7 @@ class ParallelTransport(Transport):
         self.markets = list(trainers)
         self.workers = max(1, min(int(workers), len(self.markets)))
         self.threads = threads
-        self.owner = {m: i % self.workers for i, m in enumerate(self.markets)}
+        self.owner = balance(self.markets, [t.workload() for t in trainers.values()], self.workers)
         self._conns: list[Any] = []
         self._procs: list[Any] = []
         self._pending_load: dict[str, Any] | None = None

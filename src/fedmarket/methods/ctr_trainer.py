@@ -168,6 +168,10 @@ class CTRClient(ClientTrainer):
         return list(self.data.views)
 
     # ------------------------------------------------------------ federation
+    def workload(self) -> int:
+        """Train examples per round (`ClientTrainer.workload`)."""
+        return len(self.data.train_users)
+
     def initial_payload(self) -> Payload:
         return module_to_payload(self.model, self.declaration)
 

@@ -155,6 +155,10 @@ class MTLClient(ClientTrainer):
         return list(self.data.views)
 
     # ------------------------------------------------------------ federation
+    def workload(self) -> int:
+        """Train examples per round (`ClientTrainer.workload`)."""
+        return len(self.data.train_index)
+
     def initial_payload(self) -> Payload:
         return module_to_payload(self.model, self.upload_declaration)
 

@@ -378,6 +378,10 @@ class SeqClient(ClientTrainer):
         return run_epoch(self.model, self.optimizer, batches, self._window_loss).mean
 
     # ------------------------------------------------------------ federation
+    def workload(self) -> int:
+        """Train examples per round (`ClientTrainer.workload`)."""
+        return int(self.data.num_targets)
+
     def initial_payload(self) -> Payload:
         return module_to_payload(self.model, self.declaration)
 

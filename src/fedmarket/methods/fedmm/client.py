@@ -105,6 +105,10 @@ class FedMMClient(ClientTrainer):
         self.recon = float("nan")
 
     # ---------------------------------------------------------------- federation plumbing
+    def workload(self) -> int:
+        """Train examples per round (`ClientTrainer.workload`)."""
+        return self.ctr.workload()
+
     def initial_payload(self) -> Payload:
         payload: Payload = _with_prefix(self.ctr.initial_payload(), "ctr.")
         if self.embed_ctr is not None:
