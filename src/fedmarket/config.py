@@ -118,12 +118,12 @@ class TrainConfig:
     # markets trained at the same time in worker processes (one `threads` each), in process only: 0 or 1 =
     # one after another. Results are bit-identical to the serial run (markets are merged in a fixed order).
     parallel_markets: int = 0
-    # late join and leave: market -> the first round it takes part in (absent: round 1), and market -> the last
-    # round it takes part in (absent: the run's last). A market that has not joined yet is not trained,
-    # evaluated or tested; on joining it gets the current shared state (the strategy's `admit`). On Flower a
-    # market listed in `join` is not waited for at the start: it joins when its SuperNode connects (at the
-    # earliest at its round). A market that left keeps its best round for the final test.
+    # late join: market -> the first round it takes part in (absent: round 1). Before it, the market is not
+    # trained, evaluated or tested; on joining it gets the current shared state (the strategy's `admit`). On
+    # Flower a market listed here is not waited for at the start: it joins when its SuperNode connects.
     join: dict[str, int] = field(default_factory=dict)
+    # leave: market -> the last round it takes part in (absent: the run's last); it keeps its best round so
+    # far for the final test
     leave: dict[str, int] = field(default_factory=dict)
 
     def validate(self, prefix: str) -> None:
