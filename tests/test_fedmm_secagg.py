@@ -109,3 +109,23 @@ def test_rqvae_rounds_stay_clear_under_dp():
         strategy = protect_strategy(cfg, strategy, 0)
         assert server_step_kind(strategy, 2)[0] is False  # the first merge: never a sum
         assert server_step_kind(strategy, 3)[0] is secured
+
+
+def test_the_weighted_sum_keys_are_in_the_upload_contract_not_in_the_download():
+    """A round of weighted sums downloads only the codebook and autoencoder; the keys the markets send back
+    (u·G, n·θ) are part of the round's upload contract, so no placeholder arrays travel (or are counted)."""
+    from fedmarket.methods import get_method
+    from fedmarket.methods.fedmm import FedMMStrategy, Schedule
+
+    opts = get_method("fedmm").parse_options(dict(FAST))
+    schedule = Schedule.from_options(opts, 6)
+    strategy = FedMMStrategy(opts, schedule, secure_sums=True)
+    book = np.ones((opts.global_codes, opts.latent_dim), np.float32)
+    strategy.state["rqvae"] = {GLOBAL_CODEBOOK: book, GLOBAL_USAGE: np.ones(opts.global_codes, np.float32)}
+    sums_round = next(r for r in range(1, 7) if schedule.uploads_sums(opts, True, r))
+    down = strategy.configure_train(sums_round, ["a"])["a"]
+    assert GLOBAL_CODEBOOK_X_USAGE not in down
+    contract = strategy.upload_contract(sums_round, down)
+    assert contract[GLOBAL_CODEBOOK_X_USAGE] == book.shape == contract[GLOBAL_CODEBOOK]
+    plain = FedMMStrategy(opts, schedule, secure_sums=False)
+    assert GLOBAL_CODEBOOK_X_USAGE not in plain.upload_contract(sums_round, down)

@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from fedmarket.federation.payload import Payload
+from fedmarket.federation.payload import Payload, upload_contract
 
 # market -> metric -> value. A trainer usually reports its own market only; a pooled (centralised)
 # trainer reports every market it holds.
@@ -140,6 +140,13 @@ class Strategy(ABC):
         """The markets whose validation score counts for the plateau in this round (None: all)."""
         return None
 
+    def upload_contract(self, server_round: int, download: Payload) -> dict[str, tuple[int, ...]]:
+        """The keys and shapes a market may upload after ``download`` this round (the driver and a market
+        behind secure aggregation check uploads against it). Default: the download's own keys and shapes. A
+        strategy whose markets upload under other keys (FedMM's weighted sums) adds them here instead of
+        broadcasting placeholder arrays."""
+        return upload_contract(download)
+
     # ---- membership
     def admit(self, market: str, server_round: int) -> None:
         """``market`` joins the running federation at ``server_round`` (> 1). What a newcomer gets first is
@@ -208,6 +215,9 @@ class StrategyWrapper(Strategy):
 
     def admit(self, market: str, server_round: int) -> None:
         self.inner.admit(market, server_round)
+
+    def upload_contract(self, server_round: int, download: Payload) -> dict[str, tuple[int, ...]]:
+        return self.inner.upload_contract(server_round, download)
 
     def round_metrics(self, server_round: int) -> dict[str, float]:
         return self.inner.round_metrics(server_round)

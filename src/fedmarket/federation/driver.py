@@ -330,6 +330,8 @@ class TrainRequest:
     download: Payload
     config: RoundConfig
     keep_round: int  # the market's best round so far (a market that keeps snapshots keeps that one)
+    # the keys and shapes the market may upload (`Strategy.upload_contract`; empty: no download to check against)
+    contract: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass
@@ -633,6 +635,7 @@ class Driver:
                 down,
                 RoundConfig(server_round, s.local_epochs, s.seed, dict(options)),
                 best["round"] if best else 0,
+                self.strategy.upload_contract(server_round, down) if down else {},
             )
         step = self.strategy.step_kind(server_round) if transport.secure_aggregation else None
         outcome = transport.train(s.seed, server_round, requests, step)
@@ -652,7 +655,7 @@ class Driver:
                 update = Update(reply.payload, int(reply.num_examples), metrics)
             else:
                 try:
-                    update = self._checked(market, reply, down)
+                    update = self._checked(market, reply, requests[market].contract)
                 except Exception as exc:
                     ledger.fail(server_round, market, "fit", _error_text(exc))
                     continue
@@ -680,14 +683,14 @@ class Driver:
         if server_round % s.eval_every == 0 or server_round == s.rounds:
             self._evaluate_round(server_round, updates)
 
-    def _checked(self, market: str, reply: Reply, down: Payload) -> Update:
+    def _checked(self, market: str, reply: Reply, contract: dict[str, tuple[int, ...]]) -> Update:
         """A plain reply as an `Update`, after every check an upload must pass."""
         self.declaration.check(reply.payload, market)
         metrics = self.declaration.check_metrics(reply.metrics, market, "training metric")
         count = validate_num_examples(
             reply.num_examples, market, self.settings.max_examples, uploaded=bool(reply.payload)
         )
-        validate_update(reply.payload, down if down else None, market)
+        validate_update(reply.payload, contract or None, market)
         check_not_replayed(reply.payload, market, self.ledger.upload_digests)
         return Update(reply.payload, count, metrics)
 

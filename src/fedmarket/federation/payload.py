@@ -17,6 +17,7 @@ import fnmatch
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -165,17 +166,31 @@ def check_not_replayed(payload: Mapping[str, np.ndarray], market: str, last: dic
     last[market] = digest
 
 
+def upload_contract(download: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes a market may send back for ``download`` (`Strategy.upload_contract`'s default):
+    the download's own."""
+    return {k: tuple(int(d) for d in np.shape(v)) for k, v in download.items()}
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    """A contract entry's shape: an array's, or a shape given as a tuple/list of ints."""
+    if isinstance(value, (tuple, list)):
+        return tuple(int(d) for d in value)
+    return tuple(np.shape(value))
+
+
 def validate_update(
-    payload: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray] | None, market: str
+    payload: Mapping[str, np.ndarray], reference: Mapping[str, Any] | None, market: str
 ) -> None:
-    """Reject NaN/Inf values and shapes or keys that differ from the reference (the last broadcast)."""
+    """Reject NaN/Inf values and shapes or keys that differ from the reference: the round's upload contract
+    (key -> shape, `upload_contract`), or the broadcast arrays themselves."""
     for key, value in payload.items():
         arr = np.asarray(value)
         if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
             raise PayloadError(f"market {market!r}: upload {key!r} contains NaN or Inf")
-        if reference is not None and key in reference and np.shape(reference[key]) != arr.shape:
+        if reference is not None and key in reference and _shape(reference[key]) != arr.shape:
             raise PayloadError(
-                f"market {market!r}: upload {key!r} has shape {arr.shape}, expected {np.shape(reference[key])}"
+                f"market {market!r}: upload {key!r} has shape {arr.shape}, expected {_shape(reference[key])}"
             )
     if reference is not None:
         unexpected = sorted(set(payload) - set(reference))

@@ -139,7 +139,7 @@ def _bridge(call_next: Any) -> Any:
         declaration = get_method(cfg.method.name).declaration_for(cfg)
         declaration.check(upload, market)
         declaration.check_metrics(metrics, market, "training metric")
-        validate_update(upload, download if download else None, market)
+        validate_update(upload, request.get("contract") or None, market)
         up_keys = sorted(upload)
         for k in up_keys:
             if np.asarray(upload[k]).dtype.kind != "f":
@@ -244,6 +244,7 @@ def secure_train(
             options=req.config.options,
             keep_round=req.keep_round,
             secagg={**spec, "keys": keys},
+            contract={k: list(v) for k, v in req.contract.items()},
         )
         node = nodes[market]
         fitins[node] = FitIns(

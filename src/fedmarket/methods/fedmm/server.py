@@ -13,7 +13,7 @@ from fedmarket.data.split import market_seed
 from fedmarket.errors import PayloadError
 from fedmarket.federation.aggregators import weighted_mean
 from fedmarket.federation.core import Strategy, Update
-from fedmarket.federation.payload import Payload
+from fedmarket.federation.payload import Payload, upload_contract
 from fedmarket.methods.fedmm.options import (
     GLOBAL_CODEBOOK,
     GLOBAL_USAGE,
@@ -159,21 +159,20 @@ class FedMMStrategy(Strategy):
         if phase == "ctr" and step == 0:
             # the first CTR round also brings the final merged codebook, so codes use the global G
             payload = {**self.state["rqvae"], **payload}
-        if self.schedule.uploads_sums(self.opts, self.secure_sums, server_round):
-            # zeros under the keys the markets send back (the runtimes accept only broadcast keys and shapes)
-            payload = {**payload, **self._weighted_shapes(payload)}
         catch_up = {**self.state["embed"], **self.state["rqvae"], **payload}
         return {m: (catch_up if m in self.newcomers else payload) for m in markets}
 
-    @staticmethod
-    def _weighted_shapes(payload: Payload) -> Payload:
-        out: Payload = {}
-        for key, value in payload.items():
-            if key in WEIGHTED_BOOKS:
-                out[WEIGHTED_BOOKS[key]] = np.zeros_like(value)
-            elif key.startswith(("rqvae.encoder.", "rqvae.decoder.")):
-                out[WEIGHTED_AUTOENCODER + key[len("rqvae.") :]] = np.zeros_like(value)
-        return out
+    def upload_contract(self, server_round: int, download: Payload) -> dict[str, tuple[int, ...]]:
+        """In a round of weighted sums (secure aggregation), markets send usage·codebook and n·autoencoder
+        under their own keys, each shaped as the downloaded array it weights."""
+        contract = upload_contract(download)
+        if self.schedule.uploads_sums(self.opts, self.secure_sums, server_round):
+            for key, shape in list(contract.items()):
+                if key in WEIGHTED_BOOKS:
+                    contract[WEIGHTED_BOOKS[key]] = shape
+                elif key.startswith(("rqvae.encoder.", "rqvae.decoder.")):
+                    contract[WEIGHTED_AUTOENCODER + key[len("rqvae.") :]] = shape
+        return contract
 
     def step_kind(self, server_round: int) -> tuple[bool, str]:
         phase, _ = self.schedule.phase(server_round)
