@@ -60,7 +60,9 @@ def test_a_study_runs_every_option_resumes_and_reports(tmp_path) -> None:
     assert set(cell["options"]) == {"local", "transfer", "late", "start"}
     assert all("auc" in o["test"] and not o["failures"] for o in cell["options"].values())
     assert cell["options"]["transfer"]["source"] in {"m0", "m1"}
-    assert cell["options"]["late"]["selected_round"] >= 2  # it took part from its join round only
+    late = cell["options"]["late"]
+    assert late["federated"]["selected_round"] >= 2  # it took part from its join round only
+    assert late["selected_round"] >= 1 and late["up_bytes"] > 0  # then trained alone; its uploads counted
     assert cell["options"]["local"]["up_bytes"] == 0 and cell["options"]["start"]["up_bytes"] > 0
     full = json.loads(cells[0].read_text())
     assert cell["train_interactions"] < full["train_interactions"]

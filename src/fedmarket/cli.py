@@ -587,17 +587,18 @@ def build_parser() -> argparse.ArgumentParser:
     ob.add_argument(
         "--rounds",
         type=int,
-        default=8,
-        help="late and start: the newcomer's own rounds in the federation (default 8)",
+        default=5,
+        help="late and start: the newcomer's rounds in the federation before it trains alone (default 5)",
     )
     ob.add_argument(
         "--alone-rounds",
         type=int,
-        default=30,
-        help="local and transfer: at most this many rounds (default 30)",
+        default=200,
+        help="every option's training alone (after the federation for late and start): at most this many "
+        "rounds, stopped at the validation plateau (default 200)",
     )
     ob.add_argument(
-        "--patience", type=int, default=3, help="local and transfer: validation patience (default 3)"
+        "--patience", type=int, default=3, help="validation patience of the training alone (default 3)"
     )
     ob.add_argument(
         "--join-round", type=int, default=3, help="late: the round it joins the federation (default 3)"

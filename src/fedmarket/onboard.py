@@ -12,10 +12,12 @@ is scored on the same users and candidates) and compares, at each k, four ways t
   (`train.join`): it gets the current global model and takes part from then on;
 - ``start``: it takes part in the federation from round 1.
 
-In ``late`` and ``start`` the newcomer trains ``rounds`` rounds of its own in the federation; ``local`` and
-``transfer`` train alone (cheap) up to ``alone_rounds`` rounds, stopped at their validation plateau, so the
-baselines are never cut short. Every option selects the newcomer's round on validation; only the newcomer's
-test metric is compared. A cell (newcomer, seed, k) is written to
+Every option ends the same way: the newcomer trains alone up to ``alone_rounds`` rounds, stopped at its
+validation plateau (``patience``), and its round is selected on validation; the options differ only in where
+that training starts (``late`` and ``start``: from its model after ``rounds`` rounds of its own in the
+federation). So no option is cut short: a market with a few hundred rows gets one gradient step per round, and
+a fixed round budget would favour whichever option trains longest. Only the newcomer's test metric is
+compared. A cell (newcomer, seed, k) is written to
 ``<out>/cells/`` when done, so an interrupted grid resumes, and ``<out>/onboard.md`` + ``onboard.png`` are
 rewritten from the cells: the curve "test metric vs own data" per option, 95 % intervals over seeds, paired
 differences against ``local``, and the data size from which joining stops paying off.
@@ -127,7 +129,7 @@ class Plan:
     out: Path
     # ``local`` and ``transfer`` (and the sources) train alone, which is cheap: up to ``alone_rounds`` rounds,
     # stopped at the validation plateau (``patience``), so the baselines are never cut short
-    alone_rounds: int = 30
+    alone_rounds: int = 200
     patience: int = 3
 
     def validate(self, markets: list[str]) -> None:
@@ -269,7 +271,23 @@ class Study:
             seed,
             parallel_markets=self.cfg.train.parallel_markets,
         )
-        return _outcome(sim.run(), newcomer, time.perf_counter() - t0)
+        return self._then_alone(sim, sim.run(), newcomer, seed, t0)
+
+    def _then_alone(self, sim: Simulator, federated: Any, newcomer: str, seed: int, t0: float, **extra: Any):
+        """After its federated rounds the newcomer trains alone from its selected federated state to its
+        validation plateau, as ``local`` and ``transfer`` do: every option ends the same way and differs only in
+        where it starts. The record keeps the federated part's metrics and bytes."""
+        trainer = sim.transport.export_trainers()[
+            newcomer
+        ]  # at its selected round (the final test loaded it)
+        alone = self._alone({newcomer: trainer}, Alone(), seed)
+        result = alone.run()
+        out = _outcome(result, newcomer, time.perf_counter() - t0, **extra)
+        fed = _outcome(federated, newcomer, 0.0)
+        out.update(up_bytes=fed["up_bytes"], down_bytes=fed["down_bytes"])
+        out["failures"] = fed["failures"] + out["failures"]
+        out["federated"] = {"test": fed["test"], "selected_round": fed["selected_round"]}
+        return out
 
     def base_path(self, newcomer: str, seed: int) -> Path:
         return self.plan.out / "federations" / f"{newcomer}_seed{seed}_round{self.plan.join_round - 1}.ckpt"
@@ -324,7 +342,7 @@ class Study:
         finally:
             for path in ckpt.parent.glob(ckpt.name + "*"):
                 path.unlink(missing_ok=True)
-        return _outcome(result, newcomer, time.perf_counter() - t0, joined_round=self.plan.join_round)
+        return self._then_alone(sim, result, newcomer, seed, t0, joined_round=self.plan.join_round)
 
     # ---------------------------------------------------------------- one cell
     def run_cell(self, newcomer: str, seed: int, percent: float) -> dict[str, Any]:
