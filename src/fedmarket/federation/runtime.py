@@ -176,14 +176,37 @@ def _worker(conn: Any, trainers: dict[str, ClientTrainer], threads: int) -> None
 
 
 def balance(markets: list[str], workloads: list[int], workers: int) -> dict[str, int]:
-    """Market -> worker: the largest market first, each to the worker with the least work so far (ties: the
-    lower worker). Which worker trains a market does not change its numbers, only the wall time."""
+    """Market -> worker, so that the most loaded worker (which bounds a round) has as little work as a simple
+    search finds: the largest market first, each to the least loaded worker (ties: the lower worker), then
+    moves and swaps between the most and least loaded workers while they lower the maximum. Which worker
+    trains a market does not change its numbers, only the wall time."""
+    size = {m: max(1, int(w)) for m, w in zip(markets, workloads, strict=True)}
     load = [0] * workers
     owner: dict[str, int] = {}
-    for i in sorted(range(len(markets)), key=lambda i: (-workloads[i], i)):
+    for m in sorted(markets, key=lambda m: (-size[m], markets.index(m))):
         w = min(range(workers), key=lambda w: (load[w], w))
-        owner[markets[i]] = w
-        load[w] += max(1, int(workloads[i]))
+        owner[m] = w
+        load[w] += size[m]
+    improved = True
+    while improved and workers > 1:
+        improved = False
+        hi = max(range(workers), key=lambda w: (load[w], -w))
+        lo = min(range(workers), key=lambda w: (load[w], w))
+        gap = load[hi] - load[lo]
+        best = None  # (new max of the pair, market moved from hi, market moved back from lo or None)
+        for a in (m for m in markets if owner[m] == hi):
+            for b in [None, *(m for m in markets if owner[m] == lo)]:
+                delta = size[a] - (size[b] if b else 0)
+                if 0 < delta < gap:
+                    pair_max = max(load[hi] - delta, load[lo] + delta)
+                    if best is None or pair_max < best[0]:
+                        best = (pair_max, a, b)
+        if best is not None:
+            _, a, b = best
+            owner[a], load[hi], load[lo] = lo, load[hi] - size[a], load[lo] + size[a]
+            if b is not None:
+                owner[b], load[lo], load[hi] = hi, load[lo] - size[b], load[hi] + size[b]
+            improved = True
     return owner
 
 
