@@ -671,10 +671,14 @@ class Driver:
             }
         )
         if len(updates) < self.min_markets:
-            failed = [f["market"] for f in ledger.failures if f["round"] == server_round]
+            failed = [
+                f"{f['market']} ({f['stage']}: {f['error'][:120]})"
+                for f in ledger.failures
+                if f["round"] == server_round
+            ]
             raise FedmarketError(
                 f"round {server_round}: only {len(updates)} market(s) succeeded, fewer than train.min_markets="
-                f"{self.min_markets}; failures: {failed}"
+                f"{self.min_markets}; failures: {'; '.join(failed) or 'none'}"
             )
         self.strategy.aggregate_train(server_round, updates)
         if outcome.secure is not None and outcome.secure.get("secure"):
