@@ -11,11 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _data_dir() -> Path | None:
-    for candidate in (
-        os.environ.get("FEDMARKET_DATA"),
-        REPO.parent / "shared" / "data",
-        Path("/work/shared/data"),
-    ):
+    # FEDMARKET_DATA, else a `shared/data` folder beside the checkout or beside one of its ancestors
+    for candidate in (os.environ.get("FEDMARKET_DATA"), *(up / "shared" / "data" for up in REPO.parents)):
         if candidate and Path(candidate, "xmrec-forec").is_dir():
             return Path(candidate)
     return None
