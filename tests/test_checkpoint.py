@@ -33,6 +33,14 @@ def test_round_trip_keeps_types_and_values(tmp_path) -> None:
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(3))]).load_state_dict(back["optimizer"])
 
 
+def test_arrays_keep_their_shape_zero_dimensional_and_strided_alike(tmp_path) -> None:
+    # a 0-d array (a model's scalar parameter in a payload) must stay 0-d, or a resumed run cannot load it
+    arrays = {"scalar": np.array(3.0, dtype=np.float32), "strided": np.arange(12).reshape(3, 4)[:, ::2]}
+    back = load_state(save_state(tmp_path / "a.ckpt", arrays))
+    for key, value in arrays.items():
+        assert back[key].shape == value.shape and np.array_equal(back[key], value), key
+
+
 def test_flipped_or_truncated_bytes_are_one_error_naming_the_file_and_the_previous_is_kept(tmp_path) -> None:
     path = tmp_path / "seed0.ckpt"
     save_state(path, state(1.0))

@@ -90,3 +90,33 @@ def test_where_joining_stops_paying() -> None:
     v = pays_until(curve, "auc")["late"]
     assert v["wins_at"] == [5, 10] and v["tie_at"] == [50]
     assert v["pays_up_to"] == 10 and v["stops_paying_at"] == 50
+
+
+def test_a_multi_task_study_cuts_impressions_by_time(tmp_path) -> None:
+    cfg = config_from_dict(
+        {
+            "name": "t",
+            "dataset": {
+                "name": "synthetic-mtl",
+                "options": {"num_markets": 3, "users_per_market": 40, "items_per_market": 50},
+            },
+            "method": {"name": "mtl_fedavg"},
+            "model": {"name": "mmoe", "embed_dim": 4, "hidden": [8], "tower_hidden": [4], "num_experts": 2},
+            "train": {"batch_size": 256},
+            "eval": {"select_metric": "mean_auc", "full_ranking": False},
+            "progress": False,
+        }
+    )
+    from fedmarket.data.prepare import prepare_data
+
+    split = prepare_data(cfg).splits["m1"]
+    part = first_fraction(split, 25)
+    ts = split.market.timestamps
+    assert len(part.train_index) == int(np.ceil(len(split.train_index) * 0.25))
+    assert ts[part.train_index].max() <= np.sort(ts[split.train_index])[len(part.train_index) - 1]
+    assert part.valid_index is split.valid_index and part.test_index is split.test_index
+    plan = Plan(cfg, ["m1"], [25.0], [0], rounds=1, join_round=2, out=tmp_path, alone_rounds=2)
+    run_plan(plan, echo=lambda _: None)
+    cell = json.loads((tmp_path / "cells" / "m1_seed0_k25.json").read_text())
+    assert cell["metric"] == "mean_auc" and cell["train_interactions"] == len(part.train_index)
+    assert all("mean_auc" in o["test"] and not o["failures"] for o in cell["options"].values())

@@ -42,7 +42,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
         if value.dtype == object:
             return {"__objects__": [_encode(v, tensors) for v in value.tolist()]}
         key = f"t{len(tensors)}"
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(value).copy())
+        tensors[key] = torch.from_numpy(value.copy(order="C"))  # (ascontiguousarray makes 0-d arrays 1-d)
         return {"__ndarray__": key}
     if isinstance(value, np.generic):
         return value.item()

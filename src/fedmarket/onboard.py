@@ -64,17 +64,22 @@ FRACTIONS = (5, 10, 25, 50, 100)
 
 
 # ------------------------------------------------------------------ the newcomer's data
-def first_fraction(split: MarketSplit, percent: float) -> MarketSplit:
-    """``split`` with only the first ``percent`` % of its train interactions by time (at least one; ties keep
-    row order). Validation, test, the catalog and the ID space are unchanged."""
+def first_fraction(split: Any, percent: float) -> Any:
+    """``split`` with only the first ``percent`` % of its train rows by time (at least one; ties, and a market
+    without timestamps, keep row order). Validation, test, the catalog and the ID space are unchanged. Works on
+    a `MarketSplit` (interactions: the seen items follow the kept rows) and on a multi-task `MTLSplit`
+    (impressions)."""
     if not 0 < percent <= 100:
         raise ConfigError(f"onboard fractions must be in (0, 100], got {percent}")
     if percent == 100:
         return split
     index = split.train_index
-    order = np.argsort(split.market.timestamps[index], kind="stable")
-    keep = np.sort(index[order[: max(1, math.ceil(len(index) * percent / 100))]])
     market = split.market
+    times = getattr(market, "timestamps", None)
+    order = np.argsort(times[index], kind="stable") if times is not None else np.arange(len(index))
+    keep = np.sort(index[order[: max(1, math.ceil(len(index) * percent / 100))]])
+    if not isinstance(split, MarketSplit):
+        return dataclasses.replace(split, train_index=keep)
     seen = SeenItems.build(market.users[keep], market.items[keep], market.num_users, market.num_items)
     return dataclasses.replace(split, train_index=keep, train_seen=seen)
 
@@ -408,8 +413,14 @@ def _run_tasks(plan: Plan, tasks: list[tuple], workers: int, echo: Callable[[str
 
 def run_plan(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print) -> Path:
     """Run every missing cell (``workers`` processes), then write the report."""
-    markets = list(plan.cfg.dataset.markets or prepare_data(plan.cfg).splits)
-    plan.validate(markets)
+    data = prepare_data(plan.cfg)
+    plan.validate(list(data.splits))
+    for n in plan.newcomers:  # a split the study cannot cut fails here, before any training
+        first_fraction(data.splits[n], min(plan.fractions))
+        if getattr(data.splits[n].market, "timestamps", None) is None:
+            log.warning(
+                "onboard: market %r has no timestamps; its first k %% are its first rows in file order", n
+            )
     (plan.out / "cells").mkdir(parents=True, exist_ok=True)
     record = {k: v for k, v in dataclasses.asdict(plan).items() if k != "cfg"}
     (plan.out / "plan.json").write_text(
