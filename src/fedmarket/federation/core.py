@@ -76,6 +76,11 @@ class ClientTrainer(ABC):
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def export_model(self, market: str) -> Any:
+        """``market``'s current model for serving (`fedmarket.serving.models`), or None when the state holds no
+        scoring model. A trainer that cannot be served keeps this default."""
+        raise NotImplementedError(f"{type(self).__name__} has no export hook")
+
 
 class RoundOptions(TypedDict, total=False):
     """The per-round options a strategy sends with `RoundConfig` (``Strategy.round_options``); every key is
@@ -253,11 +258,6 @@ class TrainerWrapper(ClientTrainer):
     def markets(self) -> list[str]:
         return self.inner.markets
 
-    def __getattr__(self, name: str) -> Any:  # expose the wrapped trainer's attributes (model, data...)
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
     def initial_payload(self) -> Payload:
         return self.inner.initial_payload()
 
@@ -275,3 +275,6 @@ class TrainerWrapper(ClientTrainer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
+
+    def export_model(self, market: str) -> Any:
+        return self.inner.export_model(market)

@@ -257,17 +257,13 @@ def write_selected_models(
     written = []
     try:
         for name, trainer in trainers.items():
-            hook = getattr(trainer, "export_model", None)
             for market in trainer.markets:
-                if hook is None:
-                    index["not_exported"][market] = f"{type(trainer).__name__} has no export hook"
-                    continue
                 if name not in selected:
                     index["not_exported"][market] = "no validated round was selected"
                     continue
                 try:
-                    export = hook(market)
-                except NotExportable as exc:
+                    export = trainer.export_model(market)
+                except (NotExportable, NotImplementedError) as exc:
                     index["not_exported"][market] = str(exc)
                     continue
                 if export is None:
