@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from fedmarket.config import config_from_dict
+from fedmarket.data.prepare import prepare_data
 from fedmarket.data.split import leave_one_out
 from fedmarket.data.synthetic import make_synthetic_markets
 from fedmarket.errors import ConfigError
-from fedmarket.onboard import Plan, first_fraction, pays_until, run_plan
+from fedmarket.onboard import Plan, first_fraction, pays_until, run_plan, write_report
 
 
 def test_first_fraction_keeps_the_earliest_train_rows_and_the_whole_evaluation() -> None:
@@ -67,9 +68,27 @@ def test_a_study_runs_every_option_resumes_and_reports(tmp_path) -> None:
     full = json.loads(cells[0].read_text())
     assert cell["train_interactions"] < full["train_interactions"]
     assert "Newcomer `m2`" in report.read_text()
+    assert cell["protocol_version"] == 2 and cell["data_fingerprint"]
+    assert (
+        set(cell["floors"]) == {"popularity", "popularity_recency"} and "auc" in cell["floors"]["popularity"]
+    )
+    assert (
+        "popularity (no learning)" in report.read_text()
+        and "above both no-learning floors" in report.read_text()
+    )
     lines.clear()
     run_plan(plan, echo=lines.append)  # every cell is done: nothing runs again
-    assert lines[0].startswith("onboard: 0 cell(s)")
+    assert lines == [lines[0]] and lines[0].startswith("onboard: 0 cell(s)")
+    # a cell from before the floors gets them added, nothing else re-runs
+    del cell["floors"]
+    cells[1].write_text(json.dumps(cell))
+    run_plan(plan, echo=lambda _: None)
+    assert "floors" in json.loads(cells[1].read_text())
+    # cells measured under another protocol are not merged
+    cell["protocol_version"] = 1
+    cells[1].write_text(json.dumps(cell))
+    with pytest.raises(ConfigError, match="different protocols or data"):
+        write_report(tmp_path)
 
 
 def test_bad_plans_are_named(tmp_path) -> None:
@@ -107,8 +126,6 @@ def test_a_multi_task_study_cuts_impressions_by_time(tmp_path) -> None:
             "progress": False,
         }
     )
-    from fedmarket.data.prepare import prepare_data
-
     split = prepare_data(cfg).splits["m1"]
     part = first_fraction(split, 25)
     ts = split.market.timestamps

@@ -60,6 +60,10 @@ from fedmarket.methods import get_method
 log = logging.getLogger(__name__)
 
 OPTIONS = ("local", "transfer", "late", "start")
+FLOORS = (
+    "popularity",
+    "popularity_recency",
+)  # no learning, on the newcomer's same k %: what every option must clear
 FRACTIONS = (5, 10, 25, 50, 100)
 
 
@@ -349,6 +353,30 @@ class Study:
                 path.unlink(missing_ok=True)
         return self._then_alone(sim, result, newcomer, seed, t0, joined_round=self.plan.join_round)
 
+    def floors(self, newcomer: str, split: Any, seed: int) -> dict[str, dict[str, float]]:
+        """The newcomer's test metrics under the no-learning floors (`fedmarket.methods.floors`), scored from
+        the same k % of its train data on the same candidates as the options."""
+        out = {}
+        for name in FLOORS:
+            method = get_method(name)
+            opts = method.parse_options({})
+            trainers, strategy = method.build(self.cfg, opts, {newcomer: split}, seed)
+            sim = _simulator(self.cfg, trainers, strategy, method.declaration_for(self.cfg, opts), 1, seed)
+            out[name] = sim.run().test.get(newcomer, {})
+        return out
+
+    def add_floors(self, path: Path) -> None:
+        """A cell written before the floors were part of it gets them (and its protocol record) added."""
+        cell = json.loads(path.read_text())
+        split = self.splits(cell["newcomer"], cell["percent"])[cell["newcomer"]]
+        cell.update(self.record())
+        cell["floors"] = self.floors(cell["newcomer"], split, cell["seed"])
+        _write_cell(path, cell)
+
+    def record(self) -> dict[str, Any]:
+        """What the cells were measured under: a study merges only cells with the same record."""
+        return {"protocol_version": int(self.cfg.eval.protocol), "data_fingerprint": self.data.fingerprint}
+
     # ---------------------------------------------------------------- one cell
     def run_cell(self, newcomer: str, seed: int, percent: float) -> dict[str, Any]:
         splits = self.splits(newcomer, percent)
@@ -359,6 +387,8 @@ class Study:
             "percent": percent,
             "train_interactions": int(len(split.train_index)),
             "metric": self.cfg.eval.select_metric,
+            **self.record(),
+            "floors": self.floors(newcomer, split, seed),
             "options": {
                 "local": self.local(newcomer, split, seed),
                 "transfer": self.transfer(newcomer, split, seed),
@@ -372,6 +402,12 @@ class Study:
 # ------------------------------------------------------------------ the grid
 def cell_path(out: Path, newcomer: str, seed: int, percent: float) -> Path:
     return out / "cells" / f"{newcomer}_seed{seed}_k{percent:g}.json"
+
+
+def _write_cell(path: Path, cell: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cell, indent=1, default=float))
+    os.replace(tmp, path)
 
 
 _STUDY: Study | None = None
@@ -388,13 +424,11 @@ def _work(plan: Plan, task: tuple) -> str:
         _STUDY.source_models(task[1])
     elif kind == "before":
         _STUDY.federation_before(task[1], task[2])
+    elif kind == "floors":
+        _STUDY.add_floors(cell_path(plan.out, *task[1:]))
     else:
         _, newcomer, seed, percent = task
-        cell = _STUDY.run_cell(newcomer, seed, percent)
-        path = cell_path(plan.out, newcomer, seed, percent)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cell, indent=1, default=float))
-        os.replace(tmp, path)
+        _write_cell(cell_path(plan.out, newcomer, seed, percent), _STUDY.run_cell(newcomer, seed, percent))
     return " ".join(f"{t:g}" if isinstance(t, float) else str(t) for t in task)
 
 
@@ -433,11 +467,18 @@ def run_plan(plan: Plan, workers: int = 1, echo: Callable[[str], None] = print) 
         for k in plan.fractions
         if not cell_path(plan.out, n, s, k).exists()
     ]
+    older = [  # finished before the floors were part of a cell: only the floors run
+        ("floors", c["newcomer"], c["seed"], c["percent"]) for c in load_cells(plan.out) if "floors" not in c
+    ]
     shared = [("sources", s) for s in sorted({c[2] for c in cells})]
     shared += [("before", n, s) for s, n in sorted({(c[2], c[1]) for c in cells})]
-    echo(f"onboard: {len(cells)} cell(s) to run ({workers} worker(s)); results in {plan.out}")
+    echo(
+        f"onboard: {len(cells)} cell(s) to run"
+        + (f", {len(older)} older cell(s) to add the floors to" if older else "")
+        + f" ({workers} worker(s)); results in {plan.out}"
+    )
     _run_tasks(plan, shared, workers, echo)
-    _run_tasks(plan, cells, workers, echo)
+    _run_tasks(plan, cells + older, workers, echo)
     return write_report(plan.out)
 
 
@@ -521,21 +562,41 @@ def write_report(out: Path) -> Path:
     if not cells:
         raise ConfigError(f"onboard: no finished cells under {out / 'cells'}")
     metric = cells[0]["metric"]
+    records = {(c.get("protocol_version"), c.get("data_fingerprint")) for c in cells}
+    if len(records) > 1:
+        raise ConfigError(
+            f"onboard: the cells under {out / 'cells'} were measured under different protocols or data "
+            f"(protocol, fingerprint): {sorted(records, key=str)}"
+        )
+    protocol = next(iter(records))[0]
     data = curves(cells)
+    floors: dict[tuple[str, str, float], list[float]] = {}
+    for c in cells:
+        for name, test in (c.get("floors") or {}).items():
+            if metric in test:
+                floors.setdefault((c["newcomer"], name, c["percent"]), []).append(float(test[metric]))
     sizes = {(c["newcomer"], c["percent"]): c["train_interactions"] for c in cells}
     lines = [
         "# What joining the federation is worth for a new market",
         "",
         f"Test {metric} of the newcomer (mean ± 95 % interval over seeds) by the share of its own train data it",
         "arrives with (the first k % by time; same validation, test and catalog at every k). Differences are",
-        "paired by seed against `local`; `wins` = the interval excludes 0.",
+        "paired by seed against `local`; `wins` = the interval excludes 0. The floors score the same k % with no",
+        f"learning (train counts; counts weighted by recency). Evaluation protocol {protocol or '?'}.",
         "",
     ]
     for newcomer, by_option in sorted(data.items()):
         ks = sorted({k for o in by_option.values() for k in o})
         lines += [f"## Newcomer `{newcomer}`", ""]
         header = ["option"] + [f"k={k:g}% ({sizes.get((newcomer, k), '?')} rows)" for k in ks]
-        rows = []
+        rows = [
+            [f"{name} (no learning)"]
+            + [
+                f"{np.mean(floors[(newcomer, name, k)]):.4f}" if (newcomer, name, k) in floors else "–"
+                for k in ks
+            ]
+            for name in FLOORS
+        ]
         for option in OPTIONS:
             row = [option]
             for k in ks:
@@ -557,6 +618,7 @@ def write_report(out: Path) -> Path:
         lines += _table(header, rows) + [""]
         for option in ("transfer", "late", "start"):
             lines.append(_sentence(option, verdict[option]))
+        lines.append(_floor_sentence(newcomer, by_option, floors, ks, metric))
         lines.append("")
     (out / "onboard.md").write_text("\n".join(lines))
     (out / "onboard.json").write_text(
@@ -564,6 +626,21 @@ def write_report(out: Path) -> Path:
     )
     plot(data, metric, out / "onboard.png")
     return out / "onboard.md"
+
+
+def _floor_sentence(newcomer, by_option, floors, ks, metric) -> str:
+    """Where each option's mean clears the higher of the two floors (what no learning reaches)."""
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    parts = []
+    for option in OPTIONS:
+        above = []
+        for k in ks:
+            values = list(by_option.get(option, {}).get(k, {}).values())
+            bars = [float(np.mean(floors[(newcomer, f, k)])) for f in FLOORS if (newcomer, f, k) in floors]
+            if values and bars and sign * float(np.mean(values)) > max(sign * b for b in bars):
+                above.append(f"{k:g}%")
+        parts.append(f"`{option}` at {', '.join(above) if above else 'no k'}")
+    return "- above both no-learning floors: " + "; ".join(parts) + "."
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
